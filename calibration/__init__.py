@@ -1,0 +1,1 @@
+"""Calibration: flat field, white balance, pixel size, focus and colour profiles."""

@@ -1,0 +1,1 @@
+"""The on-device side: capture, segment, classify, tally, report; never imports TensorFlow."""

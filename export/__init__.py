@@ -1,0 +1,1 @@
+"""Export: int8 TFLite conversion, the float-versus-int8 gate, the model bundle."""

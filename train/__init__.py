@@ -1,0 +1,1 @@
+"""Desktop training: datasets, grouped splits, transfer learning, evaluation."""
