@@ -162,7 +162,7 @@ def _materialize(name: str, ref: _TensorRef, storages: dict[str, np.ndarray], so
         raise CheckpointCorrupt(f"{source}: tensor {name} lies outside its storage")
     strides = tuple(s * data.itemsize for s in ref.stride)
     view = np.lib.stride_tricks.as_strided(data[start:], shape=ref.size, strides=strides, writeable=False)
-    return np.ascontiguousarray(view, dtype=data.dtype.newbyteorder("="))
+    return np.array(view, dtype=data.dtype.newbyteorder("="), order="C")
 
 
 def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:

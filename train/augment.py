@@ -1,0 +1,84 @@
+"""Training augmentation: any rotation, zoom, flips, and colour / stain jitter across labs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from hematovision.crop import CropJitter
+
+# Haematoxylin, eosin and residual stain vectors in optical density (Ruifrok & Johnston),
+# the usual basis for stain augmentation (Tellez et al. 2018).
+_STAIN_RGB = np.array([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]])
+_STAIN_RGB = _STAIN_RGB / np.linalg.norm(_STAIN_RGB, axis=1, keepdims=True)
+_STAIN_INV = np.linalg.inv(_STAIN_RGB)
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Ranges of the random changes; zero everywhere means no augmentation."""
+
+    zoom: float = 0.10  # +-10 % scale
+    shift_um: float = 1.0  # cell centre moved up to this far
+    stain_scale: float = 0.15  # each stain's concentration x (1 +- this)
+    stain_shift: float = 0.05  # ... + (+- this) optical density
+    brightness: float = 0.12  # x (1 +- this)
+    contrast: float = 0.15
+    hue_deg: float = 8.0
+    saturation: float = 0.15
+    blur_prob: float = 0.2  # slight defocus now and then
+
+
+NO_AUGMENT = AugmentParams(0, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def random_jitter(rng: np.random.Generator, params: AugmentParams) -> CropJitter:
+    """Rotation at any angle (cells have no orientation), zoom, mirror and a small shift."""
+    if params == NO_AUGMENT:
+        return CropJitter()
+    return CropJitter(
+        angle_deg=float(rng.uniform(0, 360)),
+        zoom=float(np.exp(rng.uniform(-params.zoom, params.zoom))),
+        flip=bool(rng.integers(2)),
+        shift_um=tuple(float(v) for v in rng.uniform(-params.shift_um, params.shift_um, 2)),
+    )
+
+
+def jitter_colour(crop: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
+    """Stain, brightness, contrast, hue and saturation changes of an RGB uint8 crop."""
+    if params == NO_AUGMENT:
+        return crop
+    out = _stain_jitter(crop, rng, params)
+    out = _hsv_jitter(out, rng, params)
+    out = _brightness_contrast(out, rng, params)
+    if rng.random() < params.blur_prob:
+        out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.5, 1.2)))
+    return out
+
+
+def _stain_jitter(crop: np.ndarray, rng, params: AugmentParams) -> np.ndarray:
+    od = -np.log((crop.astype(np.float32) + 1.0) / 256.0)
+    conc = od.reshape(-1, 3) @ _STAIN_INV
+    alpha = rng.uniform(1 - params.stain_scale, 1 + params.stain_scale, 3)
+    beta = rng.uniform(-params.stain_shift, params.stain_shift, 3)
+    od = (conc * alpha + beta) @ _STAIN_RGB
+    rgb = 256.0 * np.exp(-od) - 1.0
+    return np.clip(rgb, 0, 255).reshape(crop.shape).astype(np.uint8)
+
+
+def _hsv_jitter(crop: np.ndarray, rng, params: AugmentParams) -> np.ndarray:
+    hsv = cv2.cvtColor(crop, cv2.COLOR_RGB2HSV_FULL).astype(np.float32)
+    hsv[..., 0] = (hsv[..., 0] + rng.uniform(-params.hue_deg, params.hue_deg) * 256 / 360) % 256
+    hsv[..., 1] *= rng.uniform(1 - params.saturation, 1 + params.saturation)
+    hsv = np.clip(hsv, 0, 255).astype(np.uint8)
+    return cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB_FULL)
+
+
+def _brightness_contrast(crop: np.ndarray, rng, params: AugmentParams) -> np.ndarray:
+    img = crop.astype(np.float32)
+    mean = img.mean()
+    img = (img - mean) * rng.uniform(1 - params.contrast, 1 + params.contrast) + mean
+    img *= rng.uniform(1 - params.brightness, 1 + params.brightness)
+    return np.clip(img, 0, 255).astype(np.uint8)

@@ -1,0 +1,115 @@
+"""`hematovision-train`: fit, evaluate and probe; argument parsing only, the work is in the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from hematovision.classes import DEFAULT_CLASSES
+from hematovision.errors import DataError, HematovisionError
+
+logger = logging.getLogger("hematovision.train")
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bccd", action="append", default=[], type=Path, metavar="DIR",
+                   help="annotated fields: DIR/BCCD/{Annotations,JPEGImages} and DIR/labels.csv")
+    p.add_argument("--folders", action="append", default=[], type=Path, metavar="DIR",
+                   help="one sub-folder of images per class (the Kaggle layout)")
+    p.add_argument("--classes", default=",".join(DEFAULT_CLASSES), help="comma-separated class list")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hematovision-train", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fit = sub.add_parser("fit", help="train a model (resumes when --out holds an unfinished run)")
+    _data_args(fit)
+    fit.add_argument("--out", required=True, type=Path, help="run folder")
+    fit.add_argument("--backbone", default="efficientnet_b0",
+                     choices=("efficientnet_b0", "resnet50", "efficientnet_lite0", "tiny_cnn"))
+    fit.add_argument("--weights", default="imagenet", help="imagenet, none, or a local weights file")
+    fit.add_argument("--input-size", type=int, default=224)
+    fit.add_argument("--crop-um", type=float, default=24.0, help="crop side in micrometres")
+    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--head-epochs", type=int, default=8, help="phase 1: frozen backbone")
+    fit.add_argument("--finetune-epochs", type=int, default=22, help="phase 2: top layers")
+    fit.add_argument("--finetune-fraction", type=float, default=0.3)
+    fit.add_argument("--no-augment", action="store_true")
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
+    ev = sub.add_parser("evaluate", help="metrics.json and report.md of a run on a labelled set")
+    ev.add_argument("run", type=Path)
+    _data_args(ev)
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"),
+                    help="the run's own split to use when no data is given (default: test)")
+    ev.add_argument("--out", type=Path, help="report folder (default RUN/eval/NAME)")
+    probe = sub.add_parser("probe", help="logistic head on frozen ImageNet vs random features")
+    _data_args(probe)
+    probe.add_argument("--backbone", default="efficientnet_lite0")
+    probe.add_argument("--input-size", type=int, default=224)
+    probe.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return {"fit": _fit, "evaluate": _evaluate, "probe": _probe}[args.command](args)
+    except HematovisionError as err:
+        print(f"hematovision-train: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _load_data(args):
+    from .datasets import Dataset, load_bccd, load_folders
+
+    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    data = Dataset()
+    for root in args.bccd:
+        data.extend(load_bccd(root, classes))
+    for root in args.folders:
+        data.extend(load_folders(root, classes))
+    return data, classes
+
+
+def _fit(args) -> int:
+    from .recipe import RunPaths, TrainConfig, prepare_run, train
+
+    run = RunPaths(args.out)
+    if run.config.is_file():
+        logger.info("resuming the run in %s with its stored configuration and manifest", run.root)
+    else:
+        data, classes = _load_data(args)
+        if not data.samples:
+            raise DataError("no training data: give --bccd DIR and/or --folders DIR")
+        config = TrainConfig(
+            backbone=args.backbone, weights=args.weights, classes=classes, input_size=args.input_size,
+            crop_side_um=args.crop_um, batch_size=args.batch_size, head_epochs=args.head_epochs,
+            finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
+            augment=not args.no_augment, seed=args.seed, strategy=args.strategy).validate()
+        prepare_run(run, config, data)
+    print(train(run))
+    return 0
+
+
+def _evaluate(args) -> int:
+    from .runs import evaluate_run
+
+    data = _load_data(args)[0] if (args.bccd or args.folders) else None
+    folder = evaluate_run(args.run, data, args.split, args.out)
+    print(json.dumps(json.loads((folder / "metrics.json").read_text()), indent=2))
+    return 0
+
+
+def _probe(args) -> int:
+    from .probe import linear_probe
+
+    data, classes = _load_data(args)
+    result = linear_probe(data.samples, classes, args.backbone, args.input_size, args.seed)
+    print(json.dumps(result, indent=2))
+    return 0

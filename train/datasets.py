@@ -1,0 +1,263 @@
+"""Training data: class-folder image sets and annotated BCCD fields, as labelled samples."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from hematovision.classes import DEFAULT_CLASSES, parse_label
+from hematovision.errors import DataError, ImageUnreadable
+from hematovision.pixels import IMAGE_SUFFIXES, read_rgb
+
+logger = logging.getLogger(__name__)
+
+# A red cell is about 7.5 um across: the ruler for fields with no known pixel size.
+RED_CELL_DIAMETER_UM = 7.5
+
+# BCCD fields that re-photograph the same cell (../shared/data/README.md): one group each.
+BCCD_SAME_CELL = (
+    ("00204", "00277"), ("00230", "00257"), ("00244", "00247"),
+    ("00382", "00395"), ("00386", "00391"), ("00243", "00250"),
+)
+
+# Kaggle "Blood Cell Images" names augmentations of one original `_<original>_<n>.jpeg`.
+_KAGGLE_NAME = re.compile(r"^_(\d+)_\d+$")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One labelled cell: a whole image, or a box in an annotated field."""
+
+    path: str
+    label: str
+    group: str
+    box: tuple[int, int, int, int] | None = None  # x0, y0, x1, y1 in pixels; None = whole image
+    um_per_pixel: float | None = None  # set for field crops
+
+    @property
+    def center(self) -> tuple[float, float]:
+        x0, y0, x1, y1 = self.box
+        return ((x0 + x1) / 2.0, (y0 + y1) / 2.0)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input left out of a run, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Dataset:
+    """Samples plus everything left out, so a run can list it."""
+
+    samples: list[Sample] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def extend(self, other: "Dataset") -> None:
+        self.samples += other.samples
+        self.skipped += other.skipped
+        self.sources += other.sources
+
+
+def load_folders(root: str | Path, classes=DEFAULT_CLASSES) -> Dataset:
+    """Images in one sub-folder per class (the Kaggle "Blood Cell Images" layout).
+
+    Unreadable images are skipped and listed. Raises DataError for a sub-folder that is
+    not a known class, or a class folder with no images.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give a folder with one sub-folder per class")
+    data = Dataset(sources=[f"folders:{root.name}"])
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = parse_label(sub.name, where=str(sub))
+        if label not in classes:
+            data.skipped.append(Skipped(str(sub), f"class {label} not in this run's classes"))
+            continue
+        data.extend(_load_class_folder(sub, label, root.name))
+    return data
+
+
+def _load_class_folder(folder: Path, label: str, split_name: str) -> Dataset:
+    data = Dataset()
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"{folder}: class folder has no images; remove it or add images")
+    for path in files:
+        try:
+            read_rgb(path)
+        except ImageUnreadable as err:
+            data.skipped.append(Skipped(str(path), str(err)))
+            continue
+        data.samples.append(Sample(str(path), label, _folder_group(path, label, split_name)))
+    return data
+
+
+def _folder_group(path: Path, label: str, split_name: str) -> str:
+    """Augmentations of one Kaggle original share a group; any other image is its own."""
+    match = _KAGGLE_NAME.match(path.stem)
+    if match:
+        return f"kaggle:{split_name}:{label}:{match.group(1)}"
+    return f"file:{path.parent.name}/{path.stem}"
+
+
+def load_bccd(root: str | Path, classes=DEFAULT_CLASSES, um_per_pixel: float | None = None) -> Dataset:
+    """White cells of annotated BCCD fields: `root/BCCD/{Annotations,JPEGImages}` + `root/labels.csv`.
+
+    A field contributes its WBC boxes when its type list matches them one to one (one type for
+    one box, or the same type for every box); other fields are skipped and listed. The pixel
+    size, unless given, is estimated from the median annotated red-cell box (about 7.5 um).
+    Raises DataError naming the file and line for an unknown label or a WBC box outside its image.
+    """
+    root = Path(root)
+    ann_dir, img_dir = root / "BCCD" / "Annotations", root / "BCCD" / "JPEGImages"
+    labels = read_bccd_labels(root / "labels.csv")
+    fields = {p.stem: parse_voc(p) for p in sorted(ann_dir.glob("*.xml"))}
+    if not fields:
+        raise DataError(f"{ann_dir}: no VOC annotation files; expected BCCD/Annotations/*.xml under {root}")
+    if um_per_pixel is None:
+        um_per_pixel = pixel_size_from_red_boxes(fields.values())
+        logger.info("BCCD pixel size estimated from annotated red cells: %.4f um/px", um_per_pixel)
+    data = Dataset(sources=[f"bccd:{root.name}"])
+    for stem, voc in fields.items():
+        number = int(stem.split("_")[-1])
+        types = labels.get(number)
+        data.extend(_field_samples(img_dir / f"{stem}.jpg", voc, types, classes, um_per_pixel))
+    return data
+
+
+def _field_samples(path: Path, voc: "VocField", types, classes, um_per_pixel: float) -> Dataset:
+    data = Dataset()
+    boxes = voc.boxes("WBC")
+    reason = _field_problem(boxes, types, classes)
+    if reason is None and not path.is_file():
+        reason = "image file missing"
+    if reason is None:
+        try:
+            read_rgb(path)
+        except ImageUnreadable as err:
+            reason = str(err)
+    if reason:
+        data.skipped.append(Skipped(str(path), reason))
+        return data
+    group = bccd_group(path.stem)
+    for box in boxes:
+        data.samples.append(Sample(str(path), types[0], group, box, um_per_pixel))
+    return data
+
+
+def _field_problem(boxes, types, classes) -> str | None:
+    if types is None or not types:
+        return "no WBC type in labels.csv"
+    if not boxes:
+        return "no WBC box"
+    if len(set(types)) > 1 or (len(boxes) > 1 and len(types) != len(boxes)):
+        return f"{len(boxes)} WBC boxes for types {types}: cannot tell which box is which"
+    if types[0] not in classes:
+        return f"class {types[0]} not in this run's classes"
+    return None
+
+
+def bccd_group(stem: str) -> str:
+    """Group id of a BCCD field: fields re-photographing the same cell share one."""
+    number = stem.split("_")[-1]
+    for pair in BCCD_SAME_CELL:
+        if number in pair:
+            return f"bccd:{pair[0]}"
+    return f"bccd:{number}"
+
+
+def read_bccd_labels(path: Path) -> dict[int, list[str]]:
+    """Field number -> list of WBC types, from BCCD's labels.csv (`,Image,Category`).
+
+    Raises DataError naming the file and line for a missing column or an unknown label.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: no labels file; BCCD needs labels.csv with the WBC type per field")
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        if not {"Image", "Category"} <= set(reader.fieldnames or ()):
+            raise DataError(f"{path}:1: expected columns Image and Category, got {reader.fieldnames}")
+        return {int(row["Image"]): _parse_types(row["Category"], f"{path}:{reader.line_num}")
+                for row in reader if row["Image"].strip()}
+
+
+def _parse_types(text: str, where: str) -> list[str]:
+    return [parse_label(t, where) for t in text.split(",") if t.strip()]
+
+
+@dataclass(frozen=True)
+class VocField:
+    """A Pascal VOC annotation: image size and named boxes."""
+
+    path: str
+    width: int
+    height: int
+    objects: tuple[tuple[str, tuple[int, int, int, int], int], ...]  # name, box, xml line
+
+    def boxes(self, name: str) -> list[tuple[int, int, int, int]]:
+        """Valid boxes of one class; a bad WBC box is an error, a bad other box is dropped."""
+        out = []
+        for obj_name, box, line in self.objects:
+            if obj_name != name:
+                continue
+            problem = _box_problem(box, self.width, self.height)
+            if problem and name == "WBC":
+                raise DataError(f"{self.path}:{line}: WBC box {box} {problem}; fix or delete the box")
+            if not problem:
+                out.append(box)
+        return out
+
+
+def _box_problem(box, width: int, height: int) -> str | None:
+    x0, y0, x1, y1 = box
+    if x1 - x0 < 2 or y1 - y0 < 2:
+        return "is empty or inverted"
+    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
+        return f"lies outside the {width}x{height} image"
+    return None
+
+
+def parse_voc(path: Path) -> VocField:
+    """Read a Pascal VOC xml file. Raises DataError naming the file when it is malformed."""
+    try:
+        root = ET.parse(path).getroot()
+        width, height = int(root.findtext("size/width")), int(root.findtext("size/height"))
+        lines = _object_lines(path)
+        objects = tuple(_voc_object(o, line) for o, line in zip(root.findall("object"), lines))
+    except (ET.ParseError, TypeError, ValueError) as err:
+        raise DataError(f"{path}: not a valid Pascal VOC annotation ({err})") from err
+    return VocField(str(path), width, height, objects)
+
+
+def _voc_object(obj: ET.Element, line: int):
+    name = obj.findtext("name").strip()
+    box = tuple(int(float(obj.findtext(f"bndbox/{k}"))) for k in ("xmin", "ymin", "xmax", "ymax"))
+    return name, box, line
+
+
+def _object_lines(path: Path) -> list[int]:
+    """Line number of each <object> element, in document order, for error messages."""
+    text = path.read_text(errors="replace").splitlines()
+    return [n for n, line in enumerate(text, start=1) if "<object" in line] + [0] * 1000
+
+
+def pixel_size_from_red_boxes(fields) -> float:
+    """um per pixel from the median side of annotated red-cell boxes not cut by the frame edge.
+
+    Raises DataError when there are too few red-cell boxes to estimate from.
+    """
+    sides = [((x1 - x0) + (y1 - y0)) / 2.0 for voc in fields for x0, y0, x1, y1 in voc.boxes("RBC")
+             if x0 > 2 and y0 > 2 and x1 < voc.width - 2 and y1 < voc.height - 2]
+    if len(sides) < 20:
+        raise DataError(f"only {len(sides)} whole red-cell boxes: give the pixel size (--um-per-pixel)")
+    return RED_CELL_DIAMETER_UM / float(np.median(sides))
