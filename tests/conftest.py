@@ -29,3 +29,24 @@ def shared_data() -> Path:
         pytest.skip(f"../shared/data not found beside the repository ({SHARED_DATA.name}); "
                     "these tests need the shared datasets, present in CI")
     return SHARED_DATA
+
+
+TINY = dict(backbone="tiny_cnn", weights="none", input_size=64, batch_size=8,
+            head_epochs=3, finetune_epochs=3, patience=10, seed=1)
+
+
+def train_tiny(out: Path, data_root: Path = SAMPLES, **overrides):
+    """A tiny real training run on the sample fields (seconds on two cores)."""
+    from hematovision.train.datasets import load_bccd
+    from hematovision.train.recipe import RunPaths, TrainConfig, prepare_run, train
+
+    run = RunPaths(out)
+    prepare_run(run, TrainConfig(**{**TINY, **overrides}).validate(), load_bccd(data_root))
+    train(run)
+    return run
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished tiny run shared by the training and export tests."""
+    return train_tiny(tmp_path_factory.mktemp("tiny_run"))

@@ -1,0 +1,104 @@
+"""The shared core: class list, crop geometry and pixel preprocessing on a fixed real image."""
+
+import subprocess
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from hematovision.classes import DEFAULT_CLASSES, KNOWN_CLASSES, UNIDENTIFIED, parse_label, validate_class_list
+from hematovision.crop import CropGeometry, CropJitter, cut_crop
+from hematovision.errors import DataError, ImageUnreadable
+from hematovision.pixels import model_input, read_rgb
+
+FIELD = "BCCD/JPEGImages/BloodImage_00000.jpg"
+CENTRE = (375.5, 276.5)  # the neutrophil's box centre in that field
+UM_PER_PX = 0.072
+
+
+@pytest.fixture(scope="module")
+def field(samples_bccd):
+    return read_rgb(samples_bccd / FIELD)
+
+
+def test_class_list_is_lower_case_with_basophil_ready():
+    assert DEFAULT_CLASSES == ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+    assert KNOWN_CLASSES[-1] == "basophil" and UNIDENTIFIED not in KNOWN_CLASSES
+    assert parse_label("NEUTROPHIL", "x") == "neutrophil"
+    assert parse_label(" Eosinophils ", "x") == "eosinophil"
+
+
+def test_unknown_label_error_names_where():
+    with pytest.raises(DataError, match=r"labels.csv:7: label 'BLAST'"):
+        parse_label("BLAST", "labels.csv:7")
+    with pytest.raises(DataError, match="repeats"):
+        validate_class_list(["neutrophil", "NEUTROPHIL"], "bundle.json")
+
+
+def test_read_rgb_gives_rgb_order(field, samples_bccd):
+    bgr = cv2.imread(str(samples_bccd / FIELD))
+    assert field.shape == (480, 640, 3) and field.dtype == np.uint8
+    np.testing.assert_array_equal(field, bgr[:, :, ::-1])
+
+
+def test_read_rgb_refuses_truncated_file_by_name(tmp_path, samples_bccd):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes((samples_bccd / FIELD).read_bytes()[:200])
+    with pytest.raises(ImageUnreadable, match="broken.jpg"):
+        read_rgb(broken)
+
+
+def test_crop_has_model_size_and_centre_pixel(field):
+    crop = cut_crop(field, CENTRE, UM_PER_PX)
+    assert crop.shape == (224, 224, 3) and crop.dtype == np.uint8
+    # The crop is 24 um = 333 image pixels wide: area-averaged, its centre matches the field's.
+    centre = crop[110:114, 110:114].reshape(-1, 3).mean(0)
+    x, y = int(CENTRE[0]), int(CENTRE[1])
+    expected = field[y - 2:y + 3, x - 2:x + 3].reshape(-1, 3).mean(0)
+    assert np.abs(centre - expected).max() < 12
+
+
+def test_crop_is_the_same_physical_square_at_any_magnification(field):
+    half = cv2.resize(field, (320, 240), interpolation=cv2.INTER_AREA)
+    full = cut_crop(field, CENTRE, UM_PER_PX).astype(float)
+    small = cut_crop(half, ((CENTRE[0] + 0.5) / 2 - 0.5, (CENTRE[1] + 0.5) / 2 - 0.5), UM_PER_PX * 2).astype(float)
+    assert np.abs(full - small).mean() < 4.0
+
+
+def test_crop_rotation_and_flip_are_exact_for_right_angles(field):
+    plain = cut_crop(field, CENTRE, UM_PER_PX, CropGeometry(input_size=64))
+    turned = cut_crop(field, CENTRE, UM_PER_PX, CropGeometry(input_size=64), CropJitter(angle_deg=90))
+    flipped = cut_crop(field, CENTRE, UM_PER_PX, CropGeometry(input_size=64), CropJitter(flip=True))
+    assert np.abs(np.rot90(plain, k=1).astype(int) - turned).max() <= 2
+    assert np.abs(plain[:, ::-1].astype(int) - flipped).max() <= 2
+
+
+def test_crop_near_the_border_is_mirrored_not_black(field):
+    crop = cut_crop(field, (5.0, 5.0), UM_PER_PX)
+    assert crop.min(axis=2).max() > 0 and (crop.sum(axis=2) == 0).mean() < 0.01
+
+
+def test_crop_refuses_bad_inputs(field):
+    with pytest.raises(DataError, match="pixel size"):
+        cut_crop(field, CENTRE, 0.0)
+    with pytest.raises(DataError, match="RGB"):
+        cut_crop(field[:, :, 0], CENTRE, UM_PER_PX)
+
+
+def test_model_input_is_float_pixels_0_to_255(field):
+    x = model_input(cut_crop(field, CENTRE, UM_PER_PX))
+    assert x.shape == (1, 224, 224, 3) and x.dtype == np.float32
+    assert 0.0 <= x.min() and x.max() <= 255.0 and x.max() > 200
+
+
+@pytest.mark.parametrize("module", ["hematovision.edge", "hematovision.calibration", "hematovision.crop",
+                                    "hematovision.pixels", "hematovision.classes"])
+def test_device_side_never_imports_tensorflow(module):
+    code = (f"import sys, importlib, pkgutil; m = importlib.import_module('{module}');"
+            "[importlib.import_module(i.name) for i in pkgutil.walk_packages(getattr(m, '__path__', []), m.__name__ + '.')"
+            " if not i.name.endswith(('.capture', 'picamera'))];"
+            "bad = [n for n in sys.modules if n.split('.')[0] in ('tensorflow', 'keras', 'tf_keras')];"
+            "print(bad); sys.exit(1 if bad else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr

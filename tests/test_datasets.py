@@ -1,0 +1,121 @@
+"""Training data: loading real fields and folders, grouped splits, and refusing bad input."""
+
+import shutil
+from collections import Counter
+
+import pytest
+
+from hematovision.errors import DataError
+from hematovision.train.datasets import bccd_group, load_bccd, load_folders
+from hematovision.train.splits import (SplitPlan, make_manifest, read_manifest, split_counts,
+                                       write_manifest)
+
+
+def test_sample_fields_give_one_crop_per_white_cell(samples_bccd):
+    data = load_bccd(samples_bccd)
+    counts = Counter(s.label for s in data.samples)
+    assert counts == {"neutrophil": 11, "eosinophil": 8, "lymphocyte": 8, "monocyte": 8}
+    assert 0.06 < data.samples[0].um_per_pixel < 0.085  # 7.5 um red cells are ~100 px here
+    assert not data.skipped
+
+
+def test_full_bccd_skips_ambiguous_fields_and_lists_them(shared_data):
+    data = load_bccd(shared_data / "bccd")
+    reasons = " ".join(s.reason for s in data.skipped)
+    assert "cannot tell which box is which" in reasons and "basophil" in reasons
+    assert len(data.samples) > 340 and len(data.skipped) < 25
+
+
+def test_re_photographed_fields_share_a_group():
+    assert bccd_group("BloodImage_00204") == bccd_group("BloodImage_00277")
+    assert bccd_group("BloodImage_00204") != bccd_group("BloodImage_00205")
+
+
+def test_split_keeps_groups_whole_and_every_class_in_every_split(shared_data, tmp_path):
+    rows = make_manifest(load_bccd(shared_data / "bccd").samples, SplitPlan(seed=3))
+    path = tmp_path / "manifest.csv"
+    write_manifest(rows, path)
+    again = read_manifest(path)
+    assert [r.split for r in again] == [r.split for r in rows]
+    pairs = {r.sample.group: set() for r in rows}
+    for r in rows:
+        pairs[r.sample.group].add(r.split)
+    assert all(len(s) == 1 for s in pairs.values())
+    counts = split_counts(rows)
+    assert all(len(counts[split]) == 4 for split in ("train", "val", "test"))
+
+
+def test_manifest_with_a_group_across_splits_is_refused(samples_bccd, tmp_path):
+    rows = make_manifest(load_bccd(samples_bccd).samples, SplitPlan(seed=0))
+    path = tmp_path / "manifest.csv"
+    write_manifest(rows, path)
+    lines = path.read_text().splitlines()
+    victim = lines[1].split(",")
+    twin = victim.copy()
+    twin[3] = "test" if victim[3] != "test" else "train"
+    path.write_text("\n".join(lines + [",".join(twin)]) + "\n")
+    with pytest.raises(DataError, match="in both"):
+        read_manifest(path)
+
+
+def _copy_samples(samples_bccd, tmp_path):
+    root = tmp_path / "bccd"
+    shutil.copytree(samples_bccd, root)
+    return root
+
+
+def test_truncated_field_is_skipped_and_listed(samples_bccd, tmp_path):
+    root = _copy_samples(samples_bccd, tmp_path)
+    jpg = root / "BCCD/JPEGImages/BloodImage_00003.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:300])
+    data = load_bccd(root)
+    assert [s.path for s in data.skipped] == [str(jpg)]
+    assert all(s.path != str(jpg) for s in data.samples)
+
+
+def test_label_outside_the_class_list_names_file_and_line(samples_bccd, tmp_path):
+    root = _copy_samples(samples_bccd, tmp_path)
+    labels = root / "labels.csv"
+    lines = labels.read_text().splitlines()
+    lines[3] = lines[3].replace("NEUTROPHIL", "MEGAKARYOCYTE")
+    labels.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=r"labels.csv:4: label 'MEGAKARYOCYTE'"):
+        load_bccd(root)
+
+
+def test_white_cell_box_outside_its_image_names_file_and_line(samples_bccd, tmp_path):
+    root = _copy_samples(samples_bccd, tmp_path)
+    xml = root / "BCCD/Annotations/BloodImage_00000.xml"
+    xml.write_text(xml.read_text().replace("<xmax>491</xmax>", "<xmax>900</xmax>", 1))
+    with pytest.raises(DataError, match=r"BloodImage_00000.xml:\d+: WBC box .* outside the 640x480"):
+        load_bccd(root)
+
+
+def _folder_dataset(samples_bccd, root, classes=("neutrophil", "eosinophil")):
+    for cls in classes:
+        (root / cls.upper()).mkdir(parents=True)
+    jpgs = sorted((samples_bccd / "BCCD/JPEGImages").glob("*.jpg"))
+    for i, jpg in enumerate(jpgs[:8]):
+        shutil.copy(jpg, root / classes[i % len(classes)].upper() / f"_{i // 4}_{i}.jpeg")
+    return root
+
+
+def test_class_folders_group_kaggle_augmentations_by_original(samples_bccd, tmp_path):
+    data = load_folders(_folder_dataset(samples_bccd, tmp_path / "TRAIN"))
+    groups = Counter(s.group for s in data.samples)
+    assert len(data.samples) == 8 and set(groups.values()) == {2}
+    assert all(g.startswith("kaggle:TRAIN:") for g in groups)
+
+
+def test_empty_class_folder_is_an_error_naming_it(samples_bccd, tmp_path):
+    root = _folder_dataset(samples_bccd, tmp_path / "TRAIN")
+    (root / "MONOCYTE").mkdir()
+    with pytest.raises(DataError, match="MONOCYTE: class folder has no images"):
+        load_folders(root)
+
+
+def test_unknown_class_folder_is_an_error(samples_bccd, tmp_path):
+    root = _folder_dataset(samples_bccd, tmp_path / "TRAIN")
+    (root / "PLATELET").mkdir()
+    with pytest.raises(DataError, match="PLATELET"):
+        load_folders(root)
