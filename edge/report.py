@@ -1,0 +1,301 @@
+"""A finished count as a report: frozen values, exact binomial intervals, dict round trip."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+
+from .report_schema import SCHEMA_ID, ReportInvalid, validate_report_dict
+
+PRELIMINARY = "preliminary: not verified"
+# How far a stored percent may sit from count / identified (the values are rounded to 0.01).
+PERCENT_TOLERANCE = 0.011
+
+__all__ = [
+    "PRELIMINARY", "SCHEMA_ID", "ReportInvalid", "ModelInfo", "ClassCount", "FrameStats",
+    "CellRecord", "Report", "clopper_pearson", "build_classes", "verification_text",
+    "commissioning_report",
+]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The classifier that made the count."""
+
+    name: str
+    version: str
+    sha256: str
+
+
+@dataclass(frozen=True)
+class ClassCount:
+    """One class of the differential: count, percent of identified cells and its 95 % CI."""
+
+    name: str
+    count: int
+    percent: float
+    ci95: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class FrameStats:
+    """How many camera frames were used and why the others were skipped."""
+
+    used: int
+    skipped_blur: int
+    skipped_motion: int
+
+
+@dataclass(frozen=True)
+class CellRecord:
+    """One counted cell as shown in the gallery."""
+
+    id: int
+    label: str
+    confidence: float
+    thumbnail: str | None
+    slide_xy_um: tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Report:
+    """A differential count report (schema hematovision.report/1)."""
+
+    specimen_id: str
+    device_id: str
+    started_at: str
+    finished_at: str | None
+    model: ModelInfo
+    calibration_profile_id: str | None
+    classes: tuple[ClassCount, ...]
+    unidentified: int
+    total: int
+    target: int
+    target_reached: bool
+    frames: FrameStats
+    quality_flags: tuple[str, ...]
+    verification: str
+    cells: tuple[CellRecord, ...]
+
+    @property
+    def identified(self) -> int:
+        """Cells given a class (the denominator of every percent)."""
+        return sum(c.count for c in self.classes)
+
+    @property
+    def verified(self) -> bool:
+        return self.verification != PRELIMINARY
+
+    def with_verification(self, name: str, at: datetime) -> "Report":
+        """The same report marked as verified by `name` at `at`.
+
+        Raises ReportInvalid when the name is empty or holds control characters.
+        """
+        return Report.from_dict(replace(self, verification=verification_text(name, at)).to_dict())
+
+    def to_dict(self) -> dict:
+        """The plain JSON-ready dict of the schema."""
+        return {
+            "schema": SCHEMA_ID, "specimen_id": self.specimen_id, "device_id": self.device_id,
+            "started_at": self.started_at, "finished_at": self.finished_at,
+            "model": vars(self.model).copy(),
+            "calibration_profile_id": self.calibration_profile_id,
+            "classes": [_class_dict(c) for c in self.classes],
+            "unidentified": self.unidentified, "total": self.total, "target": self.target,
+            "target_reached": self.target_reached, "frames": vars(self.frames).copy(),
+            "quality_flags": list(self.quality_flags), "verification": self.verification,
+            "cells": [_cell_dict(c) for c in self.cells],
+        }
+
+    @classmethod
+    def from_dict(cls, data: object) -> "Report":
+        """Build a report from its dict after checking schema and internal consistency.
+
+        Raises ReportInvalid naming the offending field.
+        """
+        validate_report_dict(data)
+        report = cls(
+            specimen_id=data["specimen_id"], device_id=data["device_id"],
+            started_at=data["started_at"], finished_at=data["finished_at"],
+            model=ModelInfo(**data["model"]),
+            calibration_profile_id=data["calibration_profile_id"],
+            classes=tuple(_class_from(c) for c in data["classes"]),
+            unidentified=data["unidentified"], total=data["total"], target=data["target"],
+            target_reached=data["target_reached"], frames=FrameStats(**data["frames"]),
+            quality_flags=tuple(data["quality_flags"]), verification=data["verification"],
+            cells=tuple(_cell_from(c) for c in data["cells"]),
+        )
+        check_consistency(report)
+        return report
+
+
+def _class_dict(c: ClassCount) -> dict:
+    return {"name": c.name, "count": c.count, "percent": c.percent, "ci95": list(c.ci95)}
+
+
+def _cell_dict(c: CellRecord) -> dict:
+    return {"id": c.id, "label": c.label, "confidence": c.confidence,
+            "thumbnail": c.thumbnail, "slide_xy_um": list(c.slide_xy_um)}
+
+
+def _class_from(d: dict) -> ClassCount:
+    return ClassCount(d["name"], d["count"], float(d["percent"]),
+                      (float(d["ci95"][0]), float(d["ci95"][1])))
+
+
+def _cell_from(d: dict) -> CellRecord:
+    x, y = d["slide_xy_um"]
+    return CellRecord(d["id"], d["label"], float(d["confidence"]), d["thumbnail"],
+                      (float(x), float(y)))
+
+
+def check_consistency(report: Report) -> None:
+    """Check what the schema cannot: sums, percents, intervals, times, unique names.
+
+    Raises ReportInvalid naming the field.
+    """
+    names = [c.name for c in report.classes]
+    if len(set(names)) != len(names):
+        raise ReportInvalid(f"report classes repeat a name: {names}")
+    if report.total != report.identified + report.unidentified:
+        raise ReportInvalid(
+            f"report total {report.total} is not the class counts ({report.identified}) "
+            f"plus unidentified ({report.unidentified})")
+    for c in report.classes:
+        _check_class(c, report.identified)
+    _check_times(report)
+    _check_cells(report, set(names))
+
+
+def _check_class(c: ClassCount, identified: int) -> None:
+    expected = 100.0 * c.count / identified if identified else 0.0
+    if abs(c.percent - expected) > PERCENT_TOLERANCE:
+        raise ReportInvalid(f"class {c.name}: percent {c.percent} is not {c.count} of "
+                            f"{identified} identified cells ({expected:.2f})")
+    lo, hi = c.ci95
+    if not lo <= c.percent <= hi:
+        raise ReportInvalid(f"class {c.name}: ci95 {list(c.ci95)} does not contain {c.percent}")
+
+
+def _check_times(report: Report) -> None:
+    started = _parse_time(report.started_at, "started_at")
+    if report.finished_at is not None:
+        finished = _parse_time(report.finished_at, "finished_at")
+        if finished < started:
+            raise ReportInvalid("report finished_at is before started_at")
+
+
+def _parse_time(text: str, field: str) -> datetime:
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as err:
+        raise ReportInvalid(f"report {field} {text!r} is not an ISO 8601 time") from err
+
+
+def _check_cells(report: Report, names: set[str]) -> None:
+    ids = [c.id for c in report.cells]
+    if len(set(ids)) != len(ids):
+        raise ReportInvalid("report cells repeat an id")
+    unknown = {c.label for c in report.cells} - names - {"unidentified"}
+    if unknown:
+        raise ReportInvalid(f"report cells have labels that are not report classes: "
+                            f"{sorted(unknown)}")
+
+
+def verification_text(name: str, at: datetime) -> str:
+    """The verification field for a person who checked the report at time `at`."""
+    return f"verified by {name.strip()} at {at.isoformat(timespec='seconds')}"
+
+
+def build_classes(counts: Mapping[str, int], level: float = 0.95) -> tuple[ClassCount, ...]:
+    """Per-class percent of identified cells with Clopper-Pearson intervals, in percent.
+
+    Percents are rounded to 0.01; interval ends are rounded outwards to 0.01.
+    """
+    identified = sum(counts.values())
+    out = []
+    for name, count in counts.items():
+        lo, hi = clopper_pearson(count, identified, level)
+        percent = round(100.0 * count / identified, 2) if identified else 0.0
+        ci = (math.floor(lo * 10000) / 100, math.ceil(hi * 10000) / 100)
+        out.append(ClassCount(name, count, percent, (min(ci[0], percent), max(ci[1], percent))))
+    return tuple(out)
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial confidence interval for k successes in n trials, as proportions.
+
+    Raises ValueError when k is not within 0..n or level not within (0, 1).
+    """
+    if not 0 <= k <= n or not 0.0 < level < 1.0:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and 0 < level < 1, "
+                         f"got k={k} n={n} level={level}")
+    if n == 0:
+        return 0.0, 1.0
+    alpha = 1.0 - level
+    lo = 0.0 if k == 0 else _beta_ppf(alpha / 2, k, n - k + 1)
+    hi = 1.0 if k == n else _beta_ppf(1 - alpha / 2, k + 1, n - k)
+    return lo, hi
+
+
+def _beta_ppf(q: float, a: float, b: float) -> float:
+    """Quantile of the Beta(a, b) distribution by bisection on the regularized beta."""
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if _betainc(a, b, mid) < q:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo < 1e-15:
+            break
+    return 0.5 * (lo + hi)
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
+                 + a * math.log(x) + b * math.log1p(-x))
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
+
+
+def _beta_fraction(a: float, b: float, x: float) -> float:
+    """Continued fraction of the incomplete beta (modified Lentz)."""
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 100_000):
+        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-15:
+            break
+    return h
+
+
+def commissioning_report(specimen_id: str = "TEST-LINK-0001", device_id: str = "hv-test",
+                         at: datetime | None = None) -> Report:
+    """A small report marked 'commissioning_test_not_a_patient', to try a link end to end."""
+    at = (at or datetime.now().astimezone()).replace(microsecond=0)
+    counts = {"neutrophil": 58, "lymphocyte": 30, "monocyte": 7, "eosinophil": 4, "basophil": 1}
+    classes = build_classes(counts)
+    return Report(
+        specimen_id=specimen_id, device_id=device_id, started_at=at.isoformat(),
+        finished_at=at.isoformat(), model=ModelInfo("commissioning", "0", "0" * 64),
+        calibration_profile_id=None, classes=classes, unidentified=2, total=102, target=100,
+        target_reached=True, frames=FrameStats(40, 3, 1),
+        quality_flags=("commissioning_test_not_a_patient",), verification=PRELIMINARY,
+        cells=())

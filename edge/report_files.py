@@ -1,0 +1,169 @@
+"""Write a report as JSON, CSV and HTML files, atomically and never through a symlink."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+from hematovision.errors import LinkFailed
+
+from .report import Report, ReportInvalid
+from .report_html import render_html
+
+logger = logging.getLogger(__name__)
+
+MAX_STEM = 80
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# A spreadsheet would run a text cell starting with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+CSV_HEADER = ["specimen_id", "class", "count", "percent_of_identified",
+              "ci95_low_percent", "ci95_high_percent", "verification"]
+
+
+def safe_file_stem(specimen_id: str) -> str:
+    """A file name stem made from a specimen id that cannot leave its folder.
+
+    Characters other than letters, digits, '.', '_' and '-' become '_', leading and
+    trailing dots are dropped; when anything changed a short hash of the id is appended
+    so that two different ids never share a file. Raises ReportInvalid for an empty id.
+    """
+    if not specimen_id.strip():
+        raise ReportInvalid("specimen id is empty; scan or type the specimen id again")
+    text = unicodedata.normalize("NFKC", specimen_id)
+    stem = _UNSAFE.sub("_", text).strip("._-")[:MAX_STEM] or "specimen"
+    if stem != specimen_id:
+        digest = hashlib.sha256(specimen_id.encode("utf-8", "surrogatepass")).hexdigest()
+        stem = f"{stem}-{digest[:10]}"
+    return stem
+
+
+def write_report_files(report: Report, folder: Path | str) -> list[Path]:
+    """Write <stem>.json, <stem>.csv and <stem>.html into `folder`, each atomically.
+
+    Missing folders are created. Raises LinkFailed when the folder or a file name is a
+    symlink or cannot be written, ReportInvalid for an unusable specimen id.
+    """
+    stem = safe_file_stem(report.specimen_id)
+    contents = {f"{stem}.json": report_json(report), f"{stem}.csv": report_csv(report),
+                f"{stem}.html": render_html(report).encode("utf-8")}
+    with open_folder_nofollow(Path(folder)) as dir_fd:
+        for name, data in contents.items():
+            write_atomic(dir_fd, name, data)
+        os.fsync(dir_fd)
+    paths = [Path(folder) / name for name in contents]
+    logger.info("wrote report %s to %s", report.specimen_id, folder)
+    return paths
+
+
+def report_json(report: Report) -> bytes:
+    text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
+    return (text + "\n").encode("utf-8")
+
+
+def report_csv(report: Report) -> bytes:
+    """One row per class, then unidentified and total; UTF-8 with a BOM for spreadsheets."""
+    specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification)
+    rows = [[specimen, c.name, c.count, f"{c.percent:.2f}", f"{c.ci95[0]:.2f}",
+             f"{c.ci95[1]:.2f}", verification] for c in report.classes]
+    rows.append([specimen, "unidentified", report.unidentified, "", "", "", verification])
+    rows.append([specimen, "total", report.total, "", "", "", verification])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\r\n")
+    writer.writerow(CSV_HEADER)
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8-sig")
+
+
+def _csv_text(value: str) -> str:
+    return "'" + value if value.startswith(_FORMULA_START) else value
+
+
+@contextlib.contextmanager
+def open_folder_nofollow(folder: Path) -> Iterator[int]:
+    """Open `folder` one component at a time, creating missing ones, following no symlink.
+
+    Yields a directory file descriptor. Raises LinkFailed when a component is a symlink
+    or not a folder, or cannot be created.
+    """
+    path = Path(os.path.abspath(folder))
+    fd = os.open(path.anchor, _DIR_FLAGS)
+    try:
+        for part in path.parts[1:]:
+            child = _open_child_folder(fd, part, path)
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _open_child_folder(parent_fd: int, name: str, whole: Path) -> int:
+    try:
+        return _open_folder_at(parent_fd, name, whole)
+    except FileNotFoundError:
+        pass
+    try:
+        os.mkdir(name, 0o755, dir_fd=parent_fd)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise LinkFailed(f"cannot create folder {name!r} in {whole}: {err.strerror}; "
+                         "check the drive is mounted and writable") from err
+    return _open_folder_at(parent_fd, name, whole)
+
+
+def _open_folder_at(parent_fd: int, name: str, whole: Path) -> int:
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise LinkFailed(f"refusing to write into {whole}: {name!r} is a symlink or not "
+                             "a folder; configure the real folder path") from err
+        raise LinkFailed(f"cannot open folder {whole}: {err.strerror}") from err
+
+
+def write_atomic(dir_fd: int, name: str, data: bytes) -> None:
+    """Write `name` inside the open folder: temporary file, fsync, rename over the old one.
+
+    Raises LinkFailed when `name` is a symlink or the write fails (the old file is kept).
+    """
+    _refuse_symlink(dir_fd, name)
+    temp = f".{name}.{secrets.token_hex(6)}.tmp"
+    try:
+        fd = os.open(temp, _FILE_FLAGS, 0o644, dir_fd=dir_fd)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.unlink(temp, dir_fd=dir_fd)
+        raise LinkFailed(f"cannot write {name}: {err.strerror}; "
+                         "check free space and that the folder is writable") from err
+
+
+def _refuse_symlink(dir_fd: int, name: str) -> None:
+    try:
+        mode = os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
+        raise LinkFailed(f"refusing to replace {name!r}: it is a symlink or not a plain file; "
+                         "remove it first")

@@ -1,0 +1,111 @@
+"""The serial line behind a small protocol; the only module that imports pyserial."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from hematovision.errors import ConfigError, LinkFailed
+
+logger = logging.getLogger(__name__)
+
+CHECK_PORT = "check the cable / port name"
+
+
+class ByteLine(Protocol):
+    """A byte line to a receiving system (a serial port, a pseudo-terminal)."""
+
+    def write(self, data: bytes) -> None:
+        """Write all of `data`; raises LinkFailed when the line is gone."""
+
+    def read(self, size: int, timeout_s: float) -> bytes:
+        """Up to `size` bytes, b'' after `timeout_s` of silence; raises LinkFailed."""
+
+    def discard_input(self) -> None:
+        """Drop bytes received but not yet read."""
+
+
+@dataclass(frozen=True)
+class SerialSettings:
+    """Line settings of the receiving system (8N1 at 9600 baud is the ASTM custom)."""
+
+    baudrate: int = 9600
+    bytesize: int = 8
+    parity: str = "N"
+    stopbits: float = 1
+
+    def __post_init__(self) -> None:
+        if self.baudrate <= 0 or self.bytesize not in (5, 6, 7, 8):
+            raise ConfigError(f"serial settings {self} are out of range: baudrate must be "
+                              "positive and bytesize 5..8")
+        if self.parity not in ("N", "E", "O", "M", "S") or self.stopbits not in (1, 1.5, 2):
+            raise ConfigError("serial.parity must be N, E, O, M or S and stopbits 1, 1.5 or 2")
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What delivering one report took."""
+
+    link: str
+    port: str
+    specimen_id: str
+    messages_sent: int
+    frames_sent: int
+    retries: int
+    duration_s: float
+
+
+class SerialLine:
+    """ByteLine over an open pyserial port; every port error becomes LinkFailed."""
+
+    def __init__(self, port, name: str) -> None:
+        self._port = port
+        self._name = name
+
+    def write(self, data: bytes) -> None:
+        with self._errors("write to"):
+            self._port.write(data)
+            self._port.flush()
+
+    def read(self, size: int, timeout_s: float) -> bytes:
+        with self._errors("read from"):
+            self._port.timeout = max(timeout_s, 0.0)
+            return self._port.read(size)
+
+    def discard_input(self) -> None:
+        with self._errors("reset"):
+            self._port.reset_input_buffer()
+
+    @contextlib.contextmanager
+    def _errors(self, action: str) -> Iterator[None]:
+        import serial
+
+        try:
+            yield
+        except (serial.SerialException, OSError) as err:
+            raise LinkFailed(f"cannot {action} {self._name}: {err}; the line was "
+                             f"disconnected, {CHECK_PORT}") from err
+
+
+@contextlib.contextmanager
+def open_serial(port: str, settings: SerialSettings = SerialSettings()) -> Iterator[SerialLine]:
+    """Open any port pyserial opens (a device path, a pseudo-terminal, a pyserial URL).
+
+    Raises LinkFailed when the port is missing or busy.
+    """
+    import serial
+
+    try:
+        handle = serial.serial_for_url(
+            port, baudrate=settings.baudrate, bytesize=settings.bytesize,
+            parity=settings.parity, stopbits=settings.stopbits, timeout=0)
+    except (serial.SerialException, OSError, ValueError) as err:
+        raise LinkFailed(f"cannot open serial port {port!r}: {err}; {CHECK_PORT}") from err
+    try:
+        yield SerialLine(handle, port)
+    finally:
+        with contextlib.suppress(serial.SerialException, OSError):
+            handle.close()
