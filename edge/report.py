@@ -205,7 +205,10 @@ def _check_cells(report: Report, names: set[str]) -> None:
 
 
 def verification_text(name: str, at: datetime) -> str:
-    """The verification field for a person who checked the report at time `at`."""
+    """The verification field for a person who checked the report at time `at` (a time
+    without a zone is taken as local time).
+    """
+    at = at if at.tzinfo is not None else at.astimezone()
     return f"verified by {name.strip()} at {at.isoformat(timespec='seconds')}"
 
 

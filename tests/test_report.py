@@ -1,0 +1,286 @@
+"""Reports: schema, intervals, JSON/CSV/HTML files, safe file names, USB drive writing."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from hematovision.edge.link_usb import UsbSettings, choose_drive, parse_mounts, write_report_to_usb
+from hematovision.edge.report import (PRELIMINARY, CellRecord, Report, ReportInvalid,
+                                      build_classes, clopper_pearson, commissioning_report)
+from hematovision.edge.report_files import safe_file_stem, write_report_files
+from hematovision.edge.report_html import render_html
+from hematovision.edge.report_schema import report_schema, validate_report_dict
+from hematovision.errors import ConfigError, LinkFailed
+
+HOSTILE_ID = '<script>alert("x")</script>&\'"/../../etc/x'
+
+
+def _thumbnail(shade: int) -> str:
+    image = np.full((24, 24, 3), shade, np.uint8)
+    cv2.circle(image, (12, 12), 7, (200, 60, 160), -1)
+    ok, jpeg = cv2.imencode(".jpg", image)
+    assert ok
+    return "data:image/jpeg;base64," + base64.b64encode(jpeg.tobytes()).decode("ascii")
+
+
+def sample_report(specimen_id: str = "S-2024-0001") -> Report:
+    base = commissioning_report(specimen_id, "hv-pi-07",
+                                datetime(2024, 5, 6, 9, 30, tzinfo=timezone.utc))
+    cells = (CellRecord(1, "neutrophil", 0.97, _thumbnail(230), (10.0, 20.0)),
+             CellRecord(2, "neutrophil", 0.41, _thumbnail(220), (11.0, 25.0)),
+             CellRecord(3, "neutrophil", 0.78, None, (12.5, 30.0)),
+             CellRecord(4, "lymphocyte", 0.88, _thumbnail(210), (40.0, 20.0)),
+             CellRecord(5, "unidentified", 0.30, _thumbnail(200), (50.0, 60.0)))
+    return replace(base, cells=cells, quality_flags=("too_many_unidentified", "low_focus"))
+
+
+def test_report_round_trips_through_its_dict():
+    report = sample_report()
+    assert Report.from_dict(report.to_dict()) == report
+    assert Report.from_dict(json.loads(json.dumps(report.to_dict()))) == report
+
+
+def test_report_json_file_validates_against_the_schema(tmp_path):
+    paths = write_report_files(sample_report(), tmp_path)
+    data = json.loads(paths[0].read_text("utf-8"))
+    validate_report_dict(data)
+    assert data["schema"] == "hematovision.report/1"
+
+
+def test_schema_file_is_valid_json_schema_per_the_jsonschema_package(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is an optional check")
+    jsonschema.Draft202012Validator.check_schema(report_schema())
+    jsonschema.validate(sample_report().to_dict(), report_schema())
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d.pop("total"), "missing total"),
+    (lambda d: d.update(unidentified=True), "integer"),
+    (lambda d: d.update(total=999), "total 999"),
+    (lambda d: d.update(verification="verified"), "verification"),
+    (lambda d: d.update(specimen_id="a\nb"), "specimen_id"),
+    (lambda d: d.update(extra=1), "unknown key"),
+    (lambda d: d["classes"][0].update(percent=float("nan")), "percent"),
+    (lambda d: d["classes"][0].update(ci95=[70.0, 80.0]), "ci95"),
+    (lambda d: d["cells"][0].update(thumbnail='data:image/jpeg;base64,"><img src=x>'),
+     "thumbnail"),
+    (lambda d: d["cells"][0].update(label="platelet"), "platelet"),
+    (lambda d: d.update(finished_at="2024-05-06T09:00:00+00:00"), "before"),
+    (lambda d: d.update(started_at="2024-05-06 09:00"), "started_at"),
+])
+def test_from_dict_refuses_a_report_that_breaks_the_schema_or_its_sums(change, words):
+    data = sample_report().to_dict()
+    change(data)
+    with pytest.raises(ReportInvalid, match=re.escape(words)):
+        Report.from_dict(data)
+
+
+def test_clopper_pearson_gives_the_exact_binomial_interval():
+    assert clopper_pearson(0, 10) == (0.0, pytest.approx(0.308497, abs=1e-6))
+    lo, hi = clopper_pearson(5, 10)
+    assert (lo, hi) == (pytest.approx(0.187086, abs=1e-6), pytest.approx(0.812914, abs=1e-6))
+    assert clopper_pearson(0, 0) == (0.0, 1.0)
+
+
+def test_clopper_pearson_matches_scipy_over_many_counts():
+    stats = pytest.importorskip("scipy.stats", reason="scipy is only a cross-check")
+    for n in (1, 7, 100, 400, 5000):
+        for k in sorted({0, 1, n // 3, n - 1, n}):
+            lo, hi = clopper_pearson(k, n)
+            assert lo == pytest.approx(stats.beta.ppf(0.025, k, n - k + 1) if k else 0, abs=1e-9)
+            assert hi == pytest.approx(stats.beta.ppf(0.975, k + 1, n - k) if k < n else 1,
+                                       abs=1e-9)
+
+
+def test_build_classes_gives_percent_of_identified_inside_its_interval():
+    classes = build_classes({"neutrophil": 60, "lymphocyte": 40, "monocyte": 0})
+    assert [c.percent for c in classes] == [60.0, 40.0, 0.0]
+    assert all(c.ci95[0] <= c.percent <= c.ci95[1] for c in classes)
+    assert classes[2].ci95[0] == 0.0
+
+
+def test_csv_has_one_row_per_class_then_unidentified_and_total(tmp_path):
+    report = sample_report()
+    csv_path = write_report_files(report, tmp_path)[1]
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text("utf-8-sig"))))
+    assert [r["class"] for r in rows] == [c.name for c in report.classes] + [
+        "unidentified", "total"]
+    assert [int(r["count"]) for r in rows[:-2]] == [c.count for c in report.classes]
+    assert int(rows[-1]["count"]) == report.total
+    assert float(rows[0]["ci95_low_percent"]) == report.classes[0].ci95[0]
+
+
+def test_csv_keeps_a_formula_like_specimen_id_as_text(tmp_path):
+    csv_path = write_report_files(sample_report("=HYPERLINK(1)"), tmp_path)[1]
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text("utf-8-sig"))))
+    assert {r["specimen_id"] for r in rows} == {"'=HYPERLINK(1)"}
+
+
+def test_html_lists_every_class_and_escapes_a_hostile_specimen_id():
+    report = sample_report(HOSTILE_ID)
+    page = render_html(report)
+    for c in report.classes:
+        assert f"<td>{c.name}</td>" in page
+        assert f">{c.name}</text>" in page  # the bar chart label
+    assert "<script" not in page
+    assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#x27;&quot;" in page
+
+
+def test_html_is_self_contained_with_no_external_urls():
+    page = render_html(sample_report())
+    assert not re.search(r"(?i)(https?:|<script|<link|<iframe|@import|url\()", page)
+    sources = re.findall(r'(?i)(?:src|href|xlink:href)\s*=\s*"([^"]*)"', page)
+    assert len(sources) == 4 and all(s.startswith("data:image/jpeg;base64,") for s in sources)
+    assert "img-src data:" in page
+
+
+def test_html_gallery_puts_the_lowest_confidence_first_inside_each_class():
+    page = render_html(sample_report())
+    neutrophils = page.split('data-class="neutrophil"')[1].split("</div>")[0]
+    assert re.findall(r"#(\d+) ", neutrophils) == ["2", "3", "1"]
+    assert 'data-class="unidentified"' in page
+
+
+def test_html_shows_the_verification_status_prominently():
+    report = sample_report()
+    assert 'class="banner preliminary"' in render_html(report)
+    verified = report.with_verification("Dr <b>Ada</b>", datetime(2024, 5, 6, 11, 0))
+    page = render_html(verified)
+    assert 'class="banner verified"' in page and "Dr &lt;b&gt;Ada&lt;/b&gt;" in page
+    assert verified.verified and not report.verified and report.verification == PRELIMINARY
+
+
+def test_a_specimen_id_with_dot_dot_cannot_leave_the_folder(tmp_path):
+    folder = tmp_path / "out"
+    paths = write_report_files(sample_report("../../etc/x"), folder)
+    assert all(p.parent == folder for p in paths)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_safe_file_stem_keeps_plain_ids_and_separates_lookalikes():
+    assert safe_file_stem("S-2024_0001.a") == "S-2024_0001.a"
+    assert safe_file_stem("a/b") != safe_file_stem("a_b")
+    for hostile in ("..", ".", "../x", "/etc/passwd", "a\x00b", "测试", "." * 300):
+        stem = safe_file_stem(hostile)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", stem) and len(stem) < 100
+
+
+def test_an_empty_specimen_id_is_refused(tmp_path):
+    with pytest.raises(ReportInvalid, match="empty"):
+        write_report_files(sample_report("   "), tmp_path)
+
+
+def test_a_symlinked_target_folder_is_refused(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(LinkFailed, match="symlink"):
+        write_report_files(sample_report(), tmp_path / "link")
+    with pytest.raises(LinkFailed, match="symlink"):
+        write_report_files(sample_report(), tmp_path / "link" / "sub")
+    assert list(real.iterdir()) == []
+
+
+def test_a_symlink_at_a_report_file_name_is_not_followed(tmp_path):
+    outside = tmp_path / "outside.txt"
+    outside.write_text("keep me")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "S-1.json").symlink_to(outside)
+    with pytest.raises(LinkFailed, match="symlink"):
+        write_report_files(sample_report("S-1"), folder)
+    assert outside.read_text() == "keep me"
+
+
+def test_writing_again_replaces_the_files_and_leaves_no_temporary_files(tmp_path):
+    write_report_files(sample_report(), tmp_path)
+    verified = sample_report().with_verification("Ada", datetime(2024, 5, 6, 11, 0))
+    paths = write_report_files(verified, tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+    assert "verified by Ada" in paths[0].read_text("utf-8")
+
+
+def _mounts_file(tmp_path: Path, *lines: str) -> Path:
+    path = tmp_path / "mounts"
+    path.write_text("\n".join(["/dev/mmcblk0p2 / ext4 rw,noatime 0 0", *lines]) + "\n")
+    return path
+
+
+def test_usb_writes_the_report_files_onto_the_configured_mounted_drive(tmp_path):
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    mounts = _mounts_file(tmp_path, f"/dev/sda1 {drive} vfat rw,relatime 0 0")
+    paths = write_report_to_usb(sample_report(), UsbSettings(drive, mounts_file=mounts))
+    assert [p.parent for p in paths] == [drive / "hematovision"] * 3
+    assert all(p.is_file() for p in paths)
+
+
+def test_usb_refuses_a_mount_point_with_no_drive_mounted(tmp_path):
+    (tmp_path / "drive").mkdir()
+    settings = UsbSettings(tmp_path / "drive", mounts_file=_mounts_file(tmp_path))
+    with pytest.raises(LinkFailed, match="no drive is mounted"):
+        write_report_to_usb(sample_report(), settings)
+    assert list((tmp_path / "drive").iterdir()) == []
+
+
+def test_usb_finds_the_one_drive_under_media_and_refuses_several(tmp_path):
+    media = tmp_path / "media"
+    settings = UsbSettings(media_roots=(media,))
+    one = parse_mounts(f"/dev/sda1 {media}/pi/KINGSTON\\040USB vfat rw 0 0\n")
+    assert choose_drive(one, settings) == media / "pi" / "KINGSTON USB"
+    two = one + parse_mounts(f"/dev/sdb1 {media}/pi/OTHER exfat rw 0 0\n")
+    with pytest.raises(LinkFailed, match="several drives"):
+        choose_drive(two, settings)
+    with pytest.raises(LinkFailed, match="no USB drive"):
+        choose_drive(parse_mounts("/dev/root / ext4 rw 0 0\n"), settings)
+
+
+def test_usb_refuses_a_read_only_drive_and_a_bad_subfolder(tmp_path):
+    mounts = parse_mounts(f"/dev/sda1 {tmp_path} vfat ro,relatime 0 0\n")
+    with pytest.raises(LinkFailed, match="read-only"):
+        choose_drive(mounts, UsbSettings(tmp_path))
+    with pytest.raises(ConfigError, match="subfolder"):
+        write_report_to_usb(sample_report(), UsbSettings(tmp_path, subfolder="../x"))
+
+
+def test_usb_refuses_a_symlinked_drive_folder(tmp_path):
+    drive = tmp_path / "drive"
+    drive.mkdir()
+    (drive / "hematovision").symlink_to(tmp_path)
+    mounts = _mounts_file(tmp_path, f"/dev/sda1 {drive} vfat rw 0 0")
+    with pytest.raises(LinkFailed, match="symlink"):
+        write_report_to_usb(sample_report(), UsbSettings(drive, mounts_file=mounts))
+
+
+def _chromium() -> str | None:
+    return next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(n)), None)
+
+
+@pytest.mark.skipif(_chromium() is None, reason="needs chromium (apt-get install chromium)")
+def test_html_renders_in_headless_chromium_with_every_class_visible(tmp_path):
+    html_path = write_report_files(sample_report(HOSTILE_ID), tmp_path)[2]
+    command = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu",
+               "--disable-background-networking", f"--user-data-dir={tmp_path / 'profile'}",
+               "--enable-logging=stderr", "--v=0", "--dump-dom", html_path.as_uri()]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil"):
+        assert f"<td>{name}</td>" in done.stdout
+    assert "<script>" not in done.stdout
+    assert "CONSOLE" not in done.stderr and "Refused to" not in done.stderr
