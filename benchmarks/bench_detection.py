@@ -1,0 +1,204 @@
+"""Detection benchmark of edge/segment.py: white-cell recall and precision per lab, and speed.
+
+    python benchmarks/bench_detection.py                     # TXL-PBC val + BCCD, ms per field
+    python benchmarks/bench_detection.py --split train       # the split the parameters were tuned on
+    python benchmarks/bench_detection.py --set cell_margin_um=2.0
+
+Every detection (whole and edge-cut cells) is matched one-to-one to the annotated WBC boxes,
+greedily by IoU; a match needs IoU >= 0.5. A second figure matches a detection to a box when
+its centre lies inside the box. The lab of a TXL-PBC field is told by its image size. The pixel
+size is always estimated from the red cells, as no lab's pixel size is known.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import statistics
+import sys
+import time
+import xml.etree.ElementTree as ET
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from hematovision.edge.segment import DEFAULT_PARAMS, SegmentParams, segment
+from hematovision.errors import CalibrationError
+from hematovision.pixels import read_rgb
+
+logger = logging.getLogger("bench_detection")
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+LABS = {(480, 640): "BCCD", (416, 416): "BCDD", (363, 360): "PBC", (369, 366): "PBC", (575, 575): "Raabin"}
+
+
+def txl_fields(root: Path, split: str):
+    """(lab, image path, WBC boxes in pixels) for each TXL-PBC field of a split."""
+    for image_path in sorted((root / "images" / split).iterdir()):
+        label = root / "labels" / split / (image_path.stem + ".txt")
+        yield image_path, label
+
+
+def txl_boxes(label: Path, height: int, width: int) -> list[tuple[float, float, float, float]]:
+    """The class-0 (WBC) YOLO boxes of a label file, in pixels."""
+    boxes = []
+    for line in label.read_text().split("\n") if label.is_file() else []:
+        parts = line.split()
+        if len(parts) == 5 and parts[0] == "0":
+            cx, cy, bw, bh = (float(v) for v in parts[1:])
+            boxes.append(((cx - bw / 2) * width, (cy - bh / 2) * height, (cx + bw / 2) * width, (cy + bh / 2) * height))
+    return boxes
+
+
+def voc_boxes(xml_path: Path, name: str = "WBC") -> list[tuple[float, float, float, float]]:
+    """Valid boxes of one object name in a Pascal VOC annotation."""
+    boxes = []
+    for obj in ET.parse(xml_path).getroot().iter("object"):
+        if obj.findtext("name", "").strip() != name:
+            continue
+        bb = obj.find("bndbox")
+        x0, y0, x1, y1 = (float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+        if x1 - x0 > 2 and y1 - y0 > 2:
+            boxes.append((x0, y0, x1, y1))
+    return boxes
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def match_iou(detected, truth, threshold: float = 0.5) -> int:
+    """Number of one-to-one matches, greedily by decreasing IoU."""
+    pairs = sorted(((iou(d, t), i, j) for i, d in enumerate(detected) for j, t in enumerate(truth)), reverse=True)
+    used_d, used_t = set(), set()
+    for value, i, j in pairs:
+        if value < threshold:
+            break
+        if i not in used_d and j not in used_t:
+            used_d.add(i)
+            used_t.add(j)
+    return len(used_t)
+
+
+def match_centre(centres, truth) -> int:
+    """Number of one-to-one matches of detection centres inside annotated boxes."""
+    used = set()
+    for x, y in centres:
+        for j, (x0, y0, x1, y1) in enumerate(truth):
+            if j not in used and x0 <= x <= x1 and y0 <= y <= y1:
+                used.add(j)
+                break
+    return len(used)
+
+
+def evaluate(fields, params: SegmentParams) -> dict:
+    """Counts per lab: truth, detections, IoU matches, centre matches, calibration failures."""
+    counts = defaultdict(lambda: defaultdict(int))
+    for lab, image, truth in fields:
+        c = counts[lab]
+        c["fields"] += 1
+        c["truth"] += len(truth)
+        try:
+            cells = segment(image, params).all_cells
+        except CalibrationError:
+            c["no_pixel_size"] += 1
+            continue
+        c["detected"] += len(cells)
+        c["iou"] += match_iou([d.bbox for d in cells], truth)
+        c["centre"] += match_centre([d.center for d in cells], truth)
+    return counts
+
+
+def load_txl(root: Path, split: str):
+    for image_path, label in txl_fields(root, split):
+        image = read_rgb(image_path)
+        lab = LABS.get(image.shape[:2], f"{image.shape[1]}x{image.shape[0]}")
+        yield lab, image, txl_boxes(label, *image.shape[:2])
+
+
+def load_bccd(root: Path):
+    for xml_path in sorted((root / "Annotations").glob("*.xml")):
+        image_path = root / "JPEGImages" / (xml_path.stem + ".jpg")
+        if image_path.is_file():
+            yield "BCCD (VOC)", read_rgb(image_path), voc_boxes(xml_path)
+
+
+def report(title: str, counts: dict) -> None:
+    print(f"\n{title}")
+    print(f"{'lab':12s} {'fields':>6s} {'WBC':>5s} {'det':>5s} {'recall':>7s} {'prec':>7s} "
+          f"{'rec(c)':>7s} {'prec(c)':>7s} {'no px':>5s}")
+    for lab in sorted(counts):
+        c = counts[lab]
+        rec = c["iou"] / max(1, c["truth"])
+        prec = c["iou"] / max(1, c["detected"])
+        rec_c = c["centre"] / max(1, c["truth"])
+        prec_c = c["centre"] / max(1, c["detected"])
+        print(f"{lab:12s} {c['fields']:6d} {c['truth']:5d} {c['detected']:5d} {rec:7.3f} {prec:7.3f} "
+              f"{rec_c:7.3f} {prec_c:7.3f} {c['no_pixel_size']:5d}")
+
+
+def time_fields(images, params: SegmentParams, repeats: int = 3) -> tuple[float, float]:
+    """Median and 95th-percentile milliseconds of segment() per field (pixel size estimated)."""
+    for image in images[:3]:
+        _safe_segment(image, params)
+    times = []
+    for _ in range(repeats):
+        for image in images:
+            start = time.perf_counter()
+            _safe_segment(image, params)
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times), float(np.percentile(times, 95))
+
+
+def _safe_segment(image, params):
+    try:
+        return segment(image, params)
+    except CalibrationError:
+        return None
+
+
+def parse_params(settings: list[str]) -> SegmentParams:
+    """DEFAULT_PARAMS with `key=value` overrides."""
+    changes = {}
+    fields = {f.name: f.type for f in dataclasses.fields(SegmentParams)}
+    for item in settings:
+        key, _, value = item.partition("=")
+        if key not in fields:
+            raise SystemExit(f"unknown SegmentParams field {key!r}; known: {', '.join(fields)}")
+        changes[key] = int(value) if fields[key] in (int, "int") else float(value)
+    return dataclasses.replace(DEFAULT_PARAMS, **changes)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder (default ../shared/data)")
+    parser.add_argument("--split", default="val", help="TXL-PBC split: val (report) or train (tuning)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegmentParams field")
+    parser.add_argument("--no-bccd", action="store_true", help="skip the BCCD VOC check")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    params = parse_params(args.set)
+    txl = args.data / "txl_pbc"
+    if not txl.is_dir():
+        raise SystemExit(f"{txl} not found: run from the repository root with ../shared/data present, or pass --data")
+    report(f"TXL-PBC {args.split} split, IoU >= 0.5 (and centre-in-box), edge-cut cells included",
+           evaluate(load_txl(txl, args.split), params))
+    bccd = args.data / "bccd" / "BCCD"
+    if not args.no_bccd and bccd.is_dir():
+        report("BCCD fields (VOC 'WBC' boxes), IoU >= 0.5 (and centre-in-box)", evaluate(load_bccd(bccd), params))
+    if bccd.is_dir():
+        images = [read_rgb(p) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60]]
+        median, p95 = time_fields(images, params)
+        print(f"\nspeed: {median:.2f} ms median, {p95:.2f} ms 95th percentile per 640x480 BCCD field "
+              f"(pixel size estimated; {len(images)} fields x 3)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Segmentation: find the white blood cells in a stained blood-smear field."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from hematovision.errors import CalibrationError, DataError
+
+logger = logging.getLogger(__name__)
+
+GIVEN = "given"
+ESTIMATED = "estimated from red cells"
+
+
+@dataclass(frozen=True)
+class SegmentParams:
+    """Thresholds and physical sizes of the segmenter; lengths in um, areas in um^2.
+
+    The stain feature of a pixel is (B - G) + green_weight * (255 - G) after white balance:
+    nuclei (haematoxylin/azure, purple to blue) absorb green and pass blue, red cells absorb
+    green but also blue, and the background absorbs neither.
+    """
+
+    red_cell_diameter_um: float = 7.5  # median red-cell diameter, for the pixel-size estimate
+    estimate_long_side_px: int = 192  # image long side at which red cells are measured
+    min_red_cells: int = 5  # fewer red-cell peaks than this: no pixel-size estimate
+    red_cell_min_radius_px: float = 2.0  # peaks below this (at estimate resolution) are noise
+    red_cell_min_fraction: float = 0.3  # a darker Otsu class smaller than this is nuclei, not cells
+    red_cell_threshold_fraction: float = 0.5  # cell threshold: this far from white to Otsu's
+    red_cell_bridge_fraction: float = 0.5  # peaks below this * 90th percentile are bridges
+    red_cell_size_correction: float = 1.075  # fitted: annotated red-cell boxes / measured
+    work_um_per_pixel: float = 0.4  # internal working resolution (never upsampled)
+    green_weight: float = 0.5  # weight of green absorption in the stain feature
+    white_percentile: float = 97.0  # per-channel percentile taken as the white background
+    stain_threshold: float = 150.0  # stain feature above which a pixel may be nucleus ...
+    red_cell_percentile: float = 90.0  # ... and above this percentile of the field (red cells)
+    nucleus_percentile: float = 99.5  # ... by this fraction of the way to this one (nuclei)
+    stain_relative: float = 0.5
+    min_fragment_area_um2: float = 1.0  # smaller stained specks are dropped
+    group_distance_um: float = 3.0  # nucleus fragments closer than this are one cell
+    min_nucleus_area_um2: float = 14.0  # a white cell's nucleus is at least this big
+    max_nucleus_area_um2: float = 300.0  # larger stained blobs are debris or clumps
+    max_cell_diameter_um: float = 22.0  # groups wider than this are split or rejected
+    split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum
+    cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box
+    edge_margin_um: float = 0.5  # a cell box this close to the frame edge is cut by it
+    focus_um_per_pixel: float = 0.25  # crops are resampled to this before the focus measure
+    min_image_side_px: int = 32  # smaller frames are refused
+
+
+DEFAULT_PARAMS = SegmentParams()
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One white cell: centre and box in full-resolution pixels, nucleus area in um^2."""
+
+    center: tuple[float, float]
+    bbox: tuple[int, int, int, int]  # x0, y0, x1, y1 (x1, y1 exclusive)
+    area_um2: float
+    focus: float  # variance of the Laplacian of the crop at a fixed pixel size, / mean^2
+    touches_edge: bool
+
+
+@dataclass(frozen=True)
+class Segmentation:
+    """The white cells of one field: `cells` are whole; `edge_cells` are cut by the frame."""
+
+    cells: tuple[Detection, ...]
+    edge_cells: tuple[Detection, ...]
+    um_per_pixel: float
+    pixel_size_source: str  # GIVEN or ESTIMATED
+
+    @property
+    def all_cells(self) -> tuple[Detection, ...]:
+        """Whole and edge-cut cells together (for counting against annotated boxes)."""
+        return self.cells + self.edge_cells
+
+
+def check_field(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> None:
+    """Refuse what the segmenter cannot read.
+
+    Raises DataError for an image that is not HxWx3 uint8 (a grayscale frame carries no stain
+    colour: convert the camera to RGB) or is smaller than `params.min_image_side_px`.
+    """
+    image_rgb = np.asarray(image_rgb)
+    if image_rgb.ndim == 2 or (image_rgb.ndim == 3 and image_rgb.shape[2] == 1):
+        raise DataError("segment needs a colour (RGB) field: the nucleus is found by its stain colour, "
+                        "and a grayscale frame has none; set the camera to RGB")
+    if image_rgb.ndim != 3 or image_rgb.shape[2] != 3 or image_rgb.dtype != np.uint8:
+        raise DataError(f"segment needs an HxWx3 uint8 RGB image, got {image_rgb.shape} {image_rgb.dtype}")
+    if min(image_rgb.shape[:2]) < params.min_image_side_px:
+        raise DataError(f"field of {image_rgb.shape[1]}x{image_rgb.shape[0]} pixels is too small to segment; "
+                        f"it needs at least {params.min_image_side_px} pixels a side")
+
+
+def _resize(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resize by `scale` (area averaging when shrinking); scale 1 returns the image itself."""
+    if abs(scale - 1.0) < 1e-3:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+
+
+def _fill_holes(mask: np.ndarray) -> np.ndarray:
+    """Fill the enclosed holes of a 0/255 mask (the pale centre of red cells)."""
+    contours, _ = cv2.findContours(mask, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    filled = np.zeros_like(mask)
+    cv2.drawContours(filled, contours, -1, 255, thickness=cv2.FILLED)
+    return filled
+
+
+def _transmission(gray: np.ndarray) -> np.ndarray:
+    """Gray level divided by the local background (the bright envelope), as 0..255 uint8."""
+    k = max(gray.shape) // 4 | 1
+    background = cv2.blur(cv2.dilate(gray, cv2.getStructuringElement(cv2.MORPH_RECT, (k, k))), (k, k))
+    ratio = gray.astype(np.float32) * 255.0 / np.maximum(background, 1).astype(np.float32)
+    return cv2.GaussianBlur(np.clip(ratio, 0, 255).astype(np.uint8), (3, 3), 0)
+
+
+def _otsu_below_background(values: np.ndarray, min_dark_fraction: float) -> float:
+    """Otsu's threshold between cells and background, ignoring a small very dark class (nuclei)."""
+    t, _ = cv2.threshold(values, 0, 255, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
+    if (values <= t).mean() < min_dark_fraction:
+        brighter = values[values > t].reshape(1, -1)
+        t, _ = cv2.threshold(brighter, 0, 255, cv2.THRESH_BINARY_INV | cv2.THRESH_OTSU)
+    return float(t)
+
+
+def red_cell_mask(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> tuple[np.ndarray, float]:
+    """Mask (0/255) of the cells, pale centres filled, at a reduced scale; returns (mask, scale)."""
+    scale = min(1.0, params.estimate_long_side_px / max(image_rgb.shape[:2]))
+    trans = _transmission(_resize(np.ascontiguousarray(image_rgb[:, :, 1]), scale))
+    t = _otsu_below_background(trans, params.red_cell_min_fraction)
+    t = 255.0 - (255.0 - t) * params.red_cell_threshold_fraction
+    cells = np.where(trans <= t, 255, 0).astype(np.uint8)
+    cells = cv2.morphologyEx(cells, cv2.MORPH_CLOSE, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
+    cells = cv2.morphologyEx(_fill_holes(cells), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8))
+    return cells, scale
+
+
+def red_cell_diameter_px(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> float:
+    """Median diameter in full-resolution pixels of the red cells in a field.
+
+    Cells (dark in green, against a flat-fielded background) are thresholded, their pale
+    centres filled, and the distance transform's local maxima give one inscribed radius per
+    cell, touching cells included; maxima on thin bridges between cells are dropped. White
+    cells are few, so the median is the red cells'. Raises CalibrationError when fewer than
+    `params.min_red_cells` cells are seen.
+    """
+    cells, scale = red_cell_mask(image_rgb, params)
+    radii = _distance_peaks(cells, params.red_cell_min_radius_px)
+    if radii.size:
+        radii = radii[radii >= params.red_cell_bridge_fraction * np.percentile(radii, 90)]
+    if radii.size < params.min_red_cells:
+        raise CalibrationError(
+            f"cannot estimate the pixel size: {radii.size} red cells found, {params.min_red_cells} needed; "
+            "pass um_per_pixel from a calibration slide instead")
+    return float(np.median(2.0 * radii + 1.0) * params.red_cell_size_correction / scale)
+
+
+def _distance_peaks(mask: np.ndarray, min_radius: float) -> np.ndarray:
+    """Values of the distance-transform local maxima of a mask, one per plateau."""
+    dist = cv2.distanceTransform(mask, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    peaks = (dist >= cv2.dilate(dist, np.ones((5, 5), np.uint8))) & (dist >= min_radius)
+    count, _, _, centroids = cv2.connectedComponentsWithStats(peaks.astype(np.uint8), connectivity=8)
+    if count <= 1:
+        return np.zeros(0)
+    xy = np.round(centroids[1:]).astype(int)
+    return dist[xy[:, 1], xy[:, 0]]
+
+
+def estimate_um_per_pixel(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> float:
+    """Pixel size in um from the median red-cell diameter (`params.red_cell_diameter_um`).
+
+    Raises CalibrationError when too few red cells are in view.
+    """
+    return params.red_cell_diameter_um / red_cell_diameter_px(image_rgb, params)
+
+
+def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
+            um_per_pixel: float | None = None) -> Segmentation:
+    """Find the white cells of an RGB uint8 field; boxes and centres in its pixels.
+
+    With `um_per_pixel` None the pixel size is estimated from the red cells in view.
+    Raises DataError for a frame that is not RGB uint8 or too small, and CalibrationError when
+    the pixel size must be estimated and too few red cells are in view.
+    """
+    check_field(image_rgb, params)
+    source = GIVEN
+    if um_per_pixel is None:
+        um_per_pixel, source = estimate_um_per_pixel(image_rgb, params), ESTIMATED
+    elif not um_per_pixel > 0:
+        raise DataError(f"pixel size must be positive, got {um_per_pixel} um per pixel")
+    scale = min(1.0, um_per_pixel / params.work_um_per_pixel)
+    work = _resize(image_rgb, scale)
+    work_um = um_per_pixel / scale
+    nucleus = nucleus_mask(work, params, work_um)
+    found = [_detection(image_rgb, nucleus, region, scale, um_per_pixel, params)
+             for region in _cell_regions(nucleus, params, work_um)]
+    found = [d for d in found if d is not None]
+    logger.debug("%d white cells (%s um per pixel, %s)", len(found), um_per_pixel, source)
+    return Segmentation(
+        cells=tuple(d for d in found if not d.touches_edge),
+        edge_cells=tuple(d for d in found if d.touches_edge),
+        um_per_pixel=float(um_per_pixel), pixel_size_source=source,
+    )
+
+
+def stain_feature(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
+    """Nucleus-stain strength per pixel (float32): (B - G) + w * (255 - G) after white balance."""
+    pixels = image_rgb.reshape(-1, 3)
+    white = np.percentile(pixels[:: max(1, pixels.shape[0] // 4096)], params.white_percentile, axis=0)
+    gain = 255.0 / np.maximum(white, 1.0)
+    green = image_rgb[:, :, 1].astype(np.float32) * gain[1]
+    blue = image_rgb[:, :, 2].astype(np.float32) * gain[2]
+    return (blue - green) + params.green_weight * (255.0 - green)
+
+
+def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
+    """Mask (0/255) of nucleus-stained pixels, specks smaller than a fragment removed."""
+    feature = stain_feature(image_rgb, params)
+    mask = np.where(feature > _stain_threshold(feature, params), 255, 0).astype(np.uint8)
+    mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+    min_px = params.min_fragment_area_um2 / um_per_pixel**2
+    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_px)
+    mask[np.isin(labels, small[small > 0])] = 0
+    return mask
+
+
+def _stain_threshold(feature: np.ndarray, params: SegmentParams) -> float:
+    """The larger of the absolute threshold and one relative to the field's red-cell level."""
+    level = float(np.percentile(feature, params.red_cell_percentile))
+    top = float(np.percentile(feature, params.nucleus_percentile))
+    return max(params.stain_threshold, level + params.stain_relative * (top - level))
+
+
+@dataclass(frozen=True)
+class _Region:
+    """One candidate cell at working resolution: its nucleus pixels inside a box."""
+
+    x0: int
+    y0: int
+    nucleus: np.ndarray  # bool, the nucleus pixels of this cell within its box
+
+
+def _disc(radius_px: float) -> np.ndarray:
+    size = 2 * max(1, int(round(radius_px))) + 1
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (size, size))
+
+
+def _cell_regions(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float) -> list[_Region]:
+    """Group nucleus fragments closer than `group_distance_um` and split oversized groups."""
+    grouped = cv2.dilate(nucleus, _disc(params.group_distance_um / 2 / um_per_pixel))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
+    max_px = params.max_cell_diameter_um / um_per_pixel
+    regions = []
+    for i in range(1, count):
+        x, y, w, h = stats[i, :4]
+        group = labels[y:y + h, x:x + w] == i
+        inside = group & (nucleus[y:y + h, x:x + w] > 0)
+        parts = _split(group, params) if max(w, h) > max_px else [group]
+        regions += [_Region(int(x), int(y), inside & part) for part in parts]
+    return regions
+
+
+def _split(group: np.ndarray, params: SegmentParams) -> list[np.ndarray]:
+    """Split a group of touching cells at the necks of its distance transform (watershed-like).
+
+    Markers are the cores where the distance to the group edge exceeds
+    `split_core_fraction` of its maximum; each pixel goes to the nearest core.
+    """
+    padded = np.pad(group, 1).astype(np.uint8)
+    dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
+    cores = (dist > params.split_core_fraction * dist.max()).astype(np.uint8)
+    count, core_labels = cv2.connectedComponents(cores, connectivity=8)
+    if count <= 2:
+        return [group]
+    _, nearest = cv2.distanceTransformWithLabels(1 - cores, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
+    lookup = np.zeros(nearest.max() + 1, dtype=np.int32)
+    lookup[nearest[cores > 0]] = core_labels[cores > 0]
+    owner = lookup[nearest][1:-1, 1:-1]
+    return [group & (owner == k) for k in range(1, count)]
+
+
+def _detection(image_rgb: np.ndarray, nucleus: np.ndarray, region: _Region, scale: float,
+               um_per_pixel: float, params: SegmentParams) -> Detection | None:
+    """A Detection in full-resolution pixels, or None when the region is not a white cell."""
+    work_um = um_per_pixel / scale
+    area_um2 = float(region.nucleus.sum()) * work_um**2
+    if not params.min_nucleus_area_um2 <= area_um2 <= params.max_nucleus_area_um2:
+        return None
+    ys, xs = np.nonzero(region.nucleus)
+    margin = params.cell_margin_um / um_per_pixel
+    h, w = image_rgb.shape[:2]
+    raw = ((region.x0 + xs.min()) / scale - margin, (region.y0 + ys.min()) / scale - margin,
+           (region.x0 + xs.max() + 1) / scale + margin, (region.y0 + ys.max() + 1) / scale + margin)
+    edge = params.edge_margin_um / um_per_pixel
+    touches = raw[0] < edge or raw[1] < edge or raw[2] > w - edge or raw[3] > h - edge
+    bbox = (max(0, int(raw[0])), max(0, int(raw[1])), min(w, int(math.ceil(raw[2]))), min(h, int(math.ceil(raw[3]))))
+    center = ((region.x0 + xs.mean() + 0.5) / scale - 0.5, (region.y0 + ys.mean() + 0.5) / scale - 0.5)
+    return Detection(center=(float(center[0]), float(center[1])), bbox=bbox, area_um2=area_um2,
+                     focus=focus_measure(image_rgb, bbox, um_per_pixel, params), touches_edge=bool(touches))
+
+
+def focus_measure(image_rgb: np.ndarray, bbox: tuple[int, int, int, int], um_per_pixel: float,
+                  params: SegmentParams = DEFAULT_PARAMS) -> float:
+    """Variance of the Laplacian of a crop resampled to `params.focus_um_per_pixel`, / mean^2.
+
+    Resampling to one pixel size and dividing by the squared mean brightness makes the figure
+    comparable across magnifications and exposures; larger is sharper.
+    """
+    x0, y0, x1, y1 = bbox
+    gray = cv2.cvtColor(image_rgb[y0:y1, x0:x1], cv2.COLOR_RGB2GRAY)
+    gray = _resize(gray, um_per_pixel / params.focus_um_per_pixel).astype(np.float32)
+    mean = float(gray.mean())
+    if gray.size < 9 or mean <= 0:
+        return 0.0
+    return float(cv2.Laplacian(gray, cv2.CV_32F).var() / mean**2)
