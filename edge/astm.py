@@ -286,7 +286,7 @@ class AstmReceiver:
 
     def _finish(self) -> None:
         records = bytes(self._text).decode(self.encoding, "replace").split("\r")
-        if records and records[-1] == "" and self._last_final:
+        if self._in_message and records[-1] == "" and self._last_final:
             records.pop()
             if records and records[-1].startswith("L"):
                 self.messages.append(records)
