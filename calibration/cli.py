@@ -39,7 +39,7 @@ class _UsageError(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would exit the interpreter; main returns 2 instead
         self.print_usage(sys.stderr)
-        raise _UsageError(f"{self.prog}: error: {message}")
+        raise _UsageError(f"{self.prog}: {message}")
 
 
 def _images(paths: Sequence[str]) -> list[np.ndarray]:
@@ -244,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                             format="%(levelname)s %(name)s: %(message)s")
         return args.run(args)
     except _UsageError as err:
-        print(err, file=sys.stderr)
+        print(f"hematovision-calibrate: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except HematovisionError as err:
         print(f"hematovision-calibrate: refused: {err}", file=sys.stderr)

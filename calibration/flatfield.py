@@ -88,10 +88,11 @@ def fit_surface(channel: np.ndarray, settings: BlankSettings = DEFAULT_BLANK) ->
     rows, cols = settings.fit_blocks
     blocks = cv2.resize(channel.astype(np.float32), (cols, rows), interpolation=cv2.INTER_AREA).ravel()
     u, v = _block_coords(rows, cols, *channel.shape)
-    design = _design(u.ravel(), v.ravel(), settings.degree)
+    design = _design(u.ravel(), v.ravel(), settings.degree).astype(np.float64)
     keep = np.ones(blocks.size, bool)
     for _ in range(2):
-        coef, *_ = np.linalg.lstsq(design[keep], blocks[keep], rcond=None)
+        a = design[keep]
+        coef = np.linalg.solve(a.T @ a, a.T @ blocks[keep])  # normal equations: 28 terms, well conditioned
         residual = blocks - design @ coef
         mad = np.median(np.abs(residual[keep])) + 1e-6
         keep = np.abs(residual) < 5 * 1.4826 * mad + 0.002 * blocks.mean()
