@@ -134,7 +134,9 @@ def torch_to_keras_names(include_top: bool) -> dict[str, str]:
 
 def _keras_arrays(layer: keras.layers.Layer, torch_name: str, state: dict[str, np.ndarray]) -> list[np.ndarray]:
     """The checkpoint tensors of one layer, reordered to the Keras layout (NCHW/OIHW to HWIO)."""
-    get = lambda suffix: state[f"{torch_name}.{suffix}"]  # noqa: E731
+    def get(suffix: str) -> np.ndarray:
+        return state[f"{torch_name}.{suffix}"]
+
     if isinstance(layer, keras.layers.BatchNormalization):
         return [get("weight"), get("bias"), get("running_mean"), get("running_var")]
     if isinstance(layer, keras.layers.DepthwiseConv2D):
@@ -175,9 +177,8 @@ def _check_shapes(layer, arrays, torch_name: str, source: str) -> None:
 def _check_everything_used(model, state, names, assigned: int, source: str) -> None:
     if assigned != len(model.weights):
         raise ModelInvalid(f"{source}: assigned {assigned} of the model's {len(model.weights)} weights")
-    used = tuple(f"{name}." for name in names)
+    used = tuple(f"{name}." for name in names) + ("_fc.",)  # the ImageNet classifier is optional
     unused = [k for k in state if not k.startswith(used) and not k.endswith("num_batches_tracked")]
-    unused = [k for k in unused if not k.startswith("_fc.")]  # the classifier is optional
     if unused:
         raise ModelInvalid(f"{source}: tensors not used by EfficientNet-Lite0: {unused[:5]}")
 

@@ -113,7 +113,7 @@ def _load_pickle(unpickler: _SafeUnpickler, what: str):
         return unpickler.load()
     except ModelInvalid:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # any malformed pickle; no code of the file's choosing can run here
         raise CheckpointCorrupt(
             f"{unpickler.source}: cannot read the {what} ({exc}); the file is truncated or not a legacy "
             "torch.save checkpoint. Reinstall or re-download it."
@@ -154,14 +154,21 @@ def _read_storages(stream: io.BytesIO, buffer: bytes, refs: dict[str, _StorageRe
     return storages
 
 
+def _fits(ref: _TensorRef, available: int) -> bool:
+    """Whether every element the tensor's offset, size and stride address lies inside the storage."""
+    if len(ref.size) != len(ref.stride) or min((ref.offset, *ref.size, *ref.stride)) < 0:
+        return False
+    if not all(ref.size):
+        return ref.offset <= available
+    return ref.offset + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) < available
+
+
 def _materialize(name: str, ref: _TensorRef, storages: dict[str, np.ndarray], source: str) -> np.ndarray:
     data = storages[ref.storage.key][ref.storage.view_offset :]
-    start = ref.offset
-    last = start + sum((n - 1) * s for n, s in zip(ref.size, ref.stride)) if all(ref.size) else start - 1
-    if start < 0 or last >= data.size or min(ref.stride, default=0) < 0:
+    if not _fits(ref, data.size):
         raise CheckpointCorrupt(f"{source}: tensor {name} lies outside its storage")
     strides = tuple(s * data.itemsize for s in ref.stride)
-    view = np.lib.stride_tricks.as_strided(data[start:], shape=ref.size, strides=strides, writeable=False)
+    view = np.lib.stride_tricks.as_strided(data[ref.offset :], shape=ref.size, strides=strides, writeable=False)
     return np.array(view, dtype=data.dtype.newbyteorder("="), order="C")
 
 
@@ -178,6 +185,11 @@ def load_legacy_state_dict(path: str | Path) -> dict[str, np.ndarray]:
     except OSError as exc:
         raise CheckpointCorrupt(f"{path}: cannot read the checkpoint ({exc})") from exc
     stream, source = io.BytesIO(buffer), str(path)
+    if buffer.startswith(b"PK\x03\x04"):
+        raise CheckpointCorrupt(
+            f"{source}: a zip-format checkpoint (torch >= 1.6); this reader takes the legacy format only. "
+            "Re-save it with torch.save(state_dict, path, _use_new_zipfile_serialization=False)."
+        )
     order = _read_header(stream, source)
     unpickler = _SafeUnpickler(stream, source)
     state = _load_pickle(unpickler, "state dict")
