@@ -50,3 +50,11 @@ def train_tiny(out: Path, data_root: Path = SAMPLES, **overrides):
 def tiny_run(tmp_path_factory):
     """One finished tiny run shared by the training and export tests."""
     return train_tiny(tmp_path_factory.mktemp("tiny_run"))
+
+
+@pytest.fixture(scope="session")
+def lite0_run(tmp_path_factory):
+    """A small real transfer-learning run: ImageNet Lite0 at 96 px, head only, on the sample fields."""
+    return train_tiny(tmp_path_factory.mktemp("lite0_run"), backbone="efficientnet_lite0",
+                      weights="imagenet", input_size=96, head_epochs=12, finetune_epochs=0,
+                      head_lr=3e-3, test_fraction=0.3, augment=False)

@@ -1,0 +1,165 @@
+"""Export a training run as a device bundle: convert, measure, gate, fit confidence, write atomically."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+import hematovision
+from hematovision.edge.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model
+from hematovision.errors import HematovisionError
+from hematovision.pixels import PREPROCESSING
+from hematovision.train.augment import AugmentParams
+from hematovision.train.batches import crops_array, sample_crop
+from hematovision.train.evaluate import compute_metrics, predict_logits, softmax
+from hematovision.train.recipe import RunPaths, TrainConfig
+from hematovision.train.runs import load_run_model
+from hematovision.train.splits import manifest_hash, read_manifest, samples_of
+
+from .confidence import fit_confidence
+from .convert import convert_int8, non_int8_ops
+from .gate import GateMargins, judge
+
+logger = logging.getLogger(__name__)
+
+
+class GateRefused(HematovisionError):
+    """The int8 model lost too much against the float model; no bundle was written."""
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    margins: GateMargins = field(default_factory=GateMargins)
+    calibration_crops: int = 300
+    per_channel: bool = True
+    max_rejected_correct: float = 0.02
+    threads: int | None = None
+
+
+def calibration_crops(samples, config: TrainConfig, n: int) -> np.ndarray:
+    """At least `n` crops from the training split, cut exactly as in training.
+
+    Every training cell once as the device sees it, then augmented copies (the stain and
+    colour range the device will meet) until there are `n`.
+    """
+    crops = list(crops_array(samples, config.geometry))
+    rng = np.random.default_rng(config.seed)
+    while len(crops) < n:
+        crops.append(sample_crop(samples[len(crops) % len(samples)], config.geometry, rng, AugmentParams()))
+    return np.stack(crops)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Float and int8 outputs on one split."""
+
+    y: np.ndarray
+    float_logits: np.ndarray
+    int8_logits: np.ndarray
+
+
+def _evaluate_split(keras_model, int8: Int8Model, samples, config) -> Evaluation:
+    y = np.array([config.classes.index(s.label) for s in samples])
+    float_logits = predict_logits(keras_model, samples, config.geometry)
+    int8_logits = np.concatenate([int8.logits(crops_array(samples[i:i + 32], config.geometry))
+                                  for i in range(0, len(samples), 32)])
+    return Evaluation(y, float_logits, int8_logits)
+
+
+def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
+    """Convert a finished run to int8, gate it, and write the bundle folder; returns bundle.json.
+
+    Raises GateRefused (nothing written) when int8 loses more than the margins allow.
+    """
+    run = RunPaths(Path(run_dir))
+    config = TrainConfig.load(run.config)
+    rows = read_manifest(run.manifest)
+    keras_model = load_run_model(run)
+    train_s = samples_of(rows, "train")
+    tflite = convert_int8(keras_model, calibration_crops(train_s, config, options.calibration_crops),
+                          options.per_channel)
+    int8 = Int8Model(tflite, options.threads)
+    test = _evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
+    val = _evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
+    meta = _metadata(run, config, rows, tflite, int8, test, val, options)
+    _log_figures(meta)
+    if not meta["gate"]["passed"]:
+        raise GateRefused("int8 model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
+    write_bundle(Path(out_dir), tflite, meta)
+    return meta
+
+
+def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
+    float_m = compute_metrics(softmax(test.float_logits), test.y, config.classes)
+    int8_m = compute_metrics(softmax(test.int8_logits), test.y, config.classes)
+    gate = judge(float_m, int8_m, test.float_logits.argmax(1), test.int8_logits.argmax(1), test.y, options.margins)
+    confidence = fit_confidence(val.int8_logits, val.y, options.max_rejected_correct)
+    test_probs = softmax(test.int8_logits, confidence.temperature)
+    train_um = [r.sample.um_per_pixel for r in rows if r.sample.um_per_pixel]
+    return {
+        "format": BUNDLE_FORMAT,
+        "name": f"hematovision-{config.backbone}",
+        "project_version": hematovision.__version__,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "classes": list(config.classes),
+        "input": {"size": config.input_size, "dtype": int8.input_q.dtype, "color_order": "RGB"},
+        "preprocessing": PREPROCESSING,
+        "crop_geometry": {**config.geometry.to_dict(),
+                          "trained_um_per_pixel": float(np.median(train_um)) if train_um else None},
+        "quantization": {"input": int8.input_q.__dict__, "output": int8.output_q.__dict__,
+                         "per_channel": options.per_channel, "calibration_crops": options.calibration_crops,
+                         "non_int8_ops": non_int8_ops(tflite)},
+        "confidence": {**confidence.to_dict(),
+                       "ece_test_before": int8_m.ece,
+                       "ece_test_after": compute_metrics(test_probs, test.y, config.classes).ece},
+        "metrics": {"split": "test", "float": float_m.to_dict(), "int8": int8_m.to_dict()},
+        "gate": {"max_accuracy_drop_pt": options.margins.accuracy_pt,
+                 "max_recall_drop_pt": options.margins.recall_pt, **gate.to_dict()},
+        "provenance": {"run": run.root.name, "backbone": config.backbone, "weights": config.weights,
+                       "manifest_sha256": manifest_hash(run.manifest),
+                       "sources": json.loads(run.data.read_text())["sources"], "train_config": asdict(config)},
+        "model_sha256": hashlib.sha256(tflite).hexdigest(),
+        "model_bytes": len(tflite),
+    }
+
+
+def _log_figures(meta: dict) -> None:
+    f, q, g = meta["metrics"]["float"], meta["metrics"]["int8"], meta["gate"]
+    logger.info("held-out %s: float accuracy %.4f macro-F1 %.4f | int8 accuracy %.4f macro-F1 %.4f | "
+                "top-1 agreement %.4f", meta["metrics"]["split"], f["accuracy"], f["macro_f1"],
+                q["accuracy"], q["macro_f1"], g["top1_agreement"])
+    for c in meta["classes"]:
+        logger.info("  %-11s recall float %.3f int8 %.3f agreement %s", c, f["per_class"][c]["recall"],
+                    q["per_class"][c]["recall"], g["top1_agreement_per_class"][c])
+    conf = meta["confidence"]
+    logger.info("temperature %.3f, unidentified below %.3f; ECE val %.4f -> %.4f, test %.4f -> %.4f",
+                conf["temperature"], conf["threshold"], conf["ece_before"], conf["ece_after"],
+                conf["ece_test_before"], conf["ece_test_after"])
+    logger.info("gate %s %s", "PASSED" if g["passed"] else "REFUSED", "; ".join(g["reasons"]))
+
+
+def write_bundle(out_dir: Path, tflite: bytes, meta: dict) -> None:
+    """Write the bundle folder atomically: a complete new folder replaces the old one, or nothing."""
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    for name, data in ((MODEL_FILE, tflite), (META_FILE, json.dumps(meta, indent=2).encode())):
+        with open(tmp / name, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    old = out_dir.with_name(out_dir.name + ".previous")
+    if out_dir.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,44 @@
+"""`hematovision-export RUN_DIR --out BUNDLE_DIR`: int8 bundle behind the float-versus-int8 gate."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hematovision.errors import HematovisionError
+
+from .gate import GateMargins
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hematovision-export", description=__doc__)
+    p.add_argument("run", type=Path, help="a finished hematovision-train run folder")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points (default 1)")
+    p.add_argument("--max-recall-drop", type=float, default=3.0, help="points, any class (default 3)")
+    p.add_argument("--calibration-crops", type=int, default=300, help="at least 200")
+    p.add_argument("--per-tensor", action="store_true", help="per-tensor weight quantization (for comparison)")
+    p.add_argument("--threads", type=int, default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if args.calibration_crops < 200:
+        print("hematovision-export: error: --calibration-crops must be at least 200", file=sys.stderr)
+        return 2
+    from .bundle import ExportOptions, export_run
+
+    options = ExportOptions(GateMargins(args.max_accuracy_drop, args.max_recall_drop),
+                            args.calibration_crops, not args.per_tensor, threads=args.threads)
+    try:
+        export_run(args.run, args.out, options)
+    except HematovisionError as err:
+        print(f"hematovision-export: error: {err}", file=sys.stderr)
+        return 1
+    print(args.out)
+    return 0

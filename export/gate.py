@@ -1,0 +1,53 @@
+"""The float-versus-int8 gate: quantization must not cost accuracy or any class's recall."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hematovision.train.evaluate import Metrics
+
+
+@dataclass(frozen=True)
+class GateMargins:
+    """Largest allowed drops, in percentage points, from float to int8."""
+
+    accuracy_pt: float = 1.0
+    recall_pt: float = 3.0
+
+
+@dataclass(frozen=True)
+class GateResult:
+    passed: bool
+    reasons: tuple[str, ...]
+    agreement: float
+    agreement_per_class: dict
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "reasons": list(self.reasons), "top1_agreement": self.agreement,
+                "top1_agreement_per_class": self.agreement_per_class}
+
+
+def agreement(float_pred: np.ndarray, int8_pred: np.ndarray, y: np.ndarray, classes) -> tuple[float, dict]:
+    """Share of cells with the same top-1 class, overall and per true class."""
+    same = float_pred == int8_pred
+    per_class = {c: float(same[y == i].mean()) if (y == i).any() else None for i, c in enumerate(classes)}
+    return float(same.mean()) if len(same) else 1.0, per_class
+
+
+def judge(float_m: Metrics, int8_m: Metrics, float_pred, int8_pred, y, margins: GateMargins) -> GateResult:
+    """Pass when int8 accuracy and every class's recall stay within the margins of float."""
+    reasons = []
+    drop = 100 * (float_m.accuracy - int8_m.accuracy)
+    if drop > margins.accuracy_pt:
+        reasons.append(f"accuracy {100 * int8_m.accuracy:.1f}% is {drop:.1f} points below float "
+                       f"{100 * float_m.accuracy:.1f}% (allowed {margins.accuracy_pt})")
+    for c in float_m.classes:
+        if float_m.per_class[c]["support"] == 0:
+            continue
+        r_drop = 100 * (float_m.per_class[c]["recall"] - int8_m.per_class[c]["recall"])
+        if r_drop > margins.recall_pt:
+            reasons.append(f"{c} recall drops {r_drop:.1f} points (allowed {margins.recall_pt})")
+    overall, per_class = agreement(float_pred, int8_pred, y, float_m.classes)
+    return GateResult(not reasons, tuple(reasons), overall, per_class)

@@ -1,0 +1,121 @@
+"""Export: int8 conversion of a real small model, the gate, and the device loader's refusals."""
+
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from hematovision.edge.model_bundle import load_bundle
+from hematovision.errors import ModelInvalid
+from hematovision.export import bundle as export_bundle
+from hematovision.export.bundle import ExportOptions, export_run
+from hematovision.export.cli import main as export_main
+from hematovision.export.confidence import fit_confidence, rejection_threshold
+from hematovision.export.gate import GateMargins
+from hematovision.train.batches import crops_array
+from hematovision.train.evaluate import predict_logits
+from hematovision.train.runs import load_run_model
+from hematovision.train.recipe import TrainConfig
+from hematovision.train.splits import read_manifest
+
+# The sample run's test split has ten cells, so one flipped cell is ten points: these margins
+# let a sound int8 model through and still stop a broken one.
+LOOSE = GateMargins(accuracy_pt=15.0, recall_pt=55.0)
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(lite0_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "lite0"
+    export_run(lite0_run.root, out, ExportOptions(margins=LOOSE))
+    return out
+
+
+def _all_cells(run):
+    config = TrainConfig.load(run.config)
+    return config, [r.sample for r in read_manifest(run.manifest)]
+
+
+def test_bundle_holds_a_full_integer_model_and_its_description(bundle_dir):
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    model = (bundle_dir / "model.tflite").read_bytes()
+    assert meta["model_sha256"] == hashlib.sha256(model).hexdigest()
+    assert meta["quantization"]["non_int8_ops"] == []
+    assert meta["input"] == {"size": 96, "dtype": "uint8", "color_order": "RGB"}
+    assert meta["quantization"]["input"]["scale"] > 0 and meta["quantization"]["calibration_crops"] >= 200
+    assert meta["classes"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
+    assert meta["crop_geometry"]["side_um"] == 24.0 and 0.06 < meta["crop_geometry"]["trained_um_per_pixel"] < 0.085
+    assert meta["confidence"]["temperature"] > 0 and 0 < meta["confidence"]["threshold"] < 1
+    assert set(meta["metrics"]) == {"split", "float", "int8"} and meta["gate"]["passed"]
+    assert len(meta["provenance"]["manifest_sha256"]) == 64
+
+
+def test_device_loader_gives_the_float_models_top1_on_real_crops(bundle_dir, lite0_run):
+    config, cells = _all_cells(lite0_run)
+    float_logits = predict_logits(load_run_model(lite0_run), cells, config.geometry)
+    int8_logits = load_bundle(bundle_dir, threads=2).model.logits(crops_array(cells, config.geometry))
+    top2 = np.sort(float_logits, axis=1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1.5  # quantization may only flip near-ties
+    assert clear.sum() >= len(cells) // 2
+    np.testing.assert_array_equal(float_logits[clear].argmax(1), int8_logits[clear].argmax(1))
+    assert (float_logits.argmax(1) == int8_logits.argmax(1)).mean() >= 0.8
+
+
+def test_gate_refuses_pixels_calibrated_at_one_255th(lite0_run, tmp_path, monkeypatch, capsys):
+    real = export_bundle.calibration_crops
+    monkeypatch.setattr(export_bundle, "calibration_crops", lambda *a: real(*a).astype(np.float32) / 255.0)
+    out = tmp_path / "bundle"
+    code = export_main([str(lite0_run.root), "--out", str(out), "--max-accuracy-drop", str(LOOSE.accuracy_pt),
+                        "--max-recall-drop", str(LOOSE.recall_pt)])
+    assert code == 1 and not out.exists() and not list(tmp_path.iterdir())
+    err = capsys.readouterr().err
+    assert "refused, no bundle written" in err and "points below float" in err
+
+
+def _broken_copy(bundle_dir, tmp_path, edit):
+    copy = tmp_path / "b"
+    shutil.copytree(bundle_dir, copy)
+    edit(copy)
+    return copy
+
+
+def _edit_meta(key, value):
+    def edit(folder):
+        meta = json.loads((folder / "bundle.json").read_text())
+        meta[key] = value
+        (folder / "bundle.json").write_text(json.dumps(meta))
+    return edit
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: (f / "model.tflite").write_bytes((f / "model.tflite").read_bytes()[:5000]), "sha256"),
+    (lambda f: (f / "bundle.json").unlink(), "bundle.json: missing"),
+    (lambda f: (f / "bundle.json").write_text("{not json"), "not valid JSON"),
+    (_edit_meta("format", "hematovision.bundle/99"), "format"),
+    (_edit_meta("classes", ["neutrophil", "lymphocyte", "monocyte"]), "3 classes but model.tflite has 4"),
+])
+def test_broken_bundle_refuses_to_load_naming_the_problem(bundle_dir, tmp_path, edit, message):
+    with pytest.raises(ModelInvalid, match=message):
+        load_bundle(_broken_copy(bundle_dir, tmp_path, edit))
+
+
+def test_truncated_model_with_matching_hash_is_still_refused(bundle_dir, tmp_path):
+    def truncate(folder):
+        data = (folder / "model.tflite").read_bytes()[:4000]
+        (folder / "model.tflite").write_bytes(data)
+        _edit_meta("model_sha256", hashlib.sha256(data).hexdigest())(folder)
+    with pytest.raises(ModelInvalid, match="model.tflite: not a loadable TFLite model"):
+        load_bundle(_broken_copy(bundle_dir, tmp_path, truncate))
+
+
+def test_threshold_rejects_at_most_two_percent_of_correct_cells():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 500)
+    logits = rng.normal(0, 1, (500, 4))
+    logits[np.arange(500), y] += rng.uniform(0, 5, 500)
+    conf = fit_confidence(logits, y, 0.02)
+    assert 0 < conf.rejected_correct <= 0.02 and conf.rejected_wrong > conf.rejected_correct
+    assert conf.ece_after <= conf.ece_before + 1e-9
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
+    assert rejection_threshold(probs, np.array([0, 0, 1]), 0.0) == pytest.approx(0.6)
