@@ -73,7 +73,10 @@ class SerialLine:
     def read(self, size: int, timeout_s: float) -> bytes:
         with self._errors("read from"):
             self._port.timeout = max(timeout_s, 0.0)
-            return self._port.read(size)
+            first = self._port.read(1)  # pyserial's read(n) would wait for all n bytes
+            if not first or size == 1:
+                return first
+            return first + self._port.read(min(size - 1, self._port.in_waiting))
 
     def discard_input(self) -> None:
         with self._errors("reset"):
