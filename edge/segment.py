@@ -31,20 +31,22 @@ class SegmentParams:
     min_red_cells: int = 5  # fewer red-cell peaks than this: no pixel-size estimate
     red_cell_min_radius_px: float = 2.0  # peaks below this (at estimate resolution) are noise
     red_cell_min_fraction: float = 0.3  # a darker Otsu class smaller than this is nuclei, not cells
-    red_cell_threshold_fraction: float = 0.5  # cell threshold: this far from white to Otsu's
+    red_cell_threshold_fraction: float = 0.8  # cell threshold: this far from white to Otsu's
     red_cell_bridge_fraction: float = 0.5  # peaks below this * 90th percentile are bridges
-    red_cell_size_correction: float = 1.075  # fitted: annotated red-cell boxes / measured
+    red_cell_size_correction: float = 1.11  # fitted: annotated red-cell boxes / measured
     work_um_per_pixel: float = 0.4  # internal working resolution (never upsampled)
     green_weight: float = 0.5  # weight of green absorption in the stain feature
     white_percentile: float = 97.0  # per-channel percentile taken as the white background
     stain_threshold: float = 150.0  # stain feature above which a pixel may be nucleus ...
-    red_cell_percentile: float = 90.0  # ... and above this percentile of the field (red cells)
+    red_cell_percentile: float = 80.0  # ... and above this percentile of the field (red cells)
     nucleus_percentile: float = 99.5  # ... by this fraction of the way to this one (nuclei)
-    stain_relative: float = 0.5
+    stain_relative: float = 0.4
+    stain_threshold_weak: float = 120.0  # a nucleus extends over pixels above these (hysteresis)
+    stain_relative_weak: float = 0.2
     min_fragment_area_um2: float = 1.0  # smaller stained specks are dropped
     group_distance_um: float = 3.0  # nucleus fragments closer than this are one cell
     min_nucleus_area_um2: float = 14.0  # a white cell's nucleus is at least this big
-    max_nucleus_area_um2: float = 300.0  # larger stained blobs are debris or clumps
+    max_nucleus_area_um2: float = 450.0  # larger stained blobs are debris or clumps
     max_cell_diameter_um: float = 22.0  # groups wider than this are split or rejected
     split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum
     cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box
@@ -224,22 +226,28 @@ def stain_feature(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS)
 
 
 def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
-    """Mask (0/255) of nucleus-stained pixels, specks smaller than a fragment removed."""
+    """Mask (0/255) of nucleus-stained pixels: weakly stained regions holding a strong seed."""
     feature = stain_feature(image_rgb, params)
-    mask = np.where(feature > _stain_threshold(feature, params), 255, 0).astype(np.uint8)
+    strong, weak = _stain_thresholds(feature, params)
+    mask = np.where(feature > weak, 255, 0).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
-    min_px = params.min_fragment_area_um2 / um_per_pixel**2
-    small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < min_px)
-    mask[np.isin(labels, small[small > 0])] = 0
-    return mask
+    keep = np.zeros(count, dtype=bool)
+    keep[np.unique(labels[feature > strong])] = True
+    keep[stats[:, cv2.CC_STAT_AREA] < params.min_fragment_area_um2 / um_per_pixel**2] = False
+    keep[0] = False
+    return np.where(keep[labels], 255, 0).astype(np.uint8)
 
 
-def _stain_threshold(feature: np.ndarray, params: SegmentParams) -> float:
-    """The larger of the absolute threshold and one relative to the field's red-cell level."""
-    level = float(np.percentile(feature, params.red_cell_percentile))
-    top = float(np.percentile(feature, params.nucleus_percentile))
-    return max(params.stain_threshold, level + params.stain_relative * (top - level))
+def _stain_thresholds(feature: np.ndarray, params: SegmentParams) -> tuple[float, float]:
+    """(strong, weak) stain thresholds: absolute floors, or fractions of the way from the
+    field's red-cell level to its nucleus level, whichever is higher."""
+    sample = feature[:: 2, :: 2]
+    level = float(np.percentile(sample, params.red_cell_percentile))
+    span = float(np.percentile(sample, params.nucleus_percentile)) - level
+    strong = max(params.stain_threshold, level + params.stain_relative * span)
+    weak = max(params.stain_threshold_weak, level + params.stain_relative_weak * span)
+    return strong, min(weak, strong)
 
 
 @dataclass(frozen=True)
@@ -266,18 +274,18 @@ def _cell_regions(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: floa
         x, y, w, h = stats[i, :4]
         group = labels[y:y + h, x:x + w] == i
         inside = group & (nucleus[y:y + h, x:x + w] > 0)
-        parts = _split(group, params) if max(w, h) > max_px else [group]
+        parts = _split(group, inside, params) if max(w, h) > max_px else [group]
         regions += [_Region(int(x), int(y), inside & part) for part in parts]
     return regions
 
 
-def _split(group: np.ndarray, params: SegmentParams) -> list[np.ndarray]:
-    """Split a group of touching cells at the necks of its distance transform (watershed-like).
+def _split(group: np.ndarray, nucleus: np.ndarray, params: SegmentParams) -> list[np.ndarray]:
+    """Split a group of touching cells at the necks of its nuclei (a watershed on distance).
 
-    Markers are the cores where the distance to the group edge exceeds
-    `split_core_fraction` of its maximum; each pixel goes to the nearest core.
+    Markers are the cores where the distance to the nucleus edge exceeds
+    `split_core_fraction` of its maximum; each pixel of the group goes to the nearest core.
     """
-    padded = np.pad(group, 1).astype(np.uint8)
+    padded = np.pad(nucleus, 1).astype(np.uint8)
     dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     cores = (dist > params.split_core_fraction * dist.max()).astype(np.uint8)
     count, core_labels = cv2.connectedComponents(cores, connectivity=8)
