@@ -48,7 +48,8 @@ class SegmentParams:
     min_nucleus_area_um2: float = 14.0  # a white cell's nucleus is at least this big
     max_nucleus_area_um2: float = 450.0  # larger stained blobs are debris or clumps
     max_cell_diameter_um: float = 22.0  # groups wider than this are split or rejected
-    split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum
+    split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum ...
+    split_min_radius_um: float = 2.5  # ... in cores at least this thick (thinner ones are lobes)
     cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box
     edge_margin_um: float = 0.5  # a cell box this close to the frame edge is cut by it
     focus_um_per_pixel: float = 0.25  # crops are resampled to this before the focus measure
@@ -274,28 +275,35 @@ def _cell_regions(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: floa
         x, y, w, h = stats[i, :4]
         group = labels[y:y + h, x:x + w] == i
         inside = group & (nucleus[y:y + h, x:x + w] > 0)
-        parts = _split(group, inside, params) if max(w, h) > max_px else [group]
+        parts = _split(group, inside, params, um_per_pixel) if max(w, h) > max_px else [group]
         regions += [_Region(int(x), int(y), inside & part) for part in parts]
     return regions
 
 
-def _split(group: np.ndarray, nucleus: np.ndarray, params: SegmentParams) -> list[np.ndarray]:
+def _split(group: np.ndarray, nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float) -> list[np.ndarray]:
     """Split a group of touching cells at the necks of its nuclei (a watershed on distance).
 
     Markers are the cores where the distance to the nucleus edge exceeds
-    `split_core_fraction` of its maximum; each pixel of the group goes to the nearest core.
+    `split_core_fraction` of its maximum, and only cores as thick as a whole nucleus
+    (`split_min_radius_um`), so the thin lobes of one neutrophil never become markers;
+    each pixel of the group goes to the nearest marker.
     """
     padded = np.pad(nucleus, 1).astype(np.uint8)
     dist = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
-    cores = (dist > params.split_core_fraction * dist.max()).astype(np.uint8)
-    count, core_labels = cv2.connectedComponents(cores, connectivity=8)
-    if count <= 2:
+    count, core_labels = cv2.connectedComponents((dist > params.split_core_fraction * dist.max()).astype(np.uint8))
+    peak = np.zeros(count, np.float32)
+    np.maximum.at(peak, core_labels.ravel(), dist.ravel())
+    thick = np.flatnonzero(peak >= params.split_min_radius_um / um_per_pixel)
+    thick = thick[thick > 0]
+    if thick.size < 2:
         return [group]
+    core_labels = np.where(np.isin(core_labels, thick), core_labels, 0)
+    cores = (core_labels > 0).astype(np.uint8)
     _, nearest = cv2.distanceTransformWithLabels(1 - cores, cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_CCOMP)
     lookup = np.zeros(nearest.max() + 1, dtype=np.int32)
     lookup[nearest[cores > 0]] = core_labels[cores > 0]
     owner = lookup[nearest][1:-1, 1:-1]
-    return [group & (owner == k) for k in range(1, count)]
+    return [group & (owner == k) for k in thick]
 
 
 def _detection(image_rgb: np.ndarray, nucleus: np.ndarray, region: _Region, scale: float,
