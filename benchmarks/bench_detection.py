@@ -35,7 +35,7 @@ LABS = {(480, 640): "BCCD", (416, 416): "BCDD", (363, 360): "PBC", (369, 366): "
 
 
 def txl_fields(root: Path, split: str):
-    """(lab, image path, WBC boxes in pixels) for each TXL-PBC field of a split."""
+    """(image path, YOLO label path) for each TXL-PBC field of a split."""
     for image_path in sorted((root / "images" / split).iterdir()):
         label = root / "labels" / split / (image_path.stem + ".txt")
         yield image_path, label
