@@ -36,7 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--batch-size", type=int, default=32)
     fit.add_argument("--head-epochs", type=int, default=8, help="phase 1: frozen backbone")
     fit.add_argument("--finetune-epochs", type=int, default=22, help="phase 2: top layers")
-    fit.add_argument("--finetune-fraction", type=float, default=0.3)
+    fit.add_argument("--finetune-fraction", type=float, default=0.3, help="share of backbone layers tuned")
+    fit.add_argument("--head-lr", type=float, default=1e-3)
+    fit.add_argument("--finetune-lr", type=float, default=1e-4)
+    fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     fit.add_argument("--no-augment", action="store_true")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
@@ -91,6 +94,7 @@ def _fit(args) -> int:
             backbone=args.backbone, weights=args.weights, classes=classes, input_size=args.input_size,
             crop_side_um=args.crop_um, batch_size=args.batch_size, head_epochs=args.head_epochs,
             finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
+            head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
             augment=not args.no_augment, seed=args.seed, strategy=args.strategy).validate()
         prepare_run(run, config, data)
     print(train(run))

@@ -1,0 +1,56 @@
+"""Classification stage: cell crops through the int8 bundle, calibrated confidence, "unidentified"."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from hematovision.classes import UNIDENTIFIED
+from hematovision.crop import cut_crop
+
+from .model_bundle import Bundle
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One cell's class: `label` is "unidentified" when the confidence is below the bundle's threshold."""
+
+    label: str
+    confidence: float
+    probabilities: dict[str, float]
+
+    @property
+    def identified(self) -> bool:
+        return self.label != UNIDENTIFIED
+
+
+def temperature_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
+    z = np.asarray(logits, np.float64) / temperature
+    z -= z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def predictions_from_logits(logits: np.ndarray, bundle: Bundle) -> list[Prediction]:
+    """Temperature-scaled probabilities; below the threshold a cell is "unidentified"."""
+    probs = temperature_softmax(logits, bundle.temperature)
+    out = []
+    for row in probs:
+        best = int(row.argmax())
+        confidence = float(row[best])
+        label = bundle.classes[best] if confidence >= bundle.threshold else UNIDENTIFIED
+        out.append(Prediction(label, confidence, {c: float(p) for c, p in zip(bundle.classes, row)}))
+    return out
+
+
+def classify_crops(bundle: Bundle, crops: np.ndarray) -> list[Prediction]:
+    """Classify (N, S, S, 3) RGB uint8 crops in one batch."""
+    return predictions_from_logits(bundle.model.logits(crops), bundle)
+
+
+def cut_cells(image: np.ndarray, centers, um_per_pixel: float, bundle: Bundle) -> np.ndarray:
+    """Crops of the cells at `centers` with the bundle's crop geometry, stacked (N, S, S, 3)."""
+    size = bundle.geometry.input_size
+    crops = [cut_crop(image, c, um_per_pixel, bundle.geometry) for c in centers]
+    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)

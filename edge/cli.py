@@ -1,0 +1,145 @@
+"""`hematovision-edge`: classify crops and count fields; argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import cv2
+
+from hematovision.errors import HematovisionError
+from hematovision.pixels import read_rgb
+
+logger = logging.getLogger("hematovision.edge")
+
+# The reference bundle shipped with the repository, used when --model is not given.
+REFERENCE_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "reference"
+
+
+def default_model() -> Path:
+    return Path(os.environ.get("HEMATOVISION_MODEL", REFERENCE_BUNDLE))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hematovision-edge", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    cl = sub.add_parser("classify", help="classify cell crops (one cell per image)")
+    cl.add_argument("images", nargs="+")
+    cn = sub.add_parser("count", help="find, classify and count the white cells of fields")
+    cn.add_argument("inputs", nargs="+", metavar="FIELD_OR_FOLDER")
+    cn.add_argument("--calibration", type=Path, help="calibration profile (hematovision-calibrate)")
+    cn.add_argument("--scan", action="store_true", help="inputs are consecutive frames of one specimen")
+    cn.add_argument("--target", type=int, default=100, help="cells to count (default 100)")
+    cn.add_argument("--report", type=Path, metavar="DIR", help="write JSON, CSV and HTML reports here")
+    cn.add_argument("--specimen-id", default="specimen", help="id used in the report")
+    for p in (cl, cn):
+        p.add_argument("--model", type=Path, default=None, help="model bundle (default: the reference bundle)")
+        p.add_argument("--json", action="store_true", help="one JSON object per line")
+        p.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return {"classify": _classify, "count": _count}[args.command](args)
+    except HematovisionError as err:
+        print(f"hematovision-edge: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _bundle(args):
+    from .model_bundle import load_bundle
+
+    return load_bundle(args.model or default_model(), args.threads)
+
+
+def _classify(args) -> int:
+    from .classify import classify_crops
+
+    bundle = _bundle(args)
+    size = bundle.geometry.input_size
+    failed = 0
+    for path in args.images:
+        try:
+            crop = cv2.resize(read_rgb(path), (size, size), interpolation=cv2.INTER_AREA)
+        except HematovisionError as err:
+            print(f"hematovision-edge: skipped: {err}", file=sys.stderr)
+            failed += 1
+            continue
+        p = classify_crops(bundle, crop[None])[0]
+        if args.json:
+            print(json.dumps({"path": str(path), "label": p.label, "confidence": round(p.confidence, 4),
+                              "probabilities": {k: round(v, 4) for k, v in p.probabilities.items()}}))
+        else:
+            print(f"{path}\t{p.label}\t{p.confidence:.3f}")
+    return 1 if failed == len(args.images) else 0
+
+
+def _count(args) -> int:
+    from .count import CountRun, count_fields, expand_inputs
+    from .pipeline import FieldPipeline
+    from .tally import Counter
+
+    bundle = _bundle(args)
+    profile = _profile(args.calibration)
+    pipeline = FieldPipeline(bundle, profile)
+    run = CountRun(Counter(bundle.classes, args.target))
+    paths = expand_inputs(args.inputs)
+    results = _scan(pipeline, paths, run) if args.scan else count_fields(pipeline, paths, run)
+    for path, result in results:
+        if args.json:
+            print(json.dumps({"path": str(path), "width": result.width, "height": result.height,
+                              "cells": [c.to_json() for c in result.cells]}), flush=True)
+    summary = run.summary()
+    print(json.dumps({"summary": summary}) if args.json else format_table(summary))
+    if args.report:
+        _write_reports(args, bundle, profile, run)
+    return 0
+
+
+def _profile(path: Path | None):
+    if path is None:
+        return None
+    from hematovision.calibration.profile import load_profile
+
+    return load_profile(path)
+
+
+def _scan(pipeline, paths, run):
+    from .scan import scan_frames
+
+    return scan_frames(pipeline, paths, run)
+
+
+def _write_reports(args, bundle, profile, run) -> None:
+    from .report_build import report_from_run
+    from .report_files import write_report_files
+
+    report = report_from_run(run, bundle, profile, args.specimen_id)
+    for path in write_report_files(report, args.report):
+        print(f"wrote {path}", file=sys.stderr)
+
+
+def format_table(summary: dict) -> str:
+    """The differential as a readable table."""
+    reached = "reached" if summary["target_reached"] else "not reached"
+    lines = [f"Differential: {summary['identified']} cells identified, {summary['unidentified']} unidentified "
+             f"(target {summary['target']}: {reached}); {summary['fields']} fields",
+             f"{'class':<13}{'count':>6}{'%':>8}   95% CI"]
+    for c in summary["classes"]:
+        lo, hi = c["ci95"]
+        lines.append(f"{c['name']:<13}{c['count']:>6}{c['percent']:>8.1f}   {lo:5.1f} - {hi:5.1f}")
+    lines.append(f"{'unidentified':<13}{summary['unidentified']:>6}")
+    for skipped in summary["skipped_files"]:
+        lines.append(f"skipped {skipped['path']}: {skipped['reason']}")
+    return "\n".join(lines)
+
+

@@ -1,0 +1,84 @@
+"""Counting fields from image files: every file its own field, or (scan) frames of one specimen."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+from hematovision.errors import DataError, ImageUnreadable
+from hematovision.pixels import IMAGE_SUFFIXES, list_images, read_rgb
+
+from .pipeline import CellResult, FieldPipeline, FieldResult
+from .tally import Counter
+
+logger = logging.getLogger(__name__)
+
+
+def expand_inputs(inputs: list[str | Path]) -> list[Path]:
+    """Files as given, folders as their images in name order.
+
+    Raises DataError for a missing path or a folder with no images.
+    """
+    out = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            images = list_images(item)
+            if not images:
+                raise DataError(f"{item}: folder has no images ({', '.join(IMAGE_SUFFIXES)})")
+            out += images
+        elif item.exists():
+            out.append(item)
+        else:
+            raise DataError(f"{item}: no such file or folder")
+    return out
+
+
+@dataclass
+class CountRun:
+    """The running state of one `count`: counted cells, the tally and what was skipped."""
+
+    counter: Counter
+    cells: list[CellResult] = field(default_factory=list)
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)
+    slide_xy_um: list[tuple[float, float]] = field(default_factory=list)
+    fields: int = 0
+    skipped_blur: int = 0
+    skipped_motion: int = 0
+    edge_cells: int = 0
+    pixel_sizes: set = field(default_factory=set)
+    started_at: str = field(default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds"))
+
+    def add(self, result: FieldResult, counted, slide_xy_um=None) -> None:
+        """Count `counted` cells of a field; their slide positions default to field positions."""
+        self.fields += 1
+        self.edge_cells += result.edge_cells
+        self.pixel_sizes.add(result.pixel_size_source)
+        for i, cell in enumerate(counted):
+            x, y = cell.detection.center
+            self.cells.append(cell)
+            self.slide_xy_um.append(slide_xy_um[i] if slide_xy_um else
+                                    (x * result.um_per_pixel, y * result.um_per_pixel))
+            self.counter.add(cell.prediction.label)
+
+    def summary(self) -> dict:
+        return {**self.counter.tally().to_dict(), "fields": self.fields,
+                "frames_skipped": {"blur": self.skipped_blur, "motion": self.skipped_motion},
+                "cells_cut_by_edge": self.edge_cells,
+                "pixel_size_source": sorted(self.pixel_sizes),
+                "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
+
+
+def count_fields(pipeline: FieldPipeline, paths: list[Path], run: CountRun) -> Iterator[tuple[Path, FieldResult]]:
+    """Process each file as its own field; unreadable or unusable files are skipped and listed."""
+    for path in paths:
+        try:
+            result = pipeline.process(read_rgb(path), str(path))
+        except (ImageUnreadable, DataError) as err:
+            logger.warning("skipped %s", err)
+            run.skipped_files.append((str(path), str(err)))
+            continue
+        run.add(result, result.cells)
+        yield path, result

@@ -1,0 +1,95 @@
+"""One microscope field through the stages: correct, segment, cut, classify."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from hematovision.calibration.correct import correct
+from hematovision.calibration.profile import CalibrationProfile, check_against_bundle, check_image_size
+
+from .classify import Prediction, classify_crops, cut_cells
+from .model_bundle import Bundle
+from .segment import DEFAULT_PARAMS, Detection, SegmentParams, check_field, segment
+
+logger = logging.getLogger(__name__)
+
+THUMBNAIL_PX = 96  # side of the verification thumbnail kept per counted cell
+
+
+@dataclass(frozen=True)
+class CellResult:
+    """A classified white cell of one field."""
+
+    detection: Detection
+    prediction: Prediction
+    thumbnail_jpeg: bytes
+
+    def to_json(self) -> dict:
+        return {"bbox": list(self.detection.bbox), "label": self.prediction.label,
+                "confidence": round(self.prediction.confidence, 4)}
+
+
+@dataclass(frozen=True)
+class FieldResult:
+    """Everything found in one field."""
+
+    width: int
+    height: int
+    cells: tuple[CellResult, ...]
+    edge_cells: int
+    um_per_pixel: float
+    pixel_size_source: str
+    focus: float
+
+
+def thumbnail(crop: np.ndarray) -> bytes:
+    small = cv2.resize(crop, (THUMBNAIL_PX, THUMBNAIL_PX), interpolation=cv2.INTER_AREA)
+    ok, data = cv2.imencode(".jpg", small[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
+    return data.tobytes()
+
+
+class FieldPipeline:
+    """Corrects, segments and classifies fields with one bundle and one calibration profile."""
+
+    def __init__(self, bundle: Bundle, profile: CalibrationProfile | None = None,
+                 params: SegmentParams = DEFAULT_PARAMS):
+        self.bundle, self.profile, self.params = bundle, profile, params
+        self.um_per_pixel = profile.pixel_size.um_per_pixel if profile and profile.pixel_size else None
+        if self.um_per_pixel and bundle.um_per_pixel:
+            check_against_bundle(profile, bundle.um_per_pixel)
+
+    def prepare(self, image: np.ndarray, name: str = "frame") -> np.ndarray:
+        """Check a frame and apply the calibration correction. Raises DataError / ConfigError."""
+        check_field(image, self.params)
+        if self.profile is not None:
+            check_image_size(self.profile, image.shape, name)
+            image = correct(image, self.profile)
+        return image
+
+    def detect(self, image: np.ndarray):
+        return segment(image, self.params, self.um_per_pixel)
+
+    def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:
+        """Crops of `cells` classified in one batch, with their verification thumbnails."""
+        crops = cut_cells(image, [c.center for c in cells], um_per_pixel, self.bundle)
+        predictions = classify_crops(self.bundle, crops) if len(cells) else []
+        return tuple(CellResult(d, p, thumbnail(c)) for d, p, c in zip(cells, predictions, crops))
+
+    def process(self, image: np.ndarray, name: str = "frame") -> FieldResult:
+        """The whole field: every whole white cell classified; cells cut by the edge counted apart."""
+        image = self.prepare(image, name)
+        seg = self.detect(image)
+        if seg.pixel_size_source != "given":
+            logger.debug("%s: pixel size %.4f um/px %s", name, seg.um_per_pixel, seg.pixel_size_source)
+        cells = self.classify(image, seg.cells, seg.um_per_pixel)
+        return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells),
+                           seg.um_per_pixel, seg.pixel_size_source, _field_focus(seg))
+
+
+def _field_focus(seg) -> float:
+    focus = [c.focus for c in seg.cells]
+    return float(np.median(focus)) if focus else float("nan")

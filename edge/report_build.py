@@ -1,0 +1,68 @@
+"""From a finished count to its report: tally, provenance, frames, quality flags and thumbnails."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import socket
+from dataclasses import dataclass
+from datetime import datetime
+
+from hematovision.calibration.profile import CalibrationProfile, profile_to_dict
+
+from .model_bundle import Bundle
+from .report import PRELIMINARY, CellRecord, ClassCount, FrameStats, ModelInfo, Report
+
+
+@dataclass(frozen=True)
+class QualityLimits:
+    """When a report carries a quality flag."""
+
+    max_unidentified_fraction: float = 0.10
+    min_used_frame_fraction: float = 0.5  # below: "low_focus" (most frames were too blurred)
+
+
+def profile_id(profile: CalibrationProfile | None) -> str | None:
+    """A short content hash that names a calibration profile."""
+    if profile is None:
+        return None
+    text = json.dumps(profile_to_dict(profile), sort_keys=True).encode()
+    return "cal-" + hashlib.sha256(text).hexdigest()[:12]
+
+
+def quality_flags(tally, frames: FrameStats, limits: QualityLimits) -> tuple[str, ...]:
+    flags = []
+    if tally.total and tally.unidentified / tally.total > limits.max_unidentified_fraction:
+        flags.append("too_many_unidentified")
+    seen = frames.used + frames.skipped_blur + frames.skipped_motion
+    if seen and frames.used / seen < limits.min_used_frame_fraction and frames.skipped_blur:
+        flags.append("low_focus")
+    if not tally.target_reached:
+        flags.append("target_not_reached")
+    return tuple(flags)
+
+
+def cell_record(index: int, cell, slide_xy_um) -> CellRecord:
+    uri = "data:image/jpeg;base64," + base64.b64encode(cell.thumbnail_jpeg).decode()
+    return CellRecord(index, cell.prediction.label, round(cell.prediction.confidence, 4), uri,
+                      (round(slide_xy_um[0], 1), round(slide_xy_um[1], 1)))
+
+
+def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
+                    limits: QualityLimits = QualityLimits()) -> Report:
+    """The specimen report of a `count` run (preliminary until a person verifies it)."""
+    tally = run.counter.tally()
+    frames = FrameStats(run.fields, run.skipped_blur, run.skipped_motion)
+    cells = tuple(cell_record(i + 1, c, xy) for i, (c, xy) in enumerate(zip(run.cells, run.slide_xy_um)))
+    return Report(
+        specimen_id=specimen_id, device_id=socket.gethostname(), started_at=run.started_at,
+        finished_at=datetime.now().astimezone().isoformat(timespec="seconds"),
+        model=ModelInfo(bundle.meta.get("name", "model"), bundle.meta.get("project_version", "?"),
+                        bundle.meta["model_sha256"]),
+        calibration_profile_id=profile_id(profile),
+        classes=tuple(ClassCount(c.name, c.count, round(c.percent, 2), (round(c.ci95[0], 2), round(c.ci95[1], 2)))
+                      for c in tally.classes),
+        unidentified=tally.unidentified, total=tally.total, target=tally.target,
+        target_reached=tally.target_reached, frames=frames,
+        quality_flags=quality_flags(tally, frames, limits), verification=PRELIMINARY, cells=cells)
