@@ -407,7 +407,7 @@ def _code(codes: Mapping[str, str], name: str, kind: str) -> str:
 
 
 def _result(seq: int, code: str, value: str, units: str, status: str, report: Report) -> str:
-    operator = report.verification.split(" at ")[0].removeprefix("verified by ") \
+    operator = report.verification.rsplit(" at ", 1)[0].removeprefix("verified by ") \
         if report.verified else ""
     started = astm_time(report.started_at)
     finished = astm_time(report.finished_at) if report.finished_at else ""

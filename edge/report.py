@@ -88,7 +88,7 @@ class Report:
     def verified(self) -> bool:
         return self.verification != PRELIMINARY
 
-    def with_verification(self, name: str, at: datetime) -> "Report":
+    def with_verification(self, name: str, at: datetime) -> Report:
         """The same report marked as verified by `name` at `at`.
 
         Raises ReportInvalid when the name is empty or holds control characters.
@@ -110,7 +110,7 @@ class Report:
         }
 
     @classmethod
-    def from_dict(cls, data: object) -> "Report":
+    def from_dict(cls, data: object) -> Report:
         """Build a report from its dict after checking schema and internal consistency.
 
         Raises ReportInvalid naming the offending field.

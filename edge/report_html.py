@@ -66,7 +66,8 @@ def _run_table(report: Report) -> str:
         ("Model", f"{report.model.name} {report.model.version}"),
         ("Model SHA-256", report.model.sha256),
         ("Calibration profile", report.calibration_profile_id or "none"),
-        ("Target", f"{report.target} cells ({'reached' if report.target_reached else 'NOT reached'})"),
+        ("Target", f"{report.target} cells "
+                   f"({'reached' if report.target_reached else 'NOT reached'})"),
         ("Frames", f"{report.frames.used} used, {report.frames.skipped_blur} skipped for blur, "
                    f"{report.frames.skipped_motion} skipped for motion"),
     ]

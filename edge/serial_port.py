@@ -84,13 +84,22 @@ class SerialLine:
 
     @contextlib.contextmanager
     def _errors(self, action: str) -> Iterator[None]:
-        import serial
-
         try:
             yield
-        except (serial.SerialException, OSError) as err:
+        except _port_errors() as err:
             raise LinkFailed(f"cannot {action} {self._name}: {err}; the line was "
                              f"disconnected, {CHECK_PORT}") from err
+
+
+def _port_errors() -> tuple[type[BaseException], ...]:
+    """What pyserial raises when a line goes away (termios.error is not an OSError)."""
+    import serial
+
+    try:
+        import termios
+    except ImportError:  # not on a POSIX system
+        return serial.SerialException, OSError
+    return serial.SerialException, OSError, termios.error
 
 
 @contextlib.contextmanager
@@ -105,10 +114,10 @@ def open_serial(port: str, settings: SerialSettings = SerialSettings()) -> Itera
         handle = serial.serial_for_url(
             port, baudrate=settings.baudrate, bytesize=settings.bytesize,
             parity=settings.parity, stopbits=settings.stopbits, timeout=0)
-    except (serial.SerialException, OSError, ValueError) as err:
+    except (*_port_errors(), ValueError) as err:
         raise LinkFailed(f"cannot open serial port {port!r}: {err}; {CHECK_PORT}") from err
     try:
         yield SerialLine(handle, port)
     finally:
-        with contextlib.suppress(serial.SerialException, OSError):
+        with contextlib.suppress(*_port_errors()):
             handle.close()

@@ -187,8 +187,10 @@ class PtyHost:
 
     def _run(self):
         splitter = LineSplitter(max_line=1 << 20)
-        while not self._stop.is_set():
+        while True:
             ready, _, _ = select.select([self.master], [], [], 0.02)
+            if not ready and self._stop.is_set():
+                return  # stop once everything written to the line has been read
             for line in splitter.feed(os.read(self.master, 65536) if ready else b""):
                 self.received.append(line)
                 os.write(self.master, self.reply(line))
