@@ -54,9 +54,11 @@ def safe_file_stem(specimen_id: str) -> str:
 def write_report_files(report: Report, folder: Path | str) -> list[Path]:
     """Write <stem>.json, <stem>.csv and <stem>.html into `folder`, each atomically.
 
-    Missing folders are created. Raises LinkFailed when the folder or a file name is a
-    symlink or cannot be written, ReportInvalid for an unusable specimen id.
+    Missing folders are created. Raises ReportInvalid (before writing anything) when the
+    report breaks its schema or has an unusable specimen id, LinkFailed when the folder or
+    a file name is a symlink or cannot be written.
     """
+    Report.from_dict(report.to_dict())  # what is written always follows the schema
     stem = safe_file_stem(report.specimen_id)
     contents = {f"{stem}.json": report_json(report), f"{stem}.csv": report_csv(report),
                 f"{stem}.html": render_html(report).encode("utf-8")}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import select
@@ -16,9 +17,9 @@ from hypothesis import strategies as st
 from hematovision.edge.link_jsonl import (MAX_LINE, LineSplitter, handle_line, send_report_jsonl,
                                           serve_commands)
 from hematovision.edge.report import commissioning_report
-from hematovision.edge.report_send import SendSettings, send_report
+from hematovision.edge.report_send import SendSettings, add_send_arguments, send_main, send_report
 from hematovision.edge.serial_port import open_serial
-from hematovision.errors import CameraUnavailable, LinkFailed
+from hematovision.errors import CameraUnavailable, DataError, LinkFailed
 
 FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 REPORT = commissioning_report("S-7", "hv-pi-07", datetime(2024, 5, 6, 9, 30, tzinfo=timezone.utc))
@@ -210,6 +211,20 @@ def test_a_report_sent_over_jsonl_is_acknowledged_by_the_host():
     message = json.loads(host.received[0])
     assert message["type"] == "report" and message["report"] == REPORT.to_dict()
     assert (result.link, result.messages_sent, result.retries) == ("jsonl", 1, 0)
+
+
+def test_send_main_sends_a_report_file_given_cli_arguments(tmp_path):
+    parser = argparse.ArgumentParser()
+    add_send_arguments(parser)
+    report_file = tmp_path / "S-7.json"
+    report_file.write_text(json.dumps(REPORT.to_dict()))
+    with PtyHost(_ack) as host:
+        args = parser.parse_args(["--link", "jsonl", "--port", host.path, "--timeout", "2",
+                                  str(report_file)])
+        assert send_main(args) == 0
+    assert json.loads(host.received[0])["report"]["specimen_id"] == "S-7"
+    with pytest.raises(DataError, match="cannot read report"):
+        send_main(parser.parse_args(["--link", "astm", "--port", "x", str(tmp_path / "no")]))
 
 
 def test_no_ack_from_the_host_is_a_link_failure():

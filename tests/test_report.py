@@ -180,6 +180,12 @@ def test_safe_file_stem_keeps_plain_ids_and_separates_lookalikes():
         assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", stem) and len(stem) < 100
 
 
+def test_an_inconsistent_report_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(ReportInvalid, match="total"):
+        write_report_files(replace(sample_report(), total=7), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_an_empty_specimen_id_is_refused(tmp_path):
     with pytest.raises(ReportInvalid, match="empty"):
         write_report_files(sample_report("   "), tmp_path)
