@@ -58,3 +58,14 @@ def lite0_run(tmp_path_factory):
     return train_tiny(tmp_path_factory.mktemp("lite0_run"), backbone="efficientnet_lite0",
                       weights="imagenet", input_size=96, head_epochs=12, finetune_epochs=0,
                       head_lr=3e-3, test_fraction=0.3, augment=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory):
+    """A device bundle of the tiny run (gate opened wide: it proves plumbing, not accuracy)."""
+    from hematovision.export.bundle import ExportOptions, export_run
+    from hematovision.export.gate import GateMargins
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    export_run(tiny_run.root, out, ExportOptions(margins=GateMargins(100.0, 100.0), calibration_crops=200))
+    return out
