@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hematovision.errors import ConfigError, LinkFailed
 
 from .report import Report
 from .report_files import write_report_files
+from .serial_port import SendResult
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +102,16 @@ def write_report_to_usb(report: Report, settings: UsbSettings = UsbSettings()) -
     paths = write_report_files(report, drive / settings.subfolder)
     logger.info("report %s written to USB drive %s", report.specimen_id, drive)
     return paths
+
+
+@dataclass(frozen=True)
+class UsbReportLink:
+    """ReportLink that writes each report onto the USB drive."""
+
+    settings: UsbSettings = UsbSettings()
+
+    def send(self, report: Report) -> SendResult:
+        started = time.monotonic()
+        paths = write_report_to_usb(report, self.settings)
+        return SendResult("usb", str(paths[0].parent), report.specimen_id, 1, len(paths), 0,
+                          time.monotonic() - started)

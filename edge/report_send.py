@@ -8,6 +8,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from hematovision.errors import ConfigError, DataError
 
@@ -48,6 +49,25 @@ def send_report(report_dict: Mapping[str, object], link: str, port: str,
             return send_report_astm(report, line, settings.astm_timing, settings.astm_records,
                                     settings.wbc_10e9_per_l, port)
         return send_report_jsonl(report.to_dict(), line, settings.jsonl_ack_timeout_s, port)
+
+
+class ReportLink(Protocol):
+    """Where finished reports go (a serial receiver, a USB drive); chosen by configuration."""
+
+    def send(self, report: Report) -> SendResult:
+        """Deliver one report; raises LinkFailed when it was not delivered."""
+
+
+@dataclass(frozen=True)
+class SerialReportLink:
+    """ReportLink over a serial line: ASTM or JSON lines on `port`."""
+
+    link: str
+    port: str
+    settings: SendSettings = field(default_factory=SendSettings)
+
+    def send(self, report: Report) -> SendResult:
+        return send_report(report.to_dict(), self.link, self.port, self.settings)
 
 
 def add_send_arguments(parser: argparse.ArgumentParser) -> None:

@@ -345,6 +345,13 @@ def test_sender_core_waits_after_a_busy_nak_and_after_contention():
     assert steps[-1] == Write(EOT)
 
 
+def test_a_busy_receiver_naks_enq_and_an_idle_one_ignores_stray_bytes():
+    assert AstmReceiver(busy=True).feed(ENQ) == NAK
+    receiver = AstmReceiver()
+    assert receiver.feed(b"garbage" + build_frame(1, b"L|1|N\r", True) + EOT) == b""
+    assert not receiver.receiving and receiver.messages == []
+
+
 def test_sender_core_gives_up_after_the_allowed_attempts_with_eot():
     frames = build_frames(["H|\\^&", "L|1|N"])
     with pytest.raises(LinkFailed, match="not accepted after 6"):

@@ -17,7 +17,8 @@ from hypothesis import strategies as st
 from hematovision.edge.link_jsonl import (MAX_LINE, LineSplitter, handle_line, send_report_jsonl,
                                           serve_commands)
 from hematovision.edge.report import commissioning_report
-from hematovision.edge.report_send import SendSettings, add_send_arguments, send_main, send_report
+from hematovision.edge.report_send import (SendSettings, SerialReportLink, add_send_arguments,
+                                           send_main, send_report)
 from hematovision.edge.serial_port import open_serial
 from hematovision.errors import CameraUnavailable, DataError, LinkFailed
 
@@ -225,6 +226,12 @@ def test_send_main_sends_a_report_file_given_cli_arguments(tmp_path):
     assert json.loads(host.received[0])["report"]["specimen_id"] == "S-7"
     with pytest.raises(DataError, match="cannot read report"):
         send_main(parser.parse_args(["--link", "astm", "--port", "x", str(tmp_path / "no")]))
+
+
+def test_serial_report_link_sends_over_jsonl():
+    with PtyHost(_ack) as host:
+        result = SerialReportLink("jsonl", host.path).send(REPORT)
+    assert (result.link, result.port, result.specimen_id) == ("jsonl", host.path, "S-7")
 
 
 def test_no_ack_from_the_host_is_a_link_failure():

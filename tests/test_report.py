@@ -18,7 +18,8 @@ import cv2
 import numpy as np
 import pytest
 
-from hematovision.edge.link_usb import UsbSettings, choose_drive, parse_mounts, write_report_to_usb
+from hematovision.edge.link_usb import (UsbReportLink, UsbSettings, choose_drive, parse_mounts,
+                                        write_report_to_usb)
 from hematovision.edge.report import (PRELIMINARY, CellRecord, Report, ReportInvalid,
                                       build_classes, clopper_pearson, commissioning_report)
 from hematovision.edge.report_files import safe_file_stem, write_report_files
@@ -234,6 +235,12 @@ def test_usb_writes_the_report_files_onto_the_configured_mounted_drive(tmp_path)
     paths = write_report_to_usb(sample_report(), UsbSettings(drive, mounts_file=mounts))
     assert [p.parent for p in paths] == [drive / "hematovision"] * 3
     assert all(p.is_file() for p in paths)
+
+
+def test_usb_report_link_reports_what_it_wrote(tmp_path):
+    mounts = _mounts_file(tmp_path, f"/dev/sda1 {tmp_path} vfat rw 0 0")
+    result = UsbReportLink(UsbSettings(tmp_path, "reports", mounts)).send(sample_report())
+    assert (result.link, result.port, result.frames_sent) == ("usb", str(tmp_path / "reports"), 3)
 
 
 def test_usb_refuses_a_mount_point_with_no_drive_mounted(tmp_path):
