@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import cv2
 import numpy as np
 
 from hematovision.calibration.correct import correct
+from hematovision.errors import CalibrationError
 from hematovision.calibration.profile import CalibrationProfile, check_against_bundle, check_image_size
 
 from .classify import Prediction, classify_crops, cut_cells
 from .model_bundle import Bundle
-from .segment import DEFAULT_PARAMS, Detection, SegmentParams, check_field, segment
+from .segment import (DEFAULT_PARAMS, Detection, SegmentParams, Segmentation, check_field,
+                      estimate_um_per_pixel, segment)
 
 logger = logging.getLogger(__name__)
 
+ESTIMATED_SOURCE = "estimated from red cells (median over fields)"
+NO_PIXEL_SIZE = "unknown: no red cells measured"
 THUMBNAIL_PX = 96  # side of the verification thumbnail kept per counted cell
 
 
@@ -59,6 +63,7 @@ class FieldPipeline:
                  params: SegmentParams = DEFAULT_PARAMS):
         self.bundle, self.profile, self.params = bundle, profile, params
         self.um_per_pixel = profile.pixel_size.um_per_pixel if profile and profile.pixel_size else None
+        self._estimates: list[float] = []
         if self.um_per_pixel and bundle.um_per_pixel:
             check_against_bundle(profile, bundle.um_per_pixel)
 
@@ -71,7 +76,22 @@ class FieldPipeline:
         return image
 
     def detect(self, image: np.ndarray):
-        return segment(image, self.params, self.um_per_pixel)
+        """Segment with the profile's pixel size, else a running red-cell estimate of this microscope.
+
+        Without a profile each field's red cells give an estimate; the median over the fields seen
+        so far is used, which steadies single-field failures. A field with no red cells to measure
+        (an empty field) uses that median, or gives no cells when nothing has been measured yet.
+        """
+        if self.um_per_pixel:
+            return segment(image, self.params, self.um_per_pixel)
+        try:
+            self._estimates.append(estimate_um_per_pixel(image, self.params))
+        except CalibrationError as err:
+            if not self._estimates:
+                logger.info("no pixel size for this field and none measured yet: %s", err)
+                return Segmentation((), (), float("nan"), NO_PIXEL_SIZE)
+        seg = segment(image, self.params, float(np.median(self._estimates[-50:])))
+        return replace(seg, pixel_size_source=ESTIMATED_SOURCE)
 
     def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:
         """Crops of `cells` classified in one batch, with their verification thumbnails."""
@@ -83,8 +103,6 @@ class FieldPipeline:
         """The whole field: every whole white cell classified; cells cut by the edge counted apart."""
         image = self.prepare(image, name)
         seg = self.detect(image)
-        if seg.pixel_size_source != "given":
-            logger.debug("%s: pixel size %.4f um/px %s", name, seg.um_per_pixel, seg.pixel_size_source)
         cells = self.classify(image, seg.cells, seg.um_per_pixel)
         return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells),
                            seg.um_per_pixel, seg.pixel_size_source, _field_focus(seg))

@@ -1,0 +1,102 @@
+"""`hematovision-edge classify` and `count`: the output contract scripts rely on, and bad input."""
+
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pytest
+
+from hematovision.classes import UNIDENTIFIED
+from hematovision.edge.cli import main as edge_main
+
+FIELDS = "BCCD/JPEGImages"
+
+
+def _lines(capsys):
+    return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+@pytest.fixture()
+def crops(tmp_path, samples_bccd):
+    """Two real cell crops cut around annotated white cells."""
+    from hematovision.train.batches import crops_array
+    from hematovision.train.datasets import load_bccd
+
+    samples = load_bccd(samples_bccd).samples[:2]
+    paths = []
+    for i, crop in enumerate(crops_array(samples, __import__("hematovision.crop").crop.DEFAULT_GEOMETRY)):
+        paths.append(tmp_path / f"cell{i}.png")
+        cv2.imwrite(str(paths[-1]), crop[:, :, ::-1])
+    return paths
+
+
+def test_classify_json_gives_one_object_per_crop(tiny_bundle, crops, capsys):
+    assert edge_main(["classify", "--model", str(tiny_bundle), "--json", *map(str, crops)]) == 0
+    rows = _lines(capsys)
+    assert [r["path"] for r in rows] == [str(p) for p in crops]
+    for r in rows:
+        assert set(r) == {"path", "label", "confidence", "probabilities"}
+        assert r["label"] in set(r["probabilities"]) | {UNIDENTIFIED} and r["label"] == r["label"].lower()
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-3 and 0 <= r["confidence"] <= 1
+
+
+def test_count_json_lists_cells_per_field_then_a_summary(tiny_bundle, samples_bccd, capsys):
+    fields = sorted((samples_bccd / FIELDS).glob("*.jpg"))[:6]
+    assert edge_main(["count", "--model", str(tiny_bundle), "--json", *map(str, fields)]) == 0
+    rows = _lines(capsys)
+    assert [r["path"] for r in rows[:-1]] == [str(f) for f in fields]
+    for r in rows[:-1]:
+        assert (r["width"], r["height"]) == (640, 480)
+        for cell in r["cells"]:
+            x0, y0, x1, y1 = cell["bbox"]
+            assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480 and set(cell) == {"bbox", "label", "confidence"}
+    summary = rows[-1]["summary"]
+    counted = sum(len(r["cells"]) for r in rows[:-1])
+    assert summary["total"] == counted >= 2 and summary["fields"] == 6
+    assert sum(c["count"] for c in summary["classes"]) + summary["unidentified"] == counted
+
+
+def test_count_table_and_reports_from_the_sample_folder(tiny_bundle, samples_bccd, tmp_path, capsys):
+    assert edge_main(["count", "--model", str(tiny_bundle), str(samples_bccd / FIELDS),
+                      "--report", str(tmp_path / "rep"), "--specimen-id", "S-001"]) == 0
+    out = capsys.readouterr().out
+    assert "Differential:" in out and "neutrophil" in out and "95% CI" in out
+    report = json.loads((tmp_path / "rep" / "S-001.json").read_text())
+    assert report["specimen_id"] == "S-001" and report["verification"] == "preliminary: not verified"
+    assert len(report["cells"]) == report["total"] > 20
+    assert (tmp_path / "rep" / "S-001.html").read_text().count("data:image/jpeg;base64,") == report["total"]
+
+
+def test_unreadable_field_is_skipped_and_listed(tiny_bundle, samples_bccd, tmp_path, capsys):
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    good = sorted((samples_bccd / FIELDS).glob("*.jpg"))[0]
+    shutil.copy(good, folder / "a.jpg")
+    (folder / "b.jpg").write_bytes(good.read_bytes()[:500])
+    cv2.imwrite(str(folder / "c.png"), np.full((480, 640), 200, np.uint8))  # grayscale
+    assert edge_main(["count", "--model", str(tiny_bundle), "--json", str(folder)]) == 0
+    summary = _lines(capsys)[-1]["summary"]
+    skipped = {s["path"].rsplit("/", 1)[-1]: s["reason"] for s in summary["skipped_files"]}
+    assert "b.jpg" in skipped and "truncated" in skipped["b.jpg"]
+    assert summary["fields"] == 2
+
+
+def test_empty_field_gives_zero_cells(tiny_bundle, samples_bccd, tmp_path, capsys):
+    field = cv2.imread(str(sorted((samples_bccd / FIELDS).glob("*.jpg"))[0]))
+    blank = np.full_like(field, 235)
+    cv2.imwrite(str(tmp_path / "blank.png"), blank)
+    code = edge_main(["count", "--model", str(tiny_bundle), "--json", str(tmp_path / "blank.png")])
+    summary = _lines(capsys)[-1]["summary"]
+    assert code == 0 and summary["total"] == 0
+
+
+def test_folder_without_images_is_an_error(tiny_bundle, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert edge_main(["count", "--model", str(tiny_bundle), str(tmp_path / "empty")]) == 1
+    assert "folder has no images" in capsys.readouterr().err
+
+
+def test_missing_model_names_the_bundle(tmp_path, crops, capsys):
+    assert edge_main(["classify", "--model", str(tmp_path / "nope"), str(crops[0])]) == 1
+    assert "bundle.json: missing" in capsys.readouterr().err
