@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--target", type=int, default=100, help="cells to count (default 100)")
     cn.add_argument("--report", type=Path, metavar="DIR", help="write JSON, CSV and HTML reports here")
     cn.add_argument("--specimen-id", default="specimen", help="id used in the report")
+    from .report_send import add_send_arguments
+
+    add_send_arguments(sub.add_parser("send", help="send one report over a serial port (ASTM or JSON lines)"))
     for p in (cl, cn):
         p.add_argument("--model", type=Path, default=None, help="model bundle (default: the reference bundle)")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -49,10 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"classify": _classify, "count": _count}[args.command](args)
+        return {"classify": _classify, "count": _count, "send": _send}[args.command](args)
     except HematovisionError as err:
         print(f"hematovision-edge: error: {err}", file=sys.stderr)
         return 1
+
+
+def _send(args) -> int:
+    from .report_send import send_main
+
+    return send_main(args)
 
 
 def _bundle(args):

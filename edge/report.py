@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .report_schema import SCHEMA_ID, ReportInvalid, validate_report_dict
+from .tally import clopper_pearson
 
 PRELIMINARY = "preliminary: not verified"
 # How far a stored percent may sit from count / identified (the values are rounded to 0.01).
@@ -225,68 +226,6 @@ def build_classes(counts: Mapping[str, int], level: float = 0.95) -> tuple[Class
         ci = (math.floor(lo * 10000) / 100, math.ceil(hi * 10000) / 100)
         out.append(ClassCount(name, count, percent, (min(ci[0], percent), max(ci[1], percent))))
     return tuple(out)
-
-
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial confidence interval for k successes in n trials, as proportions.
-
-    Raises ValueError when k is not within 0..n or level not within (0, 1).
-    """
-    if not 0 <= k <= n or not 0.0 < level < 1.0:
-        raise ValueError(f"clopper_pearson needs 0 <= k <= n and 0 < level < 1, "
-                         f"got k={k} n={n} level={level}")
-    if n == 0:
-        return 0.0, 1.0
-    alpha = 1.0 - level
-    lo = 0.0 if k == 0 else _beta_ppf(alpha / 2, k, n - k + 1)
-    hi = 1.0 if k == n else _beta_ppf(1 - alpha / 2, k + 1, n - k)
-    return lo, hi
-
-
-def _beta_ppf(q: float, a: float, b: float) -> float:
-    """Quantile of the Beta(a, b) distribution by bisection on the regularized beta."""
-    lo, hi = 0.0, 1.0
-    for _ in range(200):
-        mid = 0.5 * (lo + hi)
-        if _betainc(a, b, mid) < q:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo < 1e-15:
-            break
-    return 0.5 * (lo + hi)
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """Regularized incomplete beta I_x(a, b)."""
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b)
-                 + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1.0) / (a + b + 2.0):
-        return math.exp(log_front) * _beta_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_fraction(b, a, 1.0 - x) / b
-
-
-def _beta_fraction(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta (modified Lentz)."""
-    tiny = 1e-300
-    c, d = 1.0, 1.0 - (a + b) * x / (a + 1.0)
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 100_000):
-        for aa in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
-                   -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-15:
-            break
-    return h
 
 
 def commissioning_report(specimen_id: str = "TEST-LINK-0001", device_id: str = "hv-test",

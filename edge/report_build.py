@@ -12,7 +12,7 @@ from datetime import datetime
 from hematovision.calibration.profile import CalibrationProfile, profile_to_dict
 
 from .model_bundle import Bundle
-from .report import PRELIMINARY, CellRecord, ClassCount, FrameStats, ModelInfo, Report
+from .report import PRELIMINARY, CellRecord, FrameStats, ModelInfo, Report, build_classes
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,7 @@ def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
         model=ModelInfo(bundle.meta.get("name", "model"), bundle.meta.get("project_version", "?"),
                         bundle.meta["model_sha256"]),
         calibration_profile_id=profile_id(profile),
-        classes=tuple(ClassCount(c.name, c.count, round(c.percent, 2), (round(c.ci95[0], 2), round(c.ci95[1], 2)))
-                      for c in tally.classes),
+        classes=build_classes({c.name: c.count for c in tally.classes}),
         unidentified=tally.unidentified, total=tally.total, target=tally.target,
         target_reached=tally.target_reached, frames=frames,
         quality_flags=quality_flags(tally, frames, limits), verification=PRELIMINARY, cells=cells)

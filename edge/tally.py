@@ -34,7 +34,12 @@ def _solve(f, target: float) -> float:
 
 
 def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Exact binomial confidence interval for a proportion k/n (the statistics of Rümke's table)."""
+    """Exact binomial confidence interval for a proportion k/n (the statistics of Rümke's table).
+
+    Raises ValueError when k is not within 0..n or the confidence not within (0, 1).
+    """
+    if not 0 <= k <= n or not 0.0 < confidence < 1.0:
+        raise ValueError(f"clopper_pearson needs 0 <= k <= n and 0 < confidence < 1, got k={k} n={n}")
     if n == 0:
         return (0.0, 1.0)
     alpha = 1.0 - confidence
