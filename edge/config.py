@@ -1,0 +1,255 @@
+"""The daemon's one typed configuration: TOML read once, every key and value checked at start."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hematovision.errors import ConfigError
+
+DEFAULT_CONFIG = Path("/etc/hematovision/config.toml")
+SOURCE_KINDS = ("replay", "opencv", "picamera2")
+COUNTING_MODES = ("fields", "scan")
+REPORT_LINKS = ("none", "astm", "jsonl", "usb")
+
+
+def _opt(default, help: str, *, min=None, max=None, choices=None):
+    """A configuration field: its default, what it means, and the values it accepts."""
+    return field(default=default, metadata={"help": help, "min": min, "max": max, "choices": choices})
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    bundle: str = _opt("", "model bundle folder; empty: $HEMATOVISION_MODEL or the reference bundle")
+    threads: int = _opt(0, "TFLite threads; 0: one per core", min=0, max=64)
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    path: str = _opt("", "folder of field images (name order) or a video file")
+    fps: float = _opt(2.0, "frames per second delivered", min=0.01, max=1000.0)
+    loop: bool = _opt(False, "start again at the first frame after the last")
+
+
+@dataclass(frozen=True)
+class OpenCVConfig:
+    device: str = _opt("/dev/video0", "V4L2 device path or index")
+    width: int = _opt(0, "requested frame width; 0: the camera's default", min=0, max=16384)
+    height: int = _opt(0, "requested frame height; 0: the camera's default", min=0, max=16384)
+    fps: float = _opt(0.0, "requested frame rate; 0: the camera's default", min=0.0, max=240.0)
+    manual_exposure: bool = _opt(True, "switch auto-exposure and auto-white-balance off")
+
+
+@dataclass(frozen=True)
+class Picamera2Config:
+    width: int = _opt(2028, "frame width", min=64, max=16384)
+    height: int = _opt(1520, "frame height", min=64, max=16384)
+    camera: int = _opt(0, "camera number", min=0, max=8)
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    kind: str = _opt("replay", "frame source", choices=SOURCE_KINDS)
+    frame_timeout_s: float = _opt(10.0, "a source silent this long is reopened", min=0.1, max=3600.0)
+    retry_initial_s: float = _opt(1.0, "first wait before reopening a failed source", min=0.01, max=600.0)
+    retry_max_s: float = _opt(60.0, "longest wait between reopening attempts", min=0.01, max=3600.0)
+    replay: ReplayConfig = field(default_factory=ReplayConfig)
+    opencv: OpenCVConfig = field(default_factory=OpenCVConfig)
+    picamera2: Picamera2Config = field(default_factory=Picamera2Config)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    profile: str = _opt("", "calibration profile (hematovision-calibrate); empty: none")
+
+
+@dataclass(frozen=True)
+class CountingConfig:
+    mode: str = _opt("fields", "fields: every frame is a new field; scan: frames overlap and each "
+                     "cell is counted once by the tracker", choices=COUNTING_MODES)
+
+
+@dataclass(frozen=True)
+class SpecimenConfig:
+    id: str = _opt("", "id of the specimen started automatically; empty: an id from date and time")
+    target: int = _opt(100, "identified cells to count before the report", min=1, max=100_000)
+    auto_start: bool = _opt(True, "start a specimen when none is open")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    directory: str = _opt("", "state folder (database, reports); empty: $STATE_DIRECTORY, "
+                          "else $XDG_STATE_HOME/hematovision")
+    min_free_mb: int = _opt(64, "counting stops while less disk space than this is free", min=1, max=1_000_000)
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    folder: str = _opt("reports", "report files (JSON, CSV, HTML); relative: inside the state "
+                       "folder; empty: none")
+    link: str = _opt("none", "where each report is sent: a serial receiver (astm, jsonl) or a USB drive",
+                     choices=REPORT_LINKS)
+    port: str = _opt("", "serial port of an astm or jsonl link, e.g. /dev/ttyUSB0 or /dev/ttyGS0")
+    usb_mount_point: str = _opt("", "usb link: the drive's mount point; empty: the one drive under /media")
+    baudrate: int = _opt(9600, "serial speed of the link", min=50, max=4_000_000)
+    retry_s: float = _opt(60.0, "wait before sending an undelivered report again", min=0.1, max=86400.0)
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything `hematovision-edge run` needs, checked."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    source: SourceConfig = field(default_factory=SourceConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    counting: CountingConfig = field(default_factory=CountingConfig)
+    specimen: SpecimenConfig = field(default_factory=SpecimenConfig)
+    state: StateConfig = field(default_factory=StateConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    path: Path = field(default=Path("config.toml"), metadata={"internal": True})
+
+    def resolve(self, value: str) -> Path:
+        """An input path of this file: relative paths are relative to the file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else self.path.resolve().parent / path
+
+    def bundle_path(self) -> Path:
+        if self.model.bundle:
+            return self.resolve(self.model.bundle)
+        from .cli import default_model  # noqa: PLC0415 - one definition of the default bundle
+
+        return default_model()
+
+    def state_dir(self) -> Path:
+        if self.state.directory:
+            return self.resolve(self.state.directory)
+        if os.environ.get("STATE_DIRECTORY"):
+            return Path(os.environ["STATE_DIRECTORY"].split(":")[0])
+        base = os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state"
+        return Path(base) / "hematovision"
+
+    def report_dir(self) -> Path | None:
+        return self.state_dir() / self.report.folder if self.report.folder else None
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG) -> Config:
+    """Read and check a TOML configuration file.
+
+    Raises ConfigError naming the file, the key and the fix: a missing or unreadable file,
+    TOML syntax, an unknown key, a value of the wrong type or out of range, a path that does
+    not exist.
+    """
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text("utf-8"))
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read the configuration ({err.strerror}); "
+                          "pass --config FILE or copy systemd/config.example.toml there") from err
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"{path}: not valid TOML ({err}); fix the syntax") from err
+    config = dataclasses.replace(build_section(Config, data, str(path), ""), path=path)
+    check_config(config)
+    return config
+
+
+def build_section(cls, data: object, where: str, prefix: str):
+    """A section dataclass from its TOML table; every key known, every value checked."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: [{prefix.rstrip('.')}] must be a table")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {prefix}{unknown[0]}; known keys here: "
+                          f"{', '.join(prefix + k for k in fields)}")
+    values = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            values[name] = build_section(kind, value, where, f"{prefix}{name}.")
+        else:
+            values[name] = check_value(fields[name], kind, value, f"{where}: {prefix}{name}")
+    return cls(**values)
+
+
+def check_value(f: dataclasses.Field, kind: type, value: object, key: str):
+    """One value against its type, range and choices. Raises ConfigError naming the key."""
+    meta = f.metadata
+    value = _typed(kind, value, key, meta["help"])
+    if meta.get("choices") and value not in meta["choices"]:
+        raise ConfigError(f"{key} = {value!r} is not allowed; use one of {', '.join(meta['choices'])}")
+    low, high = meta.get("min"), meta.get("max")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise ConfigError(f"{key} = {value!r} is out of range; use a value from {low} to {high} "
+                          f"({meta['help']})")
+    return value
+
+
+def _typed(kind: type, value: object, key: str, help: str):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if (kind in (float, int) and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ConfigError(f"{key} = {value!r} must be {_type_name(kind)} ({help})")
+    if kind is str and any(ord(c) < 32 for c in value):
+        raise ConfigError(f"{key} holds a control character; write it on one line")
+    if kind is float and value != value:
+        raise ConfigError(f"{key} is nan; give a number")
+    return value
+
+
+def _type_name(kind: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false"}.get(
+        kind, getattr(kind, "__name__", str(kind)))
+
+
+def check_config(config: Config) -> None:
+    """Checks across keys and of the files named. Raises ConfigError naming the key."""
+    where = str(config.path)
+    source = config.source
+    if source.retry_max_s < source.retry_initial_s:
+        raise ConfigError(f"{where}: source.retry_max_s ({source.retry_max_s}) is below "
+                          f"source.retry_initial_s ({source.retry_initial_s}); raise it")
+    if source.kind == "replay":
+        _check_replay(config, where)
+    if config.calibration.profile and not config.resolve(config.calibration.profile).is_file():
+        raise ConfigError(f"{where}: calibration.profile {config.calibration.profile!r} does not exist "
+                          f"({config.resolve(config.calibration.profile)}); run hematovision-calibrate "
+                          "or leave it empty")
+    bundle = config.bundle_path()
+    if not (bundle / "bundle.json").is_file():
+        raise ConfigError(f"{where}: model.bundle: {bundle} is not a model bundle (no bundle.json); "
+                          "set model.bundle to the folder hematovision-export wrote")
+    if config.report.link in ("astm", "jsonl") and not config.report.port:
+        raise ConfigError(f"{where}: report.link = {config.report.link!r} needs report.port "
+                          "(e.g. /dev/ttyUSB0); or set report.link = \"none\"")
+    if config.specimen.id and not config.specimen.id.strip():
+        raise ConfigError(f"{where}: specimen.id is blank; give an id or leave it empty (\"\")")
+
+
+def _check_replay(config: Config, where: str) -> None:
+    replay = config.source.replay
+    if not replay.path:
+        raise ConfigError(f"{where}: source.replay.path is empty; name a folder of images or a video "
+                          "(paths are relative to the configuration file)")
+    path = config.resolve(replay.path)
+    if not path.exists():
+        raise ConfigError(f"{where}: source.replay.path {replay.path!r} does not exist ({path}); "
+                          "correct the path (relative paths start at the configuration file's folder)")
+
+
+def describe(cls=Config, prefix: str = "") -> list[str]:
+    """Every key with its default and meaning, for documentation and error messages."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("internal"):
+            continue
+        if f.default_factory is not dataclasses.MISSING:
+            lines += describe(f.default_factory().__class__, f"{prefix}{f.name}.")
+        else:
+            lines.append(f"{prefix}{f.name} = {f.default!r}: {f.metadata['help']}")
+    return lines
+

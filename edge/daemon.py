@@ -1,0 +1,475 @@
+"""The headless service: frames through the pipeline into a specimen, every frame committed whole."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Protocol
+
+from hematovision.classes import UNIDENTIFIED
+from hematovision.errors import (CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable,
+                                 LinkFailed)
+
+from .config import DEFAULT_CONFIG, Config, ReportConfig, load_config
+from .notify import Notifier
+from .pipeline import CellResult, FieldPipeline
+from .segment import Detection, Segmentation
+from .sources import Frame, FrameSource, open_source, source_key
+from .state import FrameRecord, NewCell, Specimen, StateError, Store, StorageFull
+
+logger = logging.getLogger(__name__)
+
+EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus, a configuration error is not retried
+STATE_FILE = "state.db"
+PIXEL_SIZE_HISTORY = 50  # the pipeline's running pixel-size median looks this far back
+
+
+# --- which detections are new cells --------------------------------------------------
+
+@dataclass(frozen=True)
+class Selection:
+    """The new cells of a frame and where they lie on the slide; kind says if the frame was used."""
+
+    kind: str  # "used", "blur" or "motion" (state.FRAME_KINDS)
+    cells: tuple[Detection, ...]
+    slide_xy_um: tuple[tuple[float, float], ...]
+
+
+class CellSelector(Protocol):
+    """Decides which detections of a frame are cells not counted before; its state survives restarts."""
+
+    def select(self, image, seg: Segmentation) -> Selection: ...
+
+    def to_dict(self) -> dict | None: ...
+
+
+class FieldSelector:
+    """Every frame is a new field (separate fields, as the committed samples): every whole cell is new."""
+
+    def select(self, image, seg: Segmentation) -> Selection:
+        xy = tuple((d.center[0] * seg.um_per_pixel, d.center[1] * seg.um_per_pixel) for d in seg.cells)
+        return Selection("used", seg.cells, xy)
+
+    def to_dict(self) -> dict | None:
+        return None
+
+
+def make_selector(mode: str, state: dict | None) -> CellSelector:
+    """The selector of `counting.mode`, restored from its saved state. Raises ConfigError."""
+    if mode == "fields":
+        return FieldSelector()
+    try:
+        from .track import daemon_selector  # noqa: PLC0415 - the count-once tracker of overlapping frames
+    except ImportError as err:
+        raise ConfigError(f"counting.mode = \"scan\" needs the tracker (edge/track.py): {err}; "
+                          "use counting.mode = \"fields\"") from err
+    return daemon_selector(state)
+
+
+# --- the service -----------------------------------------------------------------------
+
+class Backoff:
+    """Waits that double from `initial` up to `maximum`."""
+
+    def __init__(self, initial: float, maximum: float):
+        self.initial, self.maximum, self.current = initial, maximum, initial
+
+    def next(self) -> float:
+        wait, self.current = self.current, min(self.current * 2, self.maximum)
+        return wait
+
+    def reset(self) -> None:
+        self.current = self.initial
+
+
+class Daemon:
+    """The frame loop and the specimen workflow over one store, one pipeline and one source."""
+
+    def __init__(self, config: Config, pipeline: FieldPipeline, store: Store, notifier: Notifier,
+                 stop: threading.Event, link=None):
+        self.config, self.pipeline, self.store, self.notifier, self.stop = config, pipeline, store, notifier, stop
+        self.link, self.report_dir = link, config.report_dir()
+        self.key, self.replay = source_key(config), config.source.kind == "replay"
+        self.classes = pipeline.bundle.classes
+        self.backoff = Backoff(config.source.retry_initial_s, config.source.retry_max_s)
+        self.specimen: Specimen | None = None
+        self.selector: CellSelector | None = None
+        self.counts: dict[str, int] = {}
+        self.announced = self.refused_id = False
+        self.next_delivery = 0.0
+
+    def run(self) -> int:
+        """Count until stopped (0) or, for a replay without loop, until the recording ends (0)."""
+        self.load()
+        self.finish_if_due()
+        self.deliver_reports()
+        while not self.stop.is_set():
+            try:
+                if self.session():
+                    break
+            except CameraUnavailable as err:
+                self.pause(f"camera unavailable, retrying: {err}", self.backoff.next())
+            except StorageFull as err:
+                self.pause(f"STOPPED: disk full: {err}", self.config.source.retry_max_s)
+        self.notifier.stopping(f"stopped; {self.status_text()}")
+        logger.info("stopped cleanly: %s", self.status_text())
+        return 0
+
+    def session(self) -> bool:
+        """One opening of the source; True when a recording has ended."""
+        self.load()
+        with open_source(self.config, self.store.position(self.key), self.pipeline.profile) as source:
+            self.backoff.reset()
+            self.announce_ready()
+            ended = self.count_frames(source)
+        if ended:
+            self.end_of_recording()
+        return ended
+
+    def load(self) -> None:
+        """Specimen, counts, tracker and pipeline state as last committed."""
+        self.specimen = self.store.open_specimen()
+        state = self.specimen.tracker_state if self.specimen else None
+        self.selector = make_selector(self.config.counting.mode, state) if self.specimen else None
+        self.counts = self.store.label_counts(self.specimen) if self.specimen else {}
+        restore_pipeline_state(self.pipeline, self.store.pipeline_state())
+
+    def announce_ready(self) -> None:
+        if not self.announced:
+            self.announced = True
+            self.notifier.ready(self.status_text())
+            logger.info("ready: model %s, source %s", self.pipeline.bundle.path.name, self.key)
+
+    def pause(self, status: str, seconds: float) -> None:
+        logger.warning("%s (next try in %.0f s)", status, seconds)
+        self.notifier.status(status)
+        self.notifier.wait(self.stop, seconds)
+
+    def count_frames(self, source: FrameSource) -> bool:
+        """Frames until stopped (False) or the recording ends (True)."""
+        while not self.stop.is_set():
+            self.run_commands()
+            self.deliver_reports()
+            try:
+                frame = source.next_frame(self.stop)
+            except ImageUnreadable as err:
+                logger.warning("skipped unreadable frame: %s", err)
+                self.record_unusable(source.position - 1)
+                continue
+            if frame is None:
+                return not self.stop.is_set()
+            self.count_frame(frame)
+            self.notifier.watchdog()
+            self.notifier.status(self.status_text())
+        return False
+
+    def count_frame(self, frame: Frame) -> None:
+        """One frame: its new cells, tracker and pipeline state and the source position, in one commit."""
+        specimen = self.specimen or self.auto_start()
+        if specimen is None:
+            if self.replay:
+                self.store.skip_frame(self.key, frame.index)
+            return
+        record = self.frame_record(specimen, frame)
+        self.store.record_frame(record)
+        for cell in record.cells:
+            self.counts[cell.label] = self.counts.get(cell.label, 0) + 1
+        logger.debug("frame %d: %s, %d new cell(s)", frame.index, record.kind, len(record.cells))
+        self.finish_if_due()
+
+    def frame_record(self, specimen: Specimen, frame: Frame) -> FrameRecord:
+        try:
+            image = self.pipeline.prepare(frame.image, frame.name)
+            seg = self.pipeline.detect(image)
+        except ConfigError:
+            raise
+        except DataError as err:
+            logger.warning("frame %d unusable: %s", frame.index, err)
+            return self.unusable(specimen, frame.index)
+        selection = self.selector.select(image, seg)
+        results = self.pipeline.classify(image, selection.cells, seg.um_per_pixel) if selection.cells else ()
+        cells = tuple(new_cell(r, xy) for r, xy in zip(results, selection.slide_xy_um))
+        return FrameRecord(specimen, self.key, frame.index, selection.kind, cells, len(seg.edge_cells),
+                           self.selector.to_dict(), pipeline_state(self.pipeline))
+
+    def unusable(self, specimen: Specimen, index: int) -> FrameRecord:
+        return FrameRecord(specimen, self.key, index, "unusable", (), 0, self.selector.to_dict(),
+                           pipeline_state(self.pipeline))
+
+    def record_unusable(self, index: int) -> None:
+        if self.specimen is not None:
+            self.store.record_frame(self.unusable(self.specimen, index))
+        elif self.replay:
+            self.store.skip_frame(self.key, index)
+
+    # --- the specimen workflow ---------------------------------------------------------
+
+    @property
+    def identified(self) -> int:
+        return sum(self.counts.get(c, 0) for c in self.classes)
+
+    def status_text(self) -> str:
+        if self.specimen is None:
+            return "no specimen open"
+        return (f"specimen {self.specimen.specimen_id}: {self.identified}/{self.specimen.target} cells, "
+                f"{self.counts.get(UNIDENTIFIED, 0)} unidentified")
+
+    def auto_start(self) -> Specimen | None:
+        if not self.config.specimen.auto_start:
+            return None
+        wanted = self.config.specimen.id
+        if wanted and self.store.specimen(wanted) is not None:
+            if not self.refused_id:
+                self.refused_id = True
+                logger.warning("specimen %s was counted already; start the next one by command "
+                               "(hematovision-edge specimen start ID)", wanted)
+            return None
+        return self.start(wanted or self.automatic_id(), self.config.specimen.target)
+
+    def automatic_id(self) -> str:
+        base = f"{socket.gethostname()}-{datetime.now():%Y%m%d-%H%M%S}"
+        used, n, name = set(self.store.specimen_ids()), 1, base
+        while name in used:
+            n += 1
+            name = f"{base}-{n}"
+        return name
+
+    def start(self, specimen_id: str, target: int) -> Specimen:
+        """Raises StateError when a specimen is open or the id was used."""
+        self.specimen = self.store.start_specimen(specimen_id, target)
+        self.selector = make_selector(self.config.counting.mode, None)
+        self.counts = {}
+        return self.specimen
+
+    def finish_if_due(self) -> None:
+        if self.specimen is not None and self.identified >= self.specimen.target:
+            self.finish("target reached")
+
+    def end_of_recording(self) -> None:
+        logger.info("replay of %s ended", self.key)
+        if self.specimen is not None:
+            self.finish("end of replay")
+
+    def finish(self, reason: str) -> None:
+        """Close the open specimen; its report goes into the outbox in the same commit."""
+        specimen = self.store.specimen(self.specimen.specimen_id)
+        report = build_report(self.store, specimen, self.pipeline)
+        self.store.finish_specimen(specimen, reason, report)
+        self.specimen, self.selector, self.counts = None, None, {}
+        self.next_delivery = 0.0
+        self.deliver_reports()
+
+    def run_commands(self) -> None:
+        for command in self.store.pending_commands():
+            self.store.complete_command(command, self.apply_command(command))
+
+    def apply_command(self, command) -> str:
+        try:
+            if command.action == "finish":
+                if self.specimen is None:
+                    return "refused: no specimen is open"
+                self.finish("finished by command")
+                return "finished"
+            if self.specimen is not None:
+                return f"refused: specimen {self.specimen.specimen_id} is open; finish it first"
+            started = self.start(command.specimen_id or self.automatic_id(),
+                                 command.target or self.config.specimen.target)
+            return f"started {started.specimen_id}"
+        except StorageFull:
+            raise
+        except StateError as err:
+            return f"refused: {err}"
+
+    # --- the outbox ---------------------------------------------------------------------
+
+    def deliver_reports(self) -> None:
+        """Write and send reports not yet delivered; a failure is retried after report.retry_s."""
+        if time.monotonic() < self.next_delivery:
+            return
+        for entry in self.store.pending_reports(self.report_dir is not None, self.link is not None):
+            try:
+                self.deliver(entry)
+            except (LinkFailed, DataError) as err:
+                logger.warning("report %s not delivered yet: %s", entry.specimen_id, err)
+                self.store.mark_report(entry, error=str(err))
+                self.next_delivery = time.monotonic() + self.config.report.retry_s
+                return
+
+    def deliver(self, entry) -> None:
+        from .report import Report  # noqa: PLC0415
+
+        report = Report.from_dict(entry.report)
+        if self.report_dir is not None and not entry.files_written:
+            from .report_files import write_report_files  # noqa: PLC0415
+
+            write_report_files(report, self.report_dir)
+            self.store.mark_report(entry, files=True)
+        if self.link is not None and not entry.link_sent:
+            result = self.link.send(report)
+            logger.info("report %s sent over %s", entry.specimen_id, result.link)
+            self.store.mark_report(entry, link=True)
+
+
+# --- values between the pipeline and the store ------------------------------------------
+
+def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
+    return NewCell(float(slide_xy_um[0]), float(slide_xy_um[1]), result.prediction.label,
+                   float(result.prediction.confidence), tuple(int(v) for v in result.detection.bbox),
+                   result.thumbnail_jpeg)
+
+
+def pipeline_state(pipeline: FieldPipeline) -> dict | None:
+    """The pipeline's running red-cell pixel-size estimates: carried from field to field."""
+    estimates = getattr(pipeline, "_estimates", None)
+    return None if estimates is None else {"um_per_pixel_estimates": list(estimates[-PIXEL_SIZE_HISTORY:])}
+
+
+def restore_pipeline_state(pipeline: FieldPipeline, state: dict | None) -> None:
+    if hasattr(pipeline, "_estimates"):
+        pipeline._estimates = list((state or {}).get("um_per_pixel_estimates", []))
+
+
+def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> dict:
+    """The report of a specimen from its stored cells (schema hematovision.report/1, as a dict)."""
+    from .classify import Prediction  # noqa: PLC0415
+    from .count import CountRun  # noqa: PLC0415
+    from .report_build import report_from_run  # noqa: PLC0415
+    from .tally import Counter  # noqa: PLC0415
+
+    run = CountRun(Counter(pipeline.bundle.classes, specimen.target), fields=specimen.fields,
+                   skipped_blur=specimen.skipped_blur, skipped_motion=specimen.skipped_motion,
+                   edge_cells=specimen.edge_cells, started_at=specimen.started_at)
+    for _, cell in store.cells(specimen):
+        x0, y0, x1, y1 = cell.bbox
+        detection = Detection(((x0 + x1) / 2, (y0 + y1) / 2), cell.bbox, 0.0, 0.0, False)
+        run.cells.append(CellResult(detection, Prediction(cell.label, cell.confidence, {}), cell.thumbnail))
+        run.slide_xy_um.append((cell.x_um, cell.y_um))
+        run.counter.add(cell.label)
+    return report_from_run(run, pipeline.bundle, pipeline.profile, specimen.specimen_id).to_dict()
+
+
+def make_link(report: ReportConfig):
+    """The ReportLink of `report.link`, or None."""
+    if report.link in ("astm", "jsonl"):
+        from .report_send import SendSettings, SerialReportLink  # noqa: PLC0415
+        from .serial_port import SerialSettings  # noqa: PLC0415
+
+        return SerialReportLink(report.link, report.port, SendSettings(serial=SerialSettings(report.baudrate)))
+    if report.link == "usb":
+        from .link_usb import UsbReportLink, UsbSettings  # noqa: PLC0415
+
+        return UsbReportLink(UsbSettings(mount_point=Path(report.usb_mount_point) if report.usb_mount_point else None))
+    return None
+
+
+# --- entry points -----------------------------------------------------------------------
+
+def open_pipeline(config: Config) -> FieldPipeline:
+    """The bundle and calibration profile of a configuration. Raises ModelInvalid, ConfigError."""
+    from .model_bundle import load_bundle  # noqa: PLC0415
+
+    bundle = load_bundle(config.bundle_path(), config.model.threads or None)
+    profile = None
+    if config.calibration.profile:
+        from hematovision.calibration.profile import load_profile  # noqa: PLC0415
+
+        profile = load_profile(config.resolve(config.calibration.profile))
+    return FieldPipeline(bundle, profile)
+
+
+def serve(config: Config, stop: threading.Event) -> int:
+    """Run the service until `stop` is set or a replay ends."""
+    pipeline = open_pipeline(config)
+    min_free = config.state.min_free_mb * 2**20
+    with Store(config.state_dir() / STATE_FILE, min_free) as store, Notifier() as notifier:
+        return Daemon(config, pipeline, store, notifier, stop, make_link(config.report)).run()
+
+
+@contextlib.contextmanager
+def stop_on_signals(stop: threading.Event):
+    """SIGTERM and SIGINT set `stop`: the frame in hand is finished and committed, then the loop ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, _frame):
+        logger.info("%s received: finishing the current frame", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """stderr (journald) logging, unless the caller configured logging already."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                            format="%(levelname)s %(name)s: %(message)s")
+
+
+def run_main(config_path: str | Path = DEFAULT_CONFIG) -> int:
+    """`hematovision-edge run`: 0 when stopped by SIGTERM/SIGINT or at the end of a replay,
+    78 for a configuration error (not retried by the unit), 1 for any other error.
+    """
+    setup_logging()
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        try:
+            return serve(load_config(config_path), stop)
+        except ConfigError as err:
+            logger.error("configuration error: %s", err)
+            return EX_CONFIG
+        except HematovisionError as err:
+            logger.error("%s", err)
+            return 1
+
+
+def check_config_main(config_path: str | Path = DEFAULT_CONFIG) -> int:
+    """`hematovision-edge check-config`: 0 when the file, the model bundle and the calibration
+    profile it names are all valid; 78 (naming the key and the fix) when not.
+    """
+    setup_logging()
+    try:
+        config = load_config(config_path)
+        open_pipeline(config)
+    except HematovisionError as err:
+        logger.error("%s", err)
+        return EX_CONFIG
+    logger.info("%s: configuration is valid (source %s, state in %s)", config_path, config.source.kind,
+                config.state_dir())
+    return 0
+
+
+def command_main(config_path: str | Path, action: str, specimen_id: str | None = None,
+                 target: int | None = None) -> int:
+    """`hematovision-edge specimen start|finish`: queue a command the running daemon takes at its
+    next frame. Returns 0 once queued, 78 for a bad configuration, 1 when the state cannot be opened.
+    """
+    setup_logging()
+    if action not in ("start", "finish"):
+        logger.error("unknown specimen action %r; use start or finish", action)
+        return 2
+    try:
+        config = load_config(config_path)
+        with Store(config.state_dir() / STATE_FILE) as store:
+            row = store.add_command(action, specimen_id, target)
+    except ConfigError as err:
+        logger.error("%s", err)
+        return EX_CONFIG
+    except HematovisionError as err:
+        logger.error("%s", err)
+        return 1
+    logger.info("command %d queued: %s %s", row, action, specimen_id or "")
+    return 0

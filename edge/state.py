@@ -1,0 +1,368 @@
+"""The daemon's state in SQLite (WAL, synchronous FULL): specimens, counted cells, report outbox."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from hematovision.errors import HematovisionError
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+OPEN, FINISHED = "open", "finished"
+FRAME_KINDS = ("used", "blur", "motion", "unusable")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS specimens (
+    id INTEGER PRIMARY KEY,
+    specimen_id TEXT NOT NULL UNIQUE,
+    target INTEGER NOT NULL CHECK (target > 0),
+    status TEXT NOT NULL CHECK (status IN ('open', 'finished')),
+    started_at TEXT NOT NULL,
+    finished_at TEXT,
+    finish_reason TEXT,
+    fields INTEGER NOT NULL DEFAULT 0,
+    skipped_blur INTEGER NOT NULL DEFAULT 0,
+    skipped_motion INTEGER NOT NULL DEFAULT 0,
+    unusable INTEGER NOT NULL DEFAULT 0,
+    edge_cells INTEGER NOT NULL DEFAULT 0,
+    tracker_state TEXT
+);
+CREATE UNIQUE INDEX IF NOT EXISTS one_open_specimen ON specimens (status) WHERE status = 'open';
+CREATE TABLE IF NOT EXISTS cells (
+    id INTEGER PRIMARY KEY,
+    specimen INTEGER NOT NULL REFERENCES specimens (id),
+    frame INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    x_um REAL NOT NULL,
+    y_um REAL NOT NULL,
+    label TEXT NOT NULL,
+    confidence REAL NOT NULL,
+    bbox TEXT NOT NULL,
+    thumbnail BLOB NOT NULL,
+    UNIQUE (specimen, frame, seq)
+);
+CREATE TABLE IF NOT EXISTS settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS source_positions (
+    source TEXT PRIMARY KEY,
+    position INTEGER NOT NULL CHECK (position >= 0)
+);
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY,
+    specimen INTEGER NOT NULL UNIQUE REFERENCES specimens (id),
+    report TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    files_written INTEGER NOT NULL DEFAULT 0,
+    link_sent INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT
+);
+CREATE TABLE IF NOT EXISTS commands (
+    id INTEGER PRIMARY KEY,
+    action TEXT NOT NULL CHECK (action IN ('start', 'finish')),
+    specimen_id TEXT,
+    target INTEGER,
+    created_at TEXT NOT NULL,
+    done_at TEXT,
+    result TEXT
+);
+"""
+
+
+class StateError(HematovisionError):
+    """The state database cannot be opened or is damaged."""
+
+
+class StorageFull(StateError):
+    """Too little disk space to record counting safely; nothing was half-written."""
+
+
+def now_iso() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class Specimen:
+    """One specimen row: its target, frame statistics and the tracker state after its last frame."""
+
+    row: int
+    specimen_id: str
+    target: int
+    status: str
+    started_at: str
+    finished_at: str | None
+    finish_reason: str | None
+    fields: int
+    skipped_blur: int
+    skipped_motion: int
+    unusable: int
+    edge_cells: int
+    tracker_state: dict | None
+
+
+@dataclass(frozen=True)
+class NewCell:
+    """A counted cell as stored: slide position in micrometres, class, thumbnail."""
+
+    x_um: float
+    y_um: float
+    label: str
+    confidence: float
+    bbox: tuple[int, int, int, int]
+    thumbnail: bytes
+
+
+@dataclass(frozen=True)
+class FrameRecord:
+    """What one frame changed: committed together, or not at all."""
+
+    specimen: Specimen
+    source: str
+    index: int  # the frame's position in the source; the source resumes at index + 1
+    kind: str  # one of FRAME_KINDS
+    cells: tuple[NewCell, ...]
+    edge_cells: int
+    tracker_state: dict | None
+    pipeline_state: dict | None = None  # what the pipeline carries from field to field
+
+
+@dataclass(frozen=True)
+class OutboxEntry:
+    row: int
+    specimen_id: str
+    report: dict
+    files_written: bool
+    link_sent: bool
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Command:
+    row: int
+    action: str
+    specimen_id: str | None
+    target: int | None
+
+
+class Store:
+    """The state database; one connection, used from one thread."""
+
+    def __init__(self, path: str | Path, min_free_bytes: int = 0, max_page_count: int | None = None):
+        self.path, self.min_free_bytes = Path(path), min_free_bytes
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        except (OSError, sqlite3.Error) as err:
+            raise StateError(f"cannot open the state database {self.path} ({err}); check that the state "
+                             "folder exists and belongs to the service user") from err
+        self._setup(max_page_count)
+
+    def _setup(self, max_page_count: int | None) -> None:
+        try:
+            self.db.execute("PRAGMA journal_mode = WAL").fetchone()
+            self.db.execute("PRAGMA synchronous = FULL")
+            self.db.execute("PRAGMA foreign_keys = ON")
+            if max_page_count:
+                self.db.execute(f"PRAGMA max_page_count = {int(max_page_count)}").fetchone()
+            if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise StateError(f"{self.path} is damaged (quick_check failed); move it aside to start afresh")
+            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        except sqlite3.DatabaseError as err:
+            self.close()
+            raise _state_error(err, self.path) from err
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE .. COMMIT; any error rolls back. Raises StorageFull, StateError."""
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as err:
+            raise _state_error(err, self.path) from err
+        try:
+            yield self.db
+            self.db.execute("COMMIT")
+        except BaseException as err:
+            with contextlib.suppress(sqlite3.Error):
+                self.db.execute("ROLLBACK")
+            if isinstance(err, sqlite3.Error):
+                raise _state_error(err, self.path) from err
+            raise
+
+    def check_space(self) -> None:
+        """Raises StorageFull when the state folder's disk has less free space than configured."""
+        stats = os.statvfs(self.path.parent)
+        free = stats.f_bavail * stats.f_frsize
+        if free < self.min_free_bytes:
+            raise StorageFull(f"only {free // 2**20} MB free on the disk of {self.path.parent} "
+                              f"(at least {self.min_free_bytes // 2**20} MB needed): counting stopped; "
+                              "free space (old reports, logs) and counting resumes")
+
+    # --- specimens --------------------------------------------------------------
+
+    def open_specimen(self) -> Specimen | None:
+        row = self.db.execute("SELECT * FROM specimens WHERE status = 'open'").fetchone()
+        return _specimen(row) if row else None
+
+    def specimen(self, specimen_id: str) -> Specimen | None:
+        row = self.db.execute("SELECT * FROM specimens WHERE specimen_id = ?", (specimen_id,)).fetchone()
+        return _specimen(row) if row else None
+
+    def specimen_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT specimen_id FROM specimens ORDER BY id")]
+
+    def start_specimen(self, specimen_id: str, target: int) -> Specimen:
+        """A new open specimen. Raises StateError when one is open or the id was used."""
+        self.check_space()
+        with self.transaction() as db:
+            if db.execute("SELECT 1 FROM specimens WHERE status = 'open'").fetchone():
+                raise StateError(f"cannot start {specimen_id!r}: a specimen is still open; finish it first")
+            if db.execute("SELECT 1 FROM specimens WHERE specimen_id = ?", (specimen_id,)).fetchone():
+                raise StateError(f"specimen id {specimen_id!r} was counted before; give a new id")
+            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at) VALUES (?, ?, 'open', ?)",
+                       (specimen_id, target, now_iso()))
+        logger.info("started specimen %s (target %d cells)", specimen_id, target)
+        return self.specimen(specimen_id)
+
+    # --- frames and cells ---------------------------------------------------------
+
+    def position(self, source: str) -> int:
+        row = self.db.execute("SELECT position FROM source_positions WHERE source = ?", (source,)).fetchone()
+        return row[0] if row else 0
+
+    def record_frame(self, frame: FrameRecord) -> None:
+        """The frame's new cells, the specimen's statistics and tracker state, and the source
+        position, in one transaction. Raises StorageFull (nothing written), StateError.
+        """
+        self.check_space()
+        column = {"used": "fields", "blur": "skipped_blur", "motion": "skipped_motion",
+                  "unusable": "unusable"}[frame.kind]
+        with self.transaction() as db:
+            db.executemany(
+                "INSERT INTO cells (specimen, frame, seq, x_um, y_um, label, confidence, bbox, thumbnail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                [(frame.specimen.row, frame.index, i, c.x_um, c.y_um, c.label, c.confidence,
+                  json.dumps(list(c.bbox)), c.thumbnail) for i, c in enumerate(frame.cells)])
+            db.execute(f"UPDATE specimens SET {column} = {column} + 1, edge_cells = edge_cells + ?, "
+                       "tracker_state = ? WHERE id = ? AND status = 'open'",
+                       (frame.edge_cells, _json_or_none(frame.tracker_state), frame.specimen.row))
+            self._set_position(db, frame.source, frame.index + 1)
+            if frame.pipeline_state is not None:
+                db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('pipeline_state', ?)",
+                           (_json_or_none(frame.pipeline_state),))
+
+    def pipeline_state(self) -> dict | None:
+        row = self.db.execute("SELECT value FROM settings WHERE key = 'pipeline_state'").fetchone()
+        return json.loads(row[0]) if row else None
+
+    def skip_frame(self, source: str, index: int) -> None:
+        """Move past a frame while no specimen is open."""
+        self.check_space()
+        with self.transaction() as db:
+            self._set_position(db, source, index + 1)
+
+    @staticmethod
+    def _set_position(db: sqlite3.Connection, source: str, position: int) -> None:
+        db.execute("INSERT INTO source_positions (source, position) VALUES (?, ?) "
+                   "ON CONFLICT (source) DO UPDATE SET position = excluded.position", (source, position))
+
+    def label_counts(self, specimen: Specimen) -> dict[str, int]:
+        rows = self.db.execute("SELECT label, COUNT(*) FROM cells WHERE specimen = ? GROUP BY label",
+                               (specimen.row,))
+        return dict(rows.fetchall())
+
+    def cells(self, specimen: Specimen) -> list[tuple[int, NewCell]]:
+        """(frame, cell) in counting order."""
+        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail FROM cells "
+                               "WHERE specimen = ? ORDER BY frame, seq", (specimen.row,))
+        return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]))) for r in rows]
+
+    # --- finishing and the outbox -------------------------------------------------
+
+    def finish_specimen(self, specimen: Specimen, reason: str, report: dict) -> None:
+        """Close the specimen and put its report in the outbox, together. Raises StorageFull."""
+        self.check_space()
+        with self.transaction() as db:
+            db.execute("UPDATE specimens SET status = 'finished', finished_at = ?, finish_reason = ? "
+                       "WHERE id = ? AND status = 'open'", (report.get("finished_at") or now_iso(), reason,
+                                                             specimen.row))
+            db.execute("INSERT INTO outbox (specimen, report, created_at) VALUES (?, ?, ?)",
+                       (specimen.row, json.dumps(report, allow_nan=False), now_iso()))
+        logger.info("finished specimen %s (%s)", specimen.specimen_id, reason)
+
+    def pending_reports(self, files: bool, link: bool) -> list[OutboxEntry]:
+        """Reports still to write (files) or send (link)."""
+        rows = self.db.execute(
+            "SELECT o.id, s.specimen_id, o.report, o.files_written, o.link_sent, o.attempts FROM outbox o "
+            "JOIN specimens s ON s.id = o.specimen WHERE (? AND NOT o.files_written) OR (? AND NOT o.link_sent) "
+            "ORDER BY o.id", (files, link))
+        return [OutboxEntry(r[0], r[1], json.loads(r[2]), bool(r[3]), bool(r[4]), r[5]) for r in rows]
+
+    def report(self, specimen_id: str) -> dict | None:
+        row = self.db.execute("SELECT o.report FROM outbox o JOIN specimens s ON s.id = o.specimen "
+                              "WHERE s.specimen_id = ?", (specimen_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def mark_report(self, entry: OutboxEntry, *, files: bool = False, link: bool = False,
+                    error: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE outbox SET files_written = files_written OR ?, link_sent = link_sent OR ?, "
+                       "attempts = attempts + ?, last_error = ? WHERE id = ?",
+                       (files, link, 1 if error else 0, error, entry.row))
+
+    # --- commands -----------------------------------------------------------------
+
+    def add_command(self, action: str, specimen_id: str | None = None, target: int | None = None) -> int:
+        with self.transaction() as db:
+            cursor = db.execute("INSERT INTO commands (action, specimen_id, target, created_at) VALUES (?, ?, ?, ?)",
+                                (action, specimen_id, target, now_iso()))
+        return cursor.lastrowid
+
+    def pending_commands(self) -> list[Command]:
+        rows = self.db.execute("SELECT id, action, specimen_id, target FROM commands WHERE done_at IS NULL "
+                               "ORDER BY id")
+        return [Command(*r) for r in rows]
+
+    def complete_command(self, command: Command, result: str) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE commands SET done_at = ?, result = ? WHERE id = ?", (now_iso(), result, command.row))
+
+    def command_result(self, row: int) -> str | None:
+        found = self.db.execute("SELECT result FROM commands WHERE id = ?", (row,)).fetchone()
+        return found[0] if found else None
+
+
+def _specimen(row) -> Specimen:
+    values = list(row)
+    values[-1] = json.loads(values[-1]) if values[-1] else None
+    return Specimen(*values)
+
+
+def _json_or_none(value: dict | None) -> str | None:
+    return None if value is None else json.dumps(value, allow_nan=False, separators=(",", ":"))
+
+
+def _state_error(err: sqlite3.Error, path: Path) -> StateError:
+    if getattr(err, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL or "full" in str(err).lower():
+        return StorageFull(f"the state database {path} is full ({err}): counting stopped with nothing "
+                           "half-written; free disk space and counting resumes")
+    return StateError(f"state database {path}: {err}; check the disk, or move the file aside to start afresh")
