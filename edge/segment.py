@@ -43,11 +43,15 @@ class SegmentParams:
     stain_relative: float = 0.4
     stain_threshold_weak: float = 120.0  # a nucleus extends over pixels above these (hysteresis)
     stain_relative_weak: float = 0.2
+    stain_above_red_cells: float = 1000.0  # ... or this far above the red-cell level, if lower than the floor
+    stain_above_red_cells_weak: float = 1000.0
     min_fragment_area_um2: float = 1.0  # smaller stained specks are dropped
     group_distance_um: float = 3.0  # nucleus fragments closer than this are one cell
-    min_nucleus_area_um2: float = 14.0  # a white cell's nucleus is at least this big
+    min_nucleus_area_um2: float = 14.0  # a white cell's nucleus is at least this big ...
+    min_edge_nucleus_area_um2: float = 14.0  # ... or this, where the frame cuts the cell
     max_nucleus_area_um2: float = 450.0  # larger stained blobs are debris or clumps
-    max_cell_diameter_um: float = 22.0  # groups wider than this are split or rejected
+    max_cell_diameter_um: float = 22.0  # groups wider than this are split ...
+    max_nucleus_extent_um: float = 15.0  # ... into nuclei no wider than this
     split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum ...
     split_min_radius_um: float = 2.5  # ... in cores at least this thick (thinner ones are lobes)
     cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box
@@ -246,8 +250,9 @@ def _stain_thresholds(feature: np.ndarray, params: SegmentParams) -> tuple[float
     sample = feature[:: 2, :: 2]
     level = float(np.percentile(sample, params.red_cell_percentile))
     span = float(np.percentile(sample, params.nucleus_percentile)) - level
-    strong = max(params.stain_threshold, level + params.stain_relative * span)
-    weak = max(params.stain_threshold_weak, level + params.stain_relative_weak * span)
+    strong = max(min(params.stain_threshold, level + params.stain_above_red_cells), level + params.stain_relative * span)
+    weak = max(min(params.stain_threshold_weak, level + params.stain_above_red_cells_weak),
+               level + params.stain_relative_weak * span)
     return strong, min(weak, strong)
 
 
@@ -266,7 +271,8 @@ def _disc(radius_px: float) -> np.ndarray:
 
 
 def _cell_regions(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float) -> list[_Region]:
-    """Group nucleus fragments closer than `group_distance_um` and split oversized groups."""
+    """Group nucleus fragments closer than `group_distance_um` into cells no wider than
+    `max_nucleus_extent_um`, and split oversized single fragments at their necks."""
     grouped = cv2.dilate(nucleus, _disc(params.group_distance_um / 2 / um_per_pixel))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(grouped, connectivity=8)
     max_px = params.max_cell_diameter_um / um_per_pixel
@@ -275,9 +281,51 @@ def _cell_regions(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: floa
         x, y, w, h = stats[i, :4]
         group = labels[y:y + h, x:x + w] == i
         inside = group & (nucleus[y:y + h, x:x + w] > 0)
-        parts = _split(group, inside, params, um_per_pixel) if max(w, h) > max_px else [group]
-        regions += [_Region(int(x), int(y), inside & part) for part in parts]
+        if max(w, h) <= max_px:
+            regions.append(_Region(int(x), int(y), inside))
+            continue
+        for cluster in _cluster_fragments(inside, params, um_per_pixel):
+            parts = _split(cluster, cluster, params, um_per_pixel) if _extent(cluster) > max_px else [cluster]
+            regions += [_Region(int(x), int(y), cluster & part) for part in parts]
     return regions
+
+
+def _extent(mask: np.ndarray) -> int:
+    """The longer side in pixels of the bounding box of a mask's pixels."""
+    x, y, w, h = cv2.boundingRect(mask.astype(np.uint8))
+    return max(w, h)
+
+
+def _cluster_fragments(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float) -> list[np.ndarray]:
+    """Join the nucleus fragments of a group, nearest gaps first, into clusters no wider than
+    `max_nucleus_extent_um` (the lobes of one cell join; the nuclei of two touching cells do not)."""
+    count, labels = cv2.connectedComponents(nucleus.astype(np.uint8), connectivity=8)
+    clusters = [labels == k for k in range(1, count)]
+    if len(clusters) < 2:
+        return clusters
+    gaps = _fragment_gaps(clusters)
+    limit = params.max_nucleus_extent_um / um_per_pixel
+    owner = list(range(len(clusters)))
+    for gap, a, b in sorted((gaps[a, b], a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))):
+        ra, rb = owner[a], owner[b]
+        if gap > params.group_distance_um / um_per_pixel:
+            break
+        if ra != rb and _extent(clusters[ra] | clusters[rb]) <= limit:
+            clusters[ra] = clusters[ra] | clusters[rb]
+            owner = [ra if o == rb else o for o in owner]
+    return [clusters[k] for k in sorted(set(owner))]
+
+
+def _fragment_gaps(fragments: list[np.ndarray]) -> np.ndarray:
+    """Matrix of the shortest pixel distances between fragments."""
+    n = len(fragments)
+    gaps = np.zeros((n, n), np.float32)
+    for a in range(n):
+        dist = cv2.distanceTransform((~fragments[a]).astype(np.uint8), cv2.DIST_L2, 3)
+        for b in range(n):
+            if b != a:
+                gaps[a, b] = dist[fragments[b]].min()
+    return np.minimum(gaps, gaps.T)
 
 
 def _split(group: np.ndarray, nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float) -> list[np.ndarray]:
@@ -311,7 +359,7 @@ def _detection(image_rgb: np.ndarray, nucleus: np.ndarray, region: _Region, scal
     """A Detection in full-resolution pixels, or None when the region is not a white cell."""
     work_um = um_per_pixel / scale
     area_um2 = float(region.nucleus.sum()) * work_um**2
-    if not params.min_nucleus_area_um2 <= area_um2 <= params.max_nucleus_area_um2:
+    if not area_um2 or area_um2 > params.max_nucleus_area_um2:
         return None
     ys, xs = np.nonzero(region.nucleus)
     margin = params.cell_margin_um / um_per_pixel
@@ -320,6 +368,8 @@ def _detection(image_rgb: np.ndarray, nucleus: np.ndarray, region: _Region, scal
            (region.x0 + xs.max() + 1) / scale + margin, (region.y0 + ys.max() + 1) / scale + margin)
     edge = params.edge_margin_um / um_per_pixel
     touches = raw[0] < edge or raw[1] < edge or raw[2] > w - edge or raw[3] > h - edge
+    if area_um2 < (params.min_edge_nucleus_area_um2 if touches else params.min_nucleus_area_um2):
+        return None
     bbox = (max(0, int(raw[0])), max(0, int(raw[1])), min(w, int(math.ceil(raw[2]))), min(h, int(math.ceil(raw[3]))))
     center = ((region.x0 + xs.mean() + 0.5) / scale - 0.5, (region.y0 + ys.mean() + 0.5) / scale - 0.5)
     return Detection(center=(float(center[0]), float(center[1])), bbox=bbox, area_um2=area_um2,
