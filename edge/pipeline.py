@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 ESTIMATED_SOURCE = "estimated from red cells (median over fields)"
 NO_PIXEL_SIZE = "unknown: no red cells measured"
+SETTLED_ESTIMATES = 5  # red-cell estimates on every field until this many ...
+REESTIMATE_EVERY = 10  # ... then on every tenth field only
 THUMBNAIL_PX = 96  # side of the verification thumbnail kept per counted cell
 
 
@@ -64,6 +66,7 @@ class FieldPipeline:
         self.bundle, self.profile, self.params = bundle, profile, params
         self.um_per_pixel = profile.pixel_size.um_per_pixel if profile and profile.pixel_size else None
         self._estimates: list[float] = []
+        self._fields = 0
         if self.um_per_pixel and bundle.um_per_pixel:
             check_against_bundle(profile, bundle.um_per_pixel)
 
@@ -84,12 +87,15 @@ class FieldPipeline:
         """
         if self.um_per_pixel:
             return segment(image, self.params, self.um_per_pixel)
-        try:
-            self._estimates.append(estimate_um_per_pixel(image, self.params))
-        except CalibrationError as err:
-            if not self._estimates:
-                logger.info("no pixel size for this field and none measured yet: %s", err)
-                return Segmentation((), (), float("nan"), NO_PIXEL_SIZE)
+        self._fields += 1
+        if len(self._estimates) < SETTLED_ESTIMATES or self._fields % REESTIMATE_EVERY == 0:
+            try:
+                self._estimates.append(estimate_um_per_pixel(image, self.params))
+            except CalibrationError as err:
+                logger.debug("no red-cell estimate from this field: %s", err)
+        if not self._estimates:
+            logger.info("no pixel size for this field and none measured yet: no cells counted")
+            return Segmentation((), (), float("nan"), NO_PIXEL_SIZE)
         seg = segment(image, self.params, float(np.median(self._estimates[-50:])))
         return replace(seg, pixel_size_source=ESTIMATED_SOURCE)
 

@@ -1,0 +1,85 @@
+"""Speed and memory of the device pipeline: segmentation per field, classification per cell, RSS.
+
+Prints figures; not a test. Run from the repository root:
+    .venv/bin/python benchmarks/bench_pipeline.py --model BUNDLE [--fields DIR] [--n 100]
+Targets (issue 4): segmentation <= 10 ms per 640x480 field; the whole pipeline within 1.5x of
+the classifier's own time; peak RSS of `hematovision-edge count` over 100 fields <= 250 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FIELDS = REPO.parent / "shared" / "data" / "bccd" / "BCCD" / "JPEGImages"
+SAMPLE_FIELDS = REPO / "samples" / "bccd" / "BCCD" / "JPEGImages"
+
+
+def field_paths(folder: Path, n: int) -> list[Path]:
+    paths = sorted(folder.glob("*.jpg"))
+    return (paths * (n // max(len(paths), 1) + 1))[:n]
+
+
+def timed(fn, *args):
+    start = time.perf_counter()
+    out = fn(*args)
+    return out, 1000 * (time.perf_counter() - start)
+
+
+def stage_times(model: Path, paths: list[Path], threads: int) -> dict:
+    from hematovision.edge.classify import classify_crops, cut_cells
+    from hematovision.edge.model_bundle import load_bundle
+    from hematovision.edge.pipeline import FieldPipeline
+    from hematovision.pixels import read_rgb
+
+    bundle = load_bundle(model, threads)
+    pipeline = FieldPipeline(bundle)
+    images = [read_rgb(p) for p in paths]
+    seg_ms, cls_ms, total_ms, cells = [], [], [], 0
+    for image in images:
+        seg, ms = timed(pipeline.detect, image)
+        seg_ms.append(ms)
+        crops = cut_cells(image, [c.center for c in seg.cells], seg.um_per_pixel, bundle)
+        if len(crops):
+            _, ms = timed(classify_crops, bundle, crops)
+            cls_ms.append(ms / len(crops))
+            cells += len(crops)
+        _, ms = timed(pipeline.process, image)
+        total_ms.append(ms)
+    classifier_total = statistics.mean(cls_ms) * cells if cls_ms else float("nan")
+    return {"threads": threads, "fields": len(images), "cells": cells,
+            "segment_ms_median": statistics.median(seg_ms), "segment_ms_p95": sorted(seg_ms)[int(0.95 * len(seg_ms))],
+            "classify_ms_per_cell": statistics.median(cls_ms) if cls_ms else float("nan"),
+            "pipeline_ms_per_field": statistics.mean(total_ms),
+            "pipeline_over_classifier": sum(total_ms) / classifier_total}
+
+
+def count_peak_rss_mb(model: Path, paths: list[Path]) -> float:
+    cmd = [str(REPO / ".venv" / "bin" / "hematovision-edge"), "count", "--model", str(model), "--json", *map(str, paths)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "reference")
+    parser.add_argument("--fields", type=Path, default=SHARED_FIELDS if SHARED_FIELDS.is_dir() else SAMPLE_FIELDS)
+    parser.add_argument("--n", type=int, default=100)
+    args = parser.parse_args()
+    paths = field_paths(args.fields, args.n)
+    print(f"{len(paths)} fields from {args.fields.name}, model {args.model.name}")
+    for threads in (1, 2):
+        row = stage_times(args.model, paths, threads)
+        print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(f"peak RSS of `hematovision-edge count` over {len(paths)} fields: {count_peak_rss_mb(args.model, paths):.0f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
