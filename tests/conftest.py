@@ -57,7 +57,7 @@ def lite0_run(tmp_path_factory):
     """A small real transfer-learning run: ImageNet Lite0 at 96 px, head only, on the sample fields."""
     return train_tiny(tmp_path_factory.mktemp("lite0_run"), backbone="efficientnet_lite0",
                       weights="imagenet", input_size=96, head_epochs=12, finetune_epochs=0,
-                      head_lr=3e-3, test_fraction=0.3, augment=False)
+                      head_lr=3e-3, test_fraction=0.3, augment="none")
 
 
 @pytest.fixture(scope="session")
@@ -69,3 +69,97 @@ def tiny_bundle(tiny_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
     export_run(tiny_run.root, out, ExportOptions(margins=GateMargins(100.0, 100.0), calibration_crops=200))
     return out
+
+
+# --- the daemon (edge/daemon.py): a configuration writer and the command that runs it ---------
+
+DAEMON_COMMAND = ["-c", "import sys; from hematovision.edge.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
+
+
+def toml_text(sections: dict) -> str:
+    """A TOML file of nested tables of strings, numbers and booleans."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+
+    lines = []
+    for name, table in sections.items():
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.fixture
+def daemon_config(tmp_path, tiny_bundle, samples_bccd):
+    """make(**sections) writes a daemon configuration replaying the sample fields fast, with its
+    state in tmp_path/state; keyword arguments replace or add tables, e.g. specimen={"target": 5}.
+    """
+    def make(name: str = "config.toml", **sections) -> Path:
+        base = {
+            "model": {"bundle": str(tiny_bundle), "threads": 1},
+            "source": {"kind": "replay", "retry_initial_s": 0.05, "retry_max_s": 0.2},
+            "source.replay": {"path": str(samples_bccd / "BCCD" / "JPEGImages"), "fps": 1000.0},
+            "specimen": {"id": "S-1", "target": 100000},
+            "state": {"directory": str(tmp_path / "state"), "min_free_mb": 1},
+        }
+        for key, table in sections.items():
+            base[key.replace("__", ".")] = {**base.get(key.replace("__", "."), {}), **table}
+        path = tmp_path / name
+        path.write_text(toml_text(base))
+        return path
+
+    return make
+
+
+class NotifyListener:
+    """A real NOTIFY_SOCKET: a Unix datagram socket collecting sd_notify messages."""
+
+    def __init__(self, folder: Path):
+        import socket
+
+        self.path = folder / "notify.sock"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.messages: list[dict[str, str]] = []
+
+    def receive(self, timeout_s: float) -> dict[str, str] | None:
+        self.sock.settimeout(timeout_s)
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            return None
+        message = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
+        self.messages.append(message)
+        return message
+
+    def wait_for(self, key: str, timeout_s: float = 30.0, pid: int | None = None) -> dict[str, str]:
+        """The next message holding `key` (from `pid` when given, by its MAINPID); fails on timeout."""
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while (left := deadline - time.monotonic()) > 0:
+            message = self.receive(left)
+            if message and key in message and (pid is None or message.get("MAINPID") in (None, str(pid))):
+                return message
+        raise AssertionError(f"no {key} within {timeout_s} s; got {self.messages[-5:]}")
+
+    def drain(self) -> None:
+        while self.receive(0.0001) is not None:
+            pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def notify_listener():
+    """A NotifyListener in a short /tmp folder (socket paths are limited to 107 bytes)."""
+    import shutil
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="hv-notify-", dir="/tmp"))
+    listener = NotifyListener(folder)
+    yield listener
+    listener.close()
+    shutil.rmtree(folder, ignore_errors=True)

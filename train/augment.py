@@ -32,6 +32,10 @@ class AugmentParams:
 
 
 NO_AUGMENT = AugmentParams(0, 0, 0, 0, 0, 0, 0, 0, 0)
+# Rotation, zoom, flips and shift only: the colours stay as photographed.
+GEOMETRIC = AugmentParams(stain_scale=0, stain_shift=0, brightness=0, contrast=0, hue_deg=0,
+                          saturation=0, blur_prob=0)
+AUGMENT_MODES = {"full": AugmentParams(), "geometric": GEOMETRIC, "none": None}
 
 
 def random_jitter(rng: np.random.Generator, params: AugmentParams) -> CropJitter:
@@ -48,7 +52,7 @@ def random_jitter(rng: np.random.Generator, params: AugmentParams) -> CropJitter
 
 def jitter_colour(crop: np.ndarray, rng: np.random.Generator, params: AugmentParams) -> np.ndarray:
     """Stain, brightness, contrast, hue and saturation changes of an RGB uint8 crop."""
-    if params == NO_AUGMENT:
+    if params in (NO_AUGMENT, GEOMETRIC):
         return crop
     out = _stain_jitter(crop, rng, params)
     out = _hsv_jitter(out, rng, params)

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--head-lr", type=float, default=1e-3)
     fit.add_argument("--finetune-lr", type=float, default=1e-4)
     fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
-    fit.add_argument("--no-augment", action="store_true")
+    fit.add_argument("--augment", default="full", choices=("full", "geometric", "none"),
+                     help="full: geometry and colour/stain; geometric: rotation, zoom, flips only")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     ev = sub.add_parser("evaluate", help="metrics.json and report.md of a run on a labelled set")
@@ -95,7 +96,7 @@ def _fit(args) -> int:
             crop_side_um=args.crop_um, batch_size=args.batch_size, head_epochs=args.head_epochs,
             finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
             head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
-            augment=not args.no_augment, seed=args.seed, strategy=args.strategy).validate()
+            augment=args.augment, seed=args.seed, strategy=args.strategy).validate()
         prepare_run(run, config, data)
     print(train(run))
     return 0

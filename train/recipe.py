@@ -14,7 +14,7 @@ from hematovision.classes import DEFAULT_CLASSES, validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
 
-from .augment import AugmentParams
+from .augment import AUGMENT_MODES
 from .batches import class_weights, make_sequence
 from .datasets import Dataset
 from .model import build_classifier, freeze_backbone, unfreeze_top
@@ -43,7 +43,7 @@ class TrainConfig:
     label_smoothing: float = 0.05
     dropout: float = 0.3
     patience: int = 5
-    augment: bool = True
+    augment: str = "full"  # full, geometric (no colour changes) or none
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -58,6 +58,7 @@ class TrainConfig:
         validate_class_list(self.classes, "--classes")
         checks = {"input_size": self.input_size >= 32, "batch_size": self.batch_size >= 1,
                   "crop_side_um": self.crop_side_um > 0, "strategy": self.strategy in STRATEGIES,
+                  "augment": self.augment in AUGMENT_MODES,
                   "finetune_fraction": 0 <= self.finetune_fraction <= 1,
                   "head_epochs": self.head_epochs >= 1, "finetune_epochs": self.finetune_epochs >= 0}
         for key, ok in checks.items():
@@ -73,6 +74,8 @@ class TrainConfig:
         if unknown:
             raise ModelInvalid(f"{path}: unknown settings {sorted(unknown)}")
         raw["classes"] = tuple(raw["classes"])
+        if isinstance(raw.get("augment"), bool):  # runs made before the modes existed
+            raw["augment"] = "full" if raw["augment"] else "none"
         return cls(**raw).validate()
 
 
@@ -138,7 +141,7 @@ def train(run: RunPaths) -> Path:
     train_s, val_s = samples_of(rows, "train"), samples_of(rows, "val")
     if not val_s:
         raise DataError("the validation split is empty; give more groups per class")
-    augment = AugmentParams() if config.augment else None
+    augment = AUGMENT_MODES[config.augment]
     train_seq = make_sequence(train_s, config.classes, config.geometry, config.batch_size, augment, config.seed)
     val_seq = make_sequence(val_s, config.classes, config.geometry, config.batch_size, None, config.seed)
     weights = class_weights(train_s, config.classes)
