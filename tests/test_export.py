@@ -119,3 +119,26 @@ def test_threshold_rejects_at_most_two_percent_of_correct_cells():
     assert conf.ece_after <= conf.ece_before + 1e-9
     probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7]])
     assert rejection_threshold(probs, np.array([0, 0, 1]), 0.0) == pytest.approx(0.6)
+
+
+def test_bundle_loads_and_classifies_where_tensorflow_cannot_be_imported(bundle_dir, samples_bccd):
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+class NoTensorFlow:
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'):
+            raise ImportError('TensorFlow is not installed on this device')
+sys.meta_path.insert(0, NoTensorFlow())
+from hematovision.edge.model_bundle import load_bundle
+from hematovision.edge.pipeline import FieldPipeline
+from hematovision.pixels import read_rgb
+result = FieldPipeline(load_bundle({str(bundle_dir)!r})).process(read_rgb({str(samples_bccd / 'BCCD/JPEGImages/BloodImage_00000.jpg')!r}))
+print(len(result.cells), result.cells[0].prediction.label)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    count, label = done.stdout.split()
+    assert int(count) >= 1 and label in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "unidentified")
