@@ -52,6 +52,8 @@ class SegmentParams:
     max_nucleus_area_um2: float = 450.0  # larger stained blobs are debris or clumps
     max_cell_diameter_um: float = 22.0  # groups wider than this are split ...
     max_nucleus_extent_um: float = 15.0  # ... into nuclei no wider than this
+    platelet_area_um2: float = 6.0  # fragments smaller than this join a nucleus only ...
+    platelet_gap_um: float = 1.0  # ... when closer than this (a platelet beside a cell stays out)
     split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum ...
     split_min_radius_um: float = 2.5  # ... in cores at least this thick (thinner ones are lobes)
     cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box
@@ -281,10 +283,8 @@ def _cell_regions(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: floa
         x, y, w, h = stats[i, :4]
         group = labels[y:y + h, x:x + w] == i
         inside = group & (nucleus[y:y + h, x:x + w] > 0)
-        if max(w, h) <= max_px:
-            regions.append(_Region(int(x), int(y), inside))
-            continue
-        for cluster in _cluster_fragments(inside, params, um_per_pixel):
+        limit = params.max_nucleus_extent_um / um_per_pixel if max(w, h) > max_px else math.inf
+        for cluster in _cluster_fragments(inside, params, um_per_pixel, limit):
             parts = _split(cluster, cluster, params, um_per_pixel) if _extent(cluster) > max_px else [cluster]
             regions += [_Region(int(x), int(y), cluster & part) for part in parts]
     return regions
@@ -296,7 +296,8 @@ def _extent(mask: np.ndarray) -> int:
     return max(w, h)
 
 
-def _cluster_fragments(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float) -> list[np.ndarray]:
+def _cluster_fragments(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float,
+                       limit: float) -> list[np.ndarray]:
     """Join the nucleus fragments of a group, nearest gaps first, into clusters no wider than
     `max_nucleus_extent_um` (the lobes of one cell join; the nuclei of two touching cells do not)."""
     count, labels = cv2.connectedComponents(nucleus.astype(np.uint8), connectivity=8)
@@ -304,7 +305,9 @@ def _cluster_fragments(nucleus: np.ndarray, params: SegmentParams, um_per_pixel:
     if len(clusters) < 2:
         return clusters
     gaps = _fragment_gaps(clusters)
-    limit = params.max_nucleus_extent_um / um_per_pixel
+    small = np.array([c.sum() for c in clusters]) < params.platelet_area_um2 / um_per_pixel**2
+    far = (small[:, None] | small[None, :]) & (gaps > params.platelet_gap_um / um_per_pixel)
+    gaps[far] = np.inf
     owner = list(range(len(clusters)))
     for gap, a, b in sorted((gaps[a, b], a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))):
         ra, rb = owner[a], owner[b]
