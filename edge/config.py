@@ -115,7 +115,7 @@ class Config:
     def resolve(self, value: str) -> Path:
         """An input path of this file: relative paths are relative to the file's folder."""
         path = Path(value).expanduser()
-        return path if path.is_absolute() else self.path.resolve().parent / path
+        return path if path.is_absolute() else (self.path.resolve().parent / path).resolve()
 
     def bundle_path(self) -> Path:
         if self.model.bundle:

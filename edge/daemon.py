@@ -105,6 +105,7 @@ class Daemon:
         self.counts: dict[str, int] = {}
         self.announced = self.refused_id = False
         self.next_delivery = 0.0
+        self.fresh_pipeline = pipeline_state(pipeline)
 
     def run(self) -> int:
         """Count until stopped (0) or, for a replay without loop, until the recording ends (0)."""
@@ -140,7 +141,7 @@ class Daemon:
         state = self.specimen.tracker_state if self.specimen else None
         self.selector = make_selector(self.config.counting.mode, state) if self.specimen else None
         self.counts = self.store.label_counts(self.specimen) if self.specimen else {}
-        restore_pipeline_state(self.pipeline, self.store.pipeline_state())
+        restore_pipeline_state(self.pipeline, {**self.fresh_pipeline, **(self.store.pipeline_state() or {})})
 
     def announce_ready(self) -> None:
         if not self.announced:
@@ -149,7 +150,7 @@ class Daemon:
             logger.info("ready: model %s, source %s", self.pipeline.bundle.path.name, self.key)
 
     def pause(self, status: str, seconds: float) -> None:
-        logger.warning("%s (next try in %.0f s)", status, seconds)
+        logger.warning("%s (next try in %.3g s)", status, seconds)
         self.notifier.status(status)
         self.notifier.wait(self.stop, seconds)
 
@@ -326,15 +327,30 @@ def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
                    result.thumbnail_jpeg)
 
 
-def pipeline_state(pipeline: FieldPipeline) -> dict | None:
-    """The pipeline's running red-cell pixel-size estimates: carried from field to field."""
-    estimates = getattr(pipeline, "_estimates", None)
-    return None if estimates is None else {"um_per_pixel_estimates": list(estimates[-PIXEL_SIZE_HISTORY:])}
+def pipeline_state(pipeline: FieldPipeline) -> dict:
+    """What the pipeline carries from field to field (its running red-cell pixel-size estimate).
+
+    FieldPipeline has no public state API yet: its private counters and lists of numbers are
+    saved, lists cut to the PIXEL_SIZE_HISTORY values its median looks at.
+    """
+    state = {}
+    for name, value in vars(pipeline).items():
+        if name.startswith("_") and _plain_number(value):
+            state[name] = value
+        elif name.startswith("_") and isinstance(value, list) and all(map(_plain_number, value)):
+            state[name] = value[-PIXEL_SIZE_HISTORY:]
+    return state
 
 
 def restore_pipeline_state(pipeline: FieldPipeline, state: dict | None) -> None:
-    if hasattr(pipeline, "_estimates"):
-        pipeline._estimates = list((state or {}).get("um_per_pixel_estimates", []))
+    """Put back what pipeline_state saved (a fresh pipeline's values stay where nothing was saved)."""
+    for name, value in (state or {}).items():
+        if hasattr(pipeline, name):
+            setattr(pipeline, name, list(value) if isinstance(value, list) else value)
+
+
+def _plain_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> dict:
