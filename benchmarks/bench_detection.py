@@ -8,6 +8,12 @@ Every detection (whole and edge-cut cells) is matched one-to-one to the annotate
 greedily by IoU; a match needs IoU >= 0.5. A second figure matches a detection to a box when
 its centre lies inside the box. The lab of a TXL-PBC field is told by its image size. The pixel
 size is always estimated from the red cells, as no lab's pixel size is known.
+
+Unmatched annotated boxes are then sorted by kind (`miss_kind`): annotation artefacts
+(duplicate boxes, slivers of cells cut by the frame, boxes too small for a white cell, judged
+against the lab's median box side, so without the estimated pixel size) and segmenter misses
+(a box with IoU < 0.5 around a found cell, or no cell found), with the recall that leaves the
+artefacts out printed beside the plain one. The plain recall is the headline figure.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import statistics
 import sys
 import time
@@ -75,15 +82,7 @@ def iou(a, b) -> float:
 
 def match_iou(detected, truth, threshold: float = 0.5) -> int:
     """Number of one-to-one matches, greedily by decreasing IoU."""
-    pairs = sorted(((iou(d, t), i, j) for i, d in enumerate(detected) for j, t in enumerate(truth)), reverse=True)
-    used_d, used_t = set(), set()
-    for value, i, j in pairs:
-        if value < threshold:
-            break
-        if i not in used_d and j not in used_t:
-            used_d.add(i)
-            used_t.add(j)
-    return len(used_t)
+    return len(matched_truth(detected, truth, threshold))
 
 
 def match_centre(centres, truth) -> int:
@@ -97,9 +96,24 @@ def match_centre(centres, truth) -> int:
     return len(used)
 
 
+def matched_truth(detected, truth, threshold: float = 0.5) -> set[int]:
+    """Indices of the annotated boxes matched one-to-one, greedily by decreasing IoU."""
+    pairs = sorted(((iou(d, t), i, j) for i, d in enumerate(detected) for j, t in enumerate(truth)), reverse=True)
+    used_d, used_t = set(), set()
+    for value, i, j in pairs:
+        if value < threshold:
+            break
+        if i not in used_d and j not in used_t:
+            used_d.add(i)
+            used_t.add(j)
+    return used_t
+
+
 def evaluate(fields, params: SegmentParams) -> dict:
-    """Counts per lab: truth, detections, IoU matches, centre matches, calibration failures."""
+    """Counts per lab: truth, detections, IoU matches, centre matches, calibration failures,
+    and the unmatched annotated boxes by kind (see `miss_kind`)."""
     counts = defaultdict(lambda: defaultdict(int))
+    records = []
     for lab, image, truth in fields:
         c = counts[lab]
         c["fields"] += 1
@@ -108,11 +122,49 @@ def evaluate(fields, params: SegmentParams) -> dict:
             cells = segment(image, params).all_cells
         except CalibrationError:
             c["no_pixel_size"] += 1
-            continue
+            cells = ()
+        boxes = [d.bbox for d in cells]
+        matched = matched_truth(boxes, truth)
         c["detected"] += len(cells)
-        c["iou"] += match_iou([d.bbox for d in cells], truth)
+        c["iou"] += len(matched)
         c["centre"] += match_centre([d.center for d in cells], truth)
+        records.append((lab, image.shape[:2], truth, cells, matched))
+    _count_misses(counts, records)
     return counts
+
+
+def _count_misses(counts: dict, records: list) -> None:
+    """Add 'miss:<kind>' counts: each annotated box left unmatched, classified by `miss_kind`."""
+    sizes = defaultdict(list)
+    for lab, _, truth, _, _ in records:
+        sizes[lab] += [math.sqrt((t[2] - t[0]) * (t[3] - t[1])) for t in truth]
+    typical = {lab: statistics.median(v) for lab, v in sizes.items() if v}
+    for lab, shape, truth, cells, matched in records:
+        for j, box in enumerate(truth):
+            if j not in matched:
+                counts[lab]["miss:" + miss_kind(box, truth, cells, shape, typical[lab])] += 1
+
+
+ARTEFACTS = ("duplicate", "sliver", "too small")
+
+
+def miss_kind(box, truth, cells, shape, typical_side: float) -> str:
+    """Why an annotated box was not matched. Annotation artefacts: 'duplicate' (IoU > 0.7 with
+    another annotated box), 'sliver' (cut by the frame, its short side under a third of the
+    lab's median box side), 'too small' (inside the frame, its side under 0.4 of the median).
+    Segmenter misses: 'box' (a detection's centre lies inside, but IoU < 0.5) or 'not found'."""
+    h, w = shape
+    if any(other is not box and iou(box, other) > 0.7 for other in truth):
+        return "duplicate"
+    bw, bh = box[2] - box[0], box[3] - box[1]
+    cut = box[0] <= 2 or box[1] <= 2 or box[2] >= w - 2 or box[3] >= h - 2
+    if cut and min(bw, bh) < typical_side / 3:
+        return "sliver"
+    if not cut and math.sqrt(bw * bh) < 0.4 * typical_side:
+        return "too small"
+    if any(box[0] <= d.center[0] <= box[2] and box[1] <= d.center[1] <= box[3] for d in cells):
+        return "box"
+    return "not found"
 
 
 def load_txl(root: Path, split: str):
@@ -141,6 +193,19 @@ def report(title: str, counts: dict) -> None:
         prec_c = c["centre"] / max(1, c["detected"])
         print(f"{lab:12s} {c['fields']:6d} {c['truth']:5d} {c['detected']:5d} {rec:7.3f} {prec:7.3f} "
               f"{rec_c:7.3f} {prec_c:7.3f} {c['no_pixel_size']:5d}")
+    report_misses(counts)
+
+
+def report_misses(counts: dict) -> None:
+    """Unmatched annotated boxes by kind, and the recall with annotation artefacts set aside."""
+    kinds = ARTEFACTS + ("box", "not found")
+    print(f"misses by kind (annotation artefacts: {', '.join(ARTEFACTS)}):")
+    print(f"{'lab':12s} " + " ".join(f"{k:>10s}" for k in kinds) + f" {'recall w/o artefacts':>21s}")
+    for lab in sorted(counts):
+        c = counts[lab]
+        artefacts = sum(c["miss:" + k] for k in ARTEFACTS)
+        rec = c["iou"] / max(1, c["truth"] - artefacts)
+        print(f"{lab:12s} " + " ".join(f"{c['miss:' + k]:10d}" for k in kinds) + f" {rec:21.3f}")
 
 
 def time_fields(images, params: SegmentParams, repeats: int = 3) -> tuple[float, float]:
