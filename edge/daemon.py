@@ -62,16 +62,38 @@ class FieldSelector:
         return None
 
 
+class ScanSelector:
+    """Overlapping frames of a panned slide: the count-once tracker (edge/track.py) says which
+    whole cells are new and where they lie on the slide; blurred and moving frames count nothing.
+    """
+
+    def __init__(self, state: dict | None):
+        from .track import CountOnce  # noqa: PLC0415
+
+        self.tracker = CountOnce.from_dict(state) if state else CountOnce()
+
+    def select(self, image, seg: Segmentation) -> Selection:
+        """Raises DataError for a frame the tracker cannot place (no pixel size, size changed)."""
+        from .track import BLURRED, COUNTED, frame_focus  # noqa: PLC0415
+
+        if not seg.um_per_pixel == seg.um_per_pixel:  # nan: no pixel size measured yet
+            raise DataError("no pixel size yet: the frame cannot be placed on the slide")
+        result = self.tracker.feed(image, seg, frame_focus(image, seg.um_per_pixel))
+        kind = "used" if result.status == COUNTED else "blur" if result.status == BLURRED else "motion"
+        return Selection(kind, tuple(n.detection for n in result.new_cells),
+                         tuple(tuple(n.cell.position_um) for n in result.new_cells))
+
+    def to_dict(self) -> dict | None:
+        # Keyframes (about 10 kB each) are left out of the per-frame commit: after a restart a
+        # jump is relocalised against keyframes seen since, or starts a new map.
+        return self.tracker.to_dict(keyframes=False)
+
+
 def make_selector(mode: str, state: dict | None) -> CellSelector:
-    """The selector of `counting.mode`, restored from its saved state. Raises ConfigError."""
-    if mode == "fields":
-        return FieldSelector()
-    try:
-        from .track import daemon_selector  # noqa: PLC0415 - the count-once tracker of overlapping frames
-    except ImportError as err:
-        raise ConfigError(f"counting.mode = \"scan\" needs the tracker (edge/track.py): {err}; "
-                          "use counting.mode = \"fields\"") from err
-    return daemon_selector(state)
+    """The selector of `counting.mode`, restored from its saved state. Raises DataError for a
+    saved tracker state that cannot be read.
+    """
+    return FieldSelector() if mode == "fields" else ScanSelector(state)
 
 
 # --- the service -----------------------------------------------------------------------
@@ -195,7 +217,11 @@ class Daemon:
         except DataError as err:
             logger.warning("frame %d unusable: %s", frame.index, err)
             return self.unusable(specimen, frame.index)
-        selection = self.selector.select(image, seg)
+        try:
+            selection = self.selector.select(image, seg)
+        except DataError as err:
+            logger.warning("frame %d not placed: %s", frame.index, err)
+            return self.unusable(specimen, frame.index)
         results = self.pipeline.classify(image, selection.cells, seg.um_per_pixel) if selection.cells else ()
         cells = tuple(new_cell(r, xy) for r, xy in zip(results, selection.slide_xy_um))
         return FrameRecord(specimen, self.key, frame.index, selection.kind, cells, len(seg.edge_cells),

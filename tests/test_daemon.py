@@ -430,3 +430,47 @@ def test_opencv_source_delivers_frames_from_a_usb_camera():
     finally:
         source.close()
     assert frame.image.ndim == 3 and frame.index == 0
+
+
+# --- scan mode: overlapping frames through the count-once tracker ----------------------------
+
+@pytest.fixture(scope="module")
+def simulated_scan(tmp_path_factory, samples_bccd) -> Path:
+    from hematovision.edge.scansim import ScanSettings, build_slide, field_paths, scan, write_scan
+
+    settings = ScanSettings(columns=2, rows=2, detours=1, seed=3)
+    slide = build_slide(field_paths(samples_bccd, 4), settings)
+    folder = write_scan(scan(slide, settings), tmp_path_factory.mktemp("simscan"), slide, ".jpg")
+    (folder / "truth.json").unlink()
+    return folder
+
+
+def test_scan_mode_stopped_and_resumed_counts_what_an_uninterrupted_scan_counts(
+        tmp_path, tiny_bundle, simulated_scan, monkeypatch):
+    whole = write_config(tmp_path / "whole", tiny_bundle, simulated_scan, counting={"mode": "scan"})
+    run_daemon(whole)
+    expected = snapshot(tmp_path / "whole" / "state")
+    assert expected["cells"] and expected["specimens"][0][3] > 0
+
+    resumed = write_config(tmp_path / "resumed", tiny_bundle, simulated_scan, counting={"mode": "scan"})
+    real_open = open_source
+
+    @contextlib.contextmanager
+    def stopping_every_seven(config, position, profile=None):
+        with real_open(config, position, profile) as source:
+            inner, started = source.next_frame, source.position
+
+            def next_frame(stop):
+                if source.position - started == 7:
+                    stop.set()  # as SIGTERM: this session ends, the next run resumes
+                return inner(stop)
+
+            source.next_frame = next_frame
+            yield source
+
+    monkeypatch.setattr(daemon_module, "open_source", stopping_every_seven)
+    for _ in range(100):
+        run_daemon(resumed)
+        if snapshot(tmp_path / "resumed" / "state")["specimens"][0][1] == "finished":
+            break
+    assert snapshot(tmp_path / "resumed" / "state") == expected
