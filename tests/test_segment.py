@@ -158,3 +158,40 @@ def test_detection_fields_are_in_full_resolution_pixels_and_um(fields):
     x0, y0, x1, y1 = cell.bbox
     assert 0 <= x0 < cell.center[0] < x1 <= image.shape[1] and 0 <= y0 < cell.center[1] < y1 <= image.shape[0]
     assert 10 < cell.area_um2 < 200 and cell.focus > 0
+
+
+def _iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
+    return ix * iy / union if union > 0 else 0.0
+
+
+def test_cell_boxes_overlap_the_annotated_boxes(fields):
+    ious = []
+    for _, image, xml_path in fields:
+        h, w = image.shape[:2]
+        cells = segment(image).all_cells
+        for box in (b for b in _boxes(xml_path, "WBC") if _inside_frame(b, w, h)):
+            ious.append(max((_iou(c.bbox, box) for c in cells), default=0.0))
+    assert np.mean(np.array(ious) >= 0.5) >= 0.9, f"box IoUs {np.round(ious, 2)}"
+
+
+def _lobes(cx: int, cy: int) -> list[tuple[int, int]]:
+    """Centres of three 3 um lobes 1 um apart at 0.1 um per pixel (one neutrophil nucleus)."""
+    return [(cx - 35, cy), (cx, cy - 20), (cx + 35, cy)]
+
+
+def test_lobed_nuclei_of_two_touching_cells_stay_two_cells():
+    # lobes are too thin to be split markers; the two nuclei are 3 um apart, each 10 um wide
+    image = _disc_field(_lobes(150, 200) + _lobes(280, 200), radius_px=15)
+    xs = sorted(c.center[0] for c in segment(image, um_per_pixel=0.1).cells)
+    assert len(xs) == 2 and xs[0] == pytest.approx(150, abs=10) and xs[1] == pytest.approx(280, abs=10)
+
+
+def test_platelet_beside_a_cell_stays_out_of_its_box():
+    alone = segment(_disc_field([(200, 200)], radius_px=45), um_per_pixel=0.1).cells
+    image = _disc_field([(200, 200)], radius_px=45)
+    cv2.circle(image, (266, 200), 10, (110, 40, 150), thickness=-1)  # 2 um platelet, 1 um gap
+    cells = segment(image, um_per_pixel=0.1).cells
+    assert len(cells) == 1 and cells[0].bbox == alone[0].bbox
