@@ -142,19 +142,22 @@ def _count_misses(counts: dict, records: list) -> None:
     for lab, shape, truth, cells, matched in records:
         for j, box in enumerate(truth):
             if j not in matched:
-                counts[lab]["miss:" + miss_kind(box, truth, cells, shape, typical[lab])] += 1
+                counts[lab]["miss:" + miss_kind(j, truth, matched, cells, shape, typical[lab])] += 1
 
 
 ARTEFACTS = ("duplicate", "sliver", "too small")
 
 
-def miss_kind(box, truth, cells, shape, typical_side: float) -> str:
-    """Why an annotated box was not matched. Annotation artefacts: 'duplicate' (IoU > 0.7 with
-    another annotated box), 'sliver' (cut by the frame, its short side under a third of the
-    lab's median box side), 'too small' (inside the frame, its side under 0.4 of the median).
-    Segmenter misses: 'box' (a detection's centre lies inside, but IoU < 0.5) or 'not found'."""
+def miss_kind(j: int, truth, matched: set[int], cells, shape, typical_side: float) -> str:
+    """Why annotated box `j` was not matched. Annotation artefacts: 'duplicate' (IoU > 0.5 with
+    another annotated box that was matched or comes first: one cell boxed twice, as two whole
+    cells hardly overlap so much), 'sliver' (cut by the frame, its short side under a third of
+    the lab's median box side), 'too small' (inside the frame, its side under 0.4 of the median).
+    Segmenter misses: 'box' (a detection's centre lies inside, but no one-to-one IoU >= 0.5
+    match) or 'not found'."""
     h, w = shape
-    if any(other is not box and iou(box, other) > 0.7 for other in truth):
+    box = truth[j]
+    if any(k != j and (k in matched or k < j) and iou(box, other) > 0.5 for k, other in enumerate(truth)):
         return "duplicate"
     bw, bh = box[2] - box[0], box[3] - box[1]
     cut = box[0] <= 2 or box[1] <= 2 or box[2] >= w - 2 or box[3] >= h - 2
