@@ -18,6 +18,7 @@ LOW_RESPONSE = "low response"
 DISAGREE = "overlap does not match"
 SMALL_OVERLAP = "overlap too small"
 TOO_FAST = "implausible shift"
+MAX_RESIDUAL_PX = 12.0  # working pixels; a larger residual shift leaves the first estimate
 
 
 @dataclass(frozen=True)
@@ -95,19 +96,22 @@ def _window(height: int, width: int) -> np.ndarray:
 
 
 def register(reference: WorkFrame, moving: WorkFrame, params: RegisterParams = DEFAULT_REGISTER,
-             max_shift_um: float | None = None) -> Registration:
+             max_shift_um: float | None = None, guess_um: tuple[float, float] | None = None) -> Registration:
     """Stage motion from `reference` to `moving` (see Registration).
 
     `max_shift_um` bounds a plausible shift (default `params.max_speed_um`, one frame;
-    math.inf when relocalising). Raises DataError when the two frames differ in size.
+    math.inf when relocalising). With `guess_um` (a shift known to a few um) only the parts
+    the guess says the frames share are correlated. Raises DataError when the frames differ in size.
     """
     if reference.gray.shape != moving.gray.shape:
         raise DataError(f"cannot register a {moving.gray.shape[::-1]} frame against a "
                         f"{reference.gray.shape[::-1]} one: keep the camera resolution fixed during a scan")
-    h, w = reference.gray.shape
-    (px, py), response = cv2.phaseCorrelate(reference.gray.astype(np.float32), moving.gray.astype(np.float32),
-                                            _window(h, w))
-    dx, dy = -px, -py
+    if guess_um is None:
+        dx, dy, response = _phase_shift(reference.gray, moving.gray)
+    else:
+        (dx, dy), response = (v / reference.work_um_per_pixel for v in guess_um), 1.0
+    dx, dy, refined = _refine(reference.gray, moving.gray, dx, dy, params)
+    response = response if guess_um is None else refined
     agreement, overlap = overlap_agreement(reference.gray, moving.gray, round(dx), round(dy))
     work_um = reference.work_um_per_pixel
     shift_um = (dx * work_um, dy * work_um)
@@ -115,6 +119,27 @@ def register(reference: WorkFrame, moving: WorkFrame, params: RegisterParams = D
     reason = _verdict(params, response, agreement, overlap, math.hypot(*shift_um) > limit)
     return Registration(shift_px=(dx / reference.scale, dy / reference.scale), shift_um=shift_um,
                         response=float(response), agreement=agreement, ok=not reason, reason=reason)
+
+
+def _phase_shift(reference: np.ndarray, moving: np.ndarray) -> tuple[float, float, float]:
+    """(dx, dy, peak response) of the phase correlation of two same-size images, Hanning-windowed."""
+    h, w = reference.shape
+    (px, py), response = cv2.phaseCorrelate(reference.astype(np.float32), moving.astype(np.float32), _window(h, w))
+    return -px, -py, float(response)
+
+
+def _refine(reference: np.ndarray, moving: np.ndarray, dx: float, dy: float,
+            params: RegisterParams) -> tuple[float, float, float]:
+    """Correlate again the parts the two frames share at the whole-pixel shift: a small residual
+    shift is measured without the pull towards zero that a large one suffers."""
+    ix, iy = round(dx), round(dy)
+    h, w = reference.shape
+    if (w - abs(ix)) * (h - abs(iy)) < params.min_overlap * w * h or min(w - abs(ix), h - abs(iy)) < 16:
+        return dx, dy, 0.0
+    a = reference[max(0, iy):h + min(0, iy), max(0, ix):w + min(0, ix)]
+    b = moving[max(0, -iy):h + min(0, -iy), max(0, -ix):w + min(0, -ix)]
+    rx, ry, response = _phase_shift(a, b)
+    return (ix + rx, iy + ry, response) if max(abs(rx), abs(ry)) <= MAX_RESIDUAL_PX else (dx, dy, 0.0)
 
 
 def _verdict(params: RegisterParams, response: float, agreement: float, overlap: float, too_fast: bool) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +16,13 @@ import numpy as np
 from hematovision.errors import DataError
 from hematovision.pixels import read_rgb
 
+from .register import RegisterParams, prepare, register
+
 logger = logging.getLogger(__name__)
 
 BCCD_UM_PER_PIXEL = 0.072  # 7.5 um over the median annotated red-cell box (about 104 px) in BCCD
 STEP, FAST, JUMP, START = "step", "fast", "jump", "start"
+SAME_PLACE = RegisterParams(min_response=0.1, min_agreement=0.7)  # two fields registering like this overlap
 
 
 @dataclass(frozen=True)
@@ -77,18 +81,29 @@ class SimFrame:
     visible: tuple[int, ...]  # ids of whole truth cells fully in view
 
 
-def field_paths(root: Path, count: int) -> list[tuple[Path, Path]]:
-    """(image, VOC annotation) of the first `count` fields with a white cell under root/BCCD.
+def field_paths(root: Path, count: int, skip: int = 0) -> list[tuple[Path, Path]]:
+    """(image, VOC annotation) of `count` fields under root/BCCD that hold a white cell and show
+    no part of each other, in name order after the first `skip` such fields.
 
-    Raises DataError when fewer are found.
+    BCCD re-photographs some places in shifted fields; a mosaic holding both would show one
+    place twice, which no slide does. Raises DataError when too few fields are found.
     """
     ann_dir, img_dir = Path(root) / "BCCD" / "Annotations", Path(root) / "BCCD" / "JPEGImages"
     pairs = [(img_dir / (xml.stem + ".jpg"), xml) for xml in sorted(ann_dir.glob("*.xml"))]
-    pairs = [(img, xml) for img, xml in pairs if img.is_file() and wbc_boxes(xml)]
-    if len(pairs) < count:
-        raise DataError(f"{root}: {len(pairs)} annotated fields with a white cell, the scan needs {count}; "
-                        "expected BCCD/{JPEGImages,Annotations} there")
-    return pairs[:count]
+    chosen, seen = [], []
+    for image_path, xml_path in pairs:
+        if len(chosen) == skip + count:
+            break
+        if not image_path.is_file() or not wbc_boxes(xml_path):
+            continue
+        work = prepare(read_rgb(image_path), BCCD_UM_PER_PIXEL)
+        if not any(register(other, work, SAME_PLACE, max_shift_um=math.inf).ok for other in seen):
+            chosen.append((image_path, xml_path))
+            seen.append(work)
+    if len(chosen) < skip + count:
+        raise DataError(f"{root}: {len(chosen)} distinct annotated fields with a white cell, the scan needs "
+                        f"{skip + count}; expected BCCD/{{JPEGImages,Annotations}} there")
+    return chosen[skip:]
 
 
 def wbc_boxes(xml_path: Path) -> list[tuple[int, int, int, int]]:

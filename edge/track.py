@@ -36,13 +36,14 @@ class TrackParams:
     register: RegisterParams = DEFAULT_REGISTER
     relocalise: RegisterParams = RegisterParams(min_response=0.1, min_agreement=0.7)  # against keyframes
     focus_ratio: float = 0.5  # a frame sharper than this fraction of the recent median is in focus ...
-    min_focus: float = 0.0  # ... and than this absolute floor (segment.focus_measure units)
+    min_focus: float = 0.0005  # ... and than this floor (frame_focus units; sharp BCCD fields: 0.0006 up)
     focus_history: int = 15  # frames in the recent median
     max_count_speed_um: float = 12.0  # per frame; faster frames are smeared and not counted
     match_radius_um: float = 6.0  # a cell this close to a counted cell of the same map is that cell
     descriptor_side_um: float = 14.0  # thumbnail square around the cell centre ...
-    descriptor_px: int = 16  # ... resampled to this many pixels a side
-    min_similarity: float = 0.85  # thumbnails correlating above this show the same cell
+    descriptor_px: int = 24  # ... resampled to this many pixels a side ...
+    descriptor_highpass_um: float = 1.2  # ... less its blur by a Gaussian this wide (keeps texture, drops the blob)
+    min_similarity: float = 0.7  # thumbnails correlating above this show the same cell
     keyframe_spacing_um: float = 12.0  # a keyframe is kept when none of its map lies this close
     max_keyframes: int = 500  # the oldest are dropped beyond this
 
@@ -131,11 +132,15 @@ def frame_focus(image_rgb: np.ndarray, um_per_pixel: float, params: SegmentParam
 
 def descriptor(image_rgb: np.ndarray, center: tuple[float, float], um_per_pixel: float,
                params: TrackParams = DEFAULT_TRACK) -> np.ndarray:
-    """Normalised gray thumbnail (int8) of the square of `descriptor_side_um` around a cell centre."""
+    """High-passed, normalised gray thumbnail (int8) of the `descriptor_side_um` square around a
+    cell centre. Every white cell is a dark blob on a pale ground; the high-pass keeps what tells
+    two cells apart (nucleus lobes, granules, the red cells around)."""
     side = max(params.descriptor_px, int(round(params.descriptor_side_um / um_per_pixel)))
     gray = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2GRAY)
     patch = cv2.getRectSubPix(gray, (side, side), (float(center[0]), float(center[1])))
-    small = cv2.resize(patch, (params.descriptor_px,) * 2, interpolation=cv2.INTER_AREA).astype(np.float32).ravel()
+    small = cv2.resize(patch, (params.descriptor_px,) * 2, interpolation=cv2.INTER_AREA).astype(np.float32)
+    sigma = params.descriptor_highpass_um * params.descriptor_px / params.descriptor_side_um
+    small = (small - cv2.GaussianBlur(small, (0, 0), sigma)).ravel()
     small -= small.mean()
     norm = float(np.linalg.norm(small))
     return np.round(small * (127.0 / norm if norm > 0 else 0.0)).astype(np.int8)
@@ -160,6 +165,7 @@ class CountOnce:
         self._focus: deque[float] = deque(maxlen=params.focus_history)
         self._keyframes: deque[_Keyframe] = deque(maxlen=params.max_keyframes)
         self._reference: WorkFrame | None = None
+        self._sharp: _Keyframe | None = None  # the last frame in focus, when the reference is not
         self._since_reference = 1
         self._map, self._maps, self._position = 0, 1, (0.0, 0.0)
         self._index = 0
@@ -204,14 +210,16 @@ class CountOnce:
     def _place(self, work: WorkFrame, blurred: bool) -> _Placement:
         """Register to the previous frame; on failure relocalise, or start a new map."""
         if self._reference is None and not self._cells and not self._keyframes:
+            self._skip_blurred(work, blurred)
             self._set_reference(work)
             return _Placement(None)
         if self._reference is not None:
             limit = self.params.register.max_speed_um * self._since_reference
             reg = register(self._reference, work, self.params.register, max_shift_um=limit)
             if reg.ok:
-                self._position = (self._position[0] + reg.shift_um[0], self._position[1] + reg.shift_um[1])
                 speed = reg.distance_um / self._since_reference
+                self._position = (self._position[0] + reg.shift_um[0], self._position[1] + reg.shift_um[1])
+                self._skip_blurred(work, blurred)
                 self._set_reference(work)
                 return _Placement(reg, speed)
             logger.warning("registration lost at frame %d (%s: response %.3f, agreement %.2f)",
@@ -235,8 +243,22 @@ class CountOnce:
             placement.events.append(NEW_MAP)
             logger.warning("frame %d could not be relocalised: new map %d, its cells are checked against "
                            "counted cells by appearance", self._index, self._map)
+        self._sharp = None if blurred else _Keyframe(self._map, self._position, work)
         self._set_reference(work)
         return placement
+
+    def _skip_blurred(self, work: WorkFrame, blurred: bool) -> None:
+        """Place a sharp frame against the last sharp one, not through blurred frames in between:
+        a smeared frame registers with a bias of a few pixels that would add up along the scan."""
+        sharp = self._sharp
+        if not blurred and sharp is not None and sharp.map == self._map and sharp.work is not self._reference:
+            guess = (self._position[0] - sharp.position_um[0], self._position[1] - sharp.position_um[1])
+            reg = register(sharp.work, work, self.params.register, max_shift_um=math.inf, guess_um=guess)
+            logger.debug("frame %d placed against the last sharp frame: %s", self._index, reg)
+            if reg.ok:
+                self._position = (sharp.position_um[0] + reg.shift_um[0], sharp.position_um[1] + reg.shift_um[1])
+        if not blurred:
+            self._sharp = _Keyframe(self._map, self._position, work)
 
     def _set_reference(self, work: WorkFrame) -> None:
         self._reference, self._since_reference = work, 1
@@ -309,10 +331,10 @@ class CountOnce:
                  "position_um": list(self._position), "since_reference": self._since_reference,
                  "focus_history": list(self._focus), "counters": asdict(self._counters),
                  "cells": [c.to_dict() for c in self._cells],
-                 "reference": _work_to_dict(self._reference) if self._reference is not None else None}
+                 "reference": _work_to_dict(self._reference) if self._reference is not None else None,
+                 "sharp": _key_to_dict(self._sharp) if self._sharp is not None else None}
         if keyframes:
-            state["keyframes"] = [{"map": k.map, "position_um": list(k.position_um), **_work_to_dict(k.work)}
-                                  for k in self._keyframes]
+            state["keyframes"] = [_key_to_dict(k) for k in self._keyframes]
         return state
 
     @classmethod
@@ -334,9 +356,17 @@ class CountOnce:
         self._counters = TrackCounters(**state["counters"])
         self._cells = [CountedCell.from_dict(c) for c in state["cells"]]
         self._reference = _work_from_dict(state["reference"]) if state["reference"] else None
-        self._keyframes.extend(_Keyframe(int(k["map"]), tuple(k["position_um"]), _work_from_dict(k))
-                               for k in state.get("keyframes", ()))
+        self._sharp = _key_from_dict(state["sharp"]) if state.get("sharp") else None
+        self._keyframes.extend(_key_from_dict(k) for k in state.get("keyframes", ()))
         return self
+
+
+def _key_to_dict(key: _Keyframe) -> dict:
+    return {"map": key.map, "position_um": list(key.position_um), **_work_to_dict(key.work)}
+
+
+def _key_from_dict(data: dict) -> _Keyframe:
+    return _Keyframe(int(data["map"]), tuple(float(v) for v in data["position_um"]), _work_from_dict(data))
 
 
 def _work_to_dict(work: WorkFrame) -> dict:
