@@ -43,8 +43,8 @@ class SegmentParams:
     stain_relative: float = 0.4
     stain_threshold_weak: float = 120.0  # a nucleus extends over pixels above these (hysteresis)
     stain_relative_weak: float = 0.2
-    stain_above_red_cells: float = 90.0  # ... or this far above the red-cell level, if lower than the floor
-    stain_above_red_cells_weak: float = 70.0
+    stain_above_red_cells: float = 90.0  # floors above lowered to this far above the red-cell
+    stain_above_red_cells_weak: float = 70.0  # level where that is lower (pale stains)
     min_fragment_area_um2: float = 1.0  # smaller stained specks are dropped
     group_distance_um: float = 3.0  # nucleus fragments closer than this are one cell
     min_nucleus_area_um2: float = 14.0  # a white cell's nucleus is at least this big ...
@@ -247,8 +247,10 @@ def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: flo
 
 
 def _stain_thresholds(feature: np.ndarray, params: SegmentParams) -> tuple[float, float]:
-    """(strong, weak) stain thresholds: absolute floors, or fractions of the way from the
-    field's red-cell level to its nucleus level, whichever is higher."""
+    """(strong, weak) stain thresholds: the higher of a floor and a fraction of the way from the
+    field's red-cell level to its nucleus level. The floor is the absolute threshold, or a fixed
+    step above the red-cell level where that is lower (pale stains, where nuclei never reach
+    the absolute threshold)."""
     sample = feature[:: 2, :: 2]
     level = float(np.percentile(sample, params.red_cell_percentile))
     span = float(np.percentile(sample, params.nucleus_percentile)) - level
@@ -299,20 +301,31 @@ def _extent(mask: np.ndarray) -> int:
 def _cluster_fragments(nucleus: np.ndarray, params: SegmentParams, um_per_pixel: float,
                        limit: float) -> list[np.ndarray]:
     """Join the nucleus fragments of a group, nearest gaps first, into clusters no wider than
-    `max_nucleus_extent_um` (the lobes of one cell join; the nuclei of two touching cells do not)."""
+    `limit` pixels (the lobes of one cell join; the nuclei of two touching cells do not).
+
+    Fragments smaller than `platelet_area_um2` join only across gaps up to `platelet_gap_um`,
+    so a platelet lying beside a cell neither widens its box nor adds to its nucleus.
+    """
     count, labels = cv2.connectedComponents(nucleus.astype(np.uint8), connectivity=8)
-    clusters = [labels == k for k in range(1, count)]
-    if len(clusters) < 2:
-        return clusters
-    gaps = _fragment_gaps(clusters)
-    small = np.array([c.sum() for c in clusters]) < params.platelet_area_um2 / um_per_pixel**2
-    far = (small[:, None] | small[None, :]) & (gaps > params.platelet_gap_um / um_per_pixel)
-    gaps[far] = np.inf
-    owner = list(range(len(clusters)))
-    for gap, a, b in sorted((gaps[a, b], a, b) for a in range(len(clusters)) for b in range(a + 1, len(clusters))):
-        ra, rb = owner[a], owner[b]
-        if gap > params.group_distance_um / um_per_pixel:
+    fragments = [labels == k for k in range(1, count)]
+    if len(fragments) < 2:
+        return fragments
+    gaps = _fragment_gaps(fragments)
+    small = np.array([f.sum() for f in fragments]) < params.platelet_area_um2 / um_per_pixel**2
+    gaps[(small[:, None] | small[None, :]) & (gaps > params.platelet_gap_um / um_per_pixel)] = np.inf
+    return _join_nearest(fragments, gaps, params.group_distance_um / um_per_pixel, limit)
+
+
+def _join_nearest(fragments: list[np.ndarray], gaps: np.ndarray, max_gap: float, limit: float) -> list[np.ndarray]:
+    """Single-linkage joining of fragments across gaps up to `max_gap`, nearest first, skipping
+    any join that would make a cluster wider than `limit` pixels."""
+    clusters = list(fragments)
+    owner = list(range(len(fragments)))
+    pairs = sorted((gaps[a, b], a, b) for a in range(len(fragments)) for b in range(a + 1, len(fragments)))
+    for gap, a, b in pairs:
+        if gap > max_gap:
             break
+        ra, rb = owner[a], owner[b]
         if ra != rb and _extent(clusters[ra] | clusters[rb]) <= limit:
             clusters[ra] = clusters[ra] | clusters[rb]
             owner = [ra if o == rb else o for o in owner]
