@@ -88,7 +88,7 @@ def report(name: str, r: dict) -> None:
     recall = s.matched / s.in_view if s.in_view else float("nan")
     print(f"{name}: {r['frames']} frames; truth WBCs fully in view in a sharp frame {s.in_view}; "
           f"counted {s.counted}: matched {s.matched} ({recall:.1%}), double counts {s.doubles}, missed {s.missed}, "
-          f"on seam-cut cells {s.cut}, false positives {s.false_positives}")
+          f"on seam-cut cells {s.cut} (counted twice: {s.cut_doubles}), false positives {s.false_positives}")
     print(f"  skipped frames: blur {c.skipped_blur}, motion {c.skipped_motion}; jumps {c.jumps}: relocalised "
           f"{c.relocalised}, new maps {c.new_maps}; held back by appearance {c.recognised}; "
           f"map-0 drift {r['drift_um']:.2f} um")

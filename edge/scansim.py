@@ -272,10 +272,11 @@ class ScanScore:
     in_view: int  # whole truth cells fully in view in at least one sharp frame
     counted: int  # cells the tracker counted
     matched: int  # in-view truth cells counted at least once
-    doubles: int  # counts beyond the first of any truth cell
+    doubles: int  # counts beyond the first of a whole truth cell
     missed: int  # in-view truth cells never counted
     cut: int  # counted cells on annotated cells cut by a seam or field edge (neither right nor wrong)
     false_positives: int  # counted cells on no annotated white cell
+    cut_doubles: int = 0  # counts beyond the first of a cut cell (a ghost at a seam moves between views)
 
 
 def truth_at(slide: Slide, point: tuple[float, float]) -> TruthCell | None:
@@ -291,9 +292,11 @@ def score(slide: Slide, frames, counted) -> ScanScore:
     the frames' truth (SimFrame origin, blurred, visible)."""
     in_view = {i for f in frames if not f.blurred for i in f.visible}
     hits = [truth_at(slide, (origin[0] + cx, origin[1] + cy)) for origin, (cx, cy) in counted]
-    ids = [c.id for c in hits if c is not None]
+    ids = [c.id for c in hits if c is not None and c.whole]
+    cut = [c.id for c in hits if c is not None and not c.whole]
     matched = in_view & set(ids)
     return ScanScore(in_view=len(in_view), counted=len(counted), matched=len(matched),
-                     doubles=len(ids) - len(set(ids)), missed=len(in_view - matched),
+                     doubles=len(ids) - len(set(ids)), cut_doubles=len(cut) - len(set(cut)),
+                     missed=len(in_view - matched),
                      cut=len({c.id for c in hits if c is not None and not c.whole}),
                      false_positives=sum(c is None for c in hits))
