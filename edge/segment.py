@@ -313,7 +313,9 @@ def _cluster_fragments(nucleus: np.ndarray, params: SegmentParams, um_per_pixel:
     gaps = _fragment_gaps(fragments)
     small = np.array([f.sum() for f in fragments]) < params.platelet_area_um2 / um_per_pixel**2
     gaps[(small[:, None] | small[None, :]) & (gaps > params.platelet_gap_um / um_per_pixel)] = np.inf
-    return _join_nearest(fragments, gaps, params.group_distance_um / um_per_pixel, limit)
+    # the gap that the grouping dilation bridges (two discs of the same rounded radius)
+    max_gap = 2 * max(1, round(params.group_distance_um / 2 / um_per_pixel)) + 1
+    return _join_nearest(fragments, gaps, max_gap, limit)
 
 
 def _join_nearest(fragments: list[np.ndarray], gaps: np.ndarray, max_gap: float, limit: float) -> list[np.ndarray]:
