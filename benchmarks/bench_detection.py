@@ -3,11 +3,14 @@
     python benchmarks/bench_detection.py                     # TXL-PBC val + BCCD, ms per field
     python benchmarks/bench_detection.py --split train       # the split the parameters were tuned on
     python benchmarks/bench_detection.py --set cell_margin_um=2.0
+    python benchmarks/bench_detection.py --pixel-size lab     # one pixel size per lab
 
 Every detection (whole and edge-cut cells) is matched one-to-one to the annotated WBC boxes,
 greedily by IoU; a match needs IoU >= 0.5. A second figure matches a detection to a box when
 its centre lies inside the box. The lab of a TXL-PBC field is told by its image size. The pixel
-size is always estimated from the red cells, as no lab's pixel size is known.
+size is estimated from each field's red cells, as no lab's pixel size is known; with
+`--pixel-size lab` each lab gets the median of its fields' estimates instead, as the pipeline's
+running median of estimates gives once a scan is under way.
 
 Unmatched annotated boxes are then sorted by kind (`miss_kind`): annotation artefacts
 (duplicate boxes, slivers of cells cut by the frame, boxes too small for a white cell, judged
@@ -31,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.edge.segment import DEFAULT_PARAMS, SegmentParams, segment
+from hematovision.edge.segment import DEFAULT_PARAMS, SegmentParams, estimate_um_per_pixel, segment
 from hematovision.errors import CalibrationError
 from hematovision.pixels import read_rgb
 
@@ -109,9 +112,21 @@ def matched_truth(detected, truth, threshold: float = 0.5) -> set[int]:
     return used_t
 
 
-def evaluate(fields, params: SegmentParams) -> dict:
+def lab_pixel_sizes(fields, params: SegmentParams) -> dict[str, float]:
+    """Median red-cell pixel-size estimate of each lab (as the pipeline's running median gives)."""
+    estimates = defaultdict(list)
+    for lab, image, _ in fields:
+        try:
+            estimates[lab].append(estimate_um_per_pixel(image, params))
+        except CalibrationError:
+            pass
+    return {lab: statistics.median(v) for lab, v in estimates.items()}
+
+
+def evaluate(fields, params: SegmentParams, pixel_sizes: dict[str, float] | None = None) -> dict:
     """Counts per lab: truth, detections, IoU matches, centre matches, calibration failures,
-    and the unmatched annotated boxes by kind (see `miss_kind`)."""
+    and the unmatched annotated boxes by kind (see `miss_kind`). With `pixel_sizes` each lab's
+    pixel size is given; without, every field's is estimated from its own red cells."""
     counts = defaultdict(lambda: defaultdict(int))
     records = []
     for lab, image, truth in fields:
@@ -119,7 +134,7 @@ def evaluate(fields, params: SegmentParams) -> dict:
         c["fields"] += 1
         c["truth"] += len(truth)
         try:
-            cells = segment(image, params).all_cells
+            cells = segment(image, params, (pixel_sizes or {}).get(lab)).all_cells
         except CalibrationError:
             c["no_pixel_size"] += 1
             cells = ()
@@ -249,17 +264,23 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="val", help="TXL-PBC split: val (report) or train (tuning)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a SegmentParams field")
     parser.add_argument("--no-bccd", action="store_true", help="skip the BCCD VOC check")
+    parser.add_argument("--pixel-size", choices=("field", "lab"), default="field",
+                        help="estimate it per field (default), or give each lab its median estimate")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     params = parse_params(args.set)
     txl = args.data / "txl_pbc"
     if not txl.is_dir():
         raise SystemExit(f"{txl} not found: run from the repository root with ../shared/data present, or pass --data")
-    report(f"TXL-PBC {args.split} split, IoU >= 0.5 (and centre-in-box), edge-cut cells included",
-           evaluate(load_txl(txl, args.split), params))
+    by_lab = args.pixel_size == "lab"
+    sizes = lab_pixel_sizes(load_txl(txl, args.split), params) if by_lab else None
+    report(f"TXL-PBC {args.split} split, IoU >= 0.5 (and centre-in-box), edge-cut cells included, "
+           f"pixel size {'per lab ' + str({k: round(v, 4) for k, v in sizes.items()}) if by_lab else 'per field'}",
+           evaluate(load_txl(txl, args.split), params, sizes))
     bccd = args.data / "bccd" / "BCCD"
     if not args.no_bccd and bccd.is_dir():
-        report("BCCD fields (VOC 'WBC' boxes), IoU >= 0.5 (and centre-in-box)", evaluate(load_bccd(bccd), params))
+        sizes = lab_pixel_sizes(load_bccd(bccd), params) if by_lab else None
+        report("BCCD fields (VOC 'WBC' boxes), IoU >= 0.5 (and centre-in-box)", evaluate(load_bccd(bccd), params, sizes))
     if bccd.is_dir():
         images = [read_rgb(p) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60]]
         median, p95 = time_fields(images, params)
