@@ -6,7 +6,10 @@ EXTRAS ?= edge,train,test
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: test demo venv clean bench results
+SHARED ?= ../shared/data
+TRAIN := $(VENV)/bin/hematovision-train
+
+.PHONY: test demo venv clean bench reference
 
 venv: $(STAMP)
 
@@ -24,6 +27,21 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/hematovision-edge count samples/bccd/BCCD/JPEGImages --report out/demo
 	@echo "reports written to out/demo"
+
+# Reproduce the reference bundle from scratch (needs ../shared/data; about 15 minutes on 2 cores).
+reference: $(STAMP)
+	$(TRAIN) fit --bccd $(SHARED)/bccd --backbone efficientnet_lite0 --weights imagenet \
+	    --head-lr 5e-3 --head-epochs 15 --finetune-lr 3e-4 --finetune-epochs 30 \
+	    --finetune-fraction 0.5 --patience 8 --out runs/reference
+	$(TRAIN) evaluate runs/reference
+	$(VENV)/bin/hematovision-export runs/reference --out models/reference
+
+# Benchmarks print their figures (not tests); they need a bundle and, for some, ../shared/data.
+bench: $(STAMP)
+	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_detection.py
+	$(PY) benchmarks/bench_kaggle_pipeline.py
+	$(PY) benchmarks/bench_backbones.py
 
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -40,6 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .report_send import add_send_arguments
 
     add_send_arguments(sub.add_parser("send", help="send one report over a serial port (ASTM or JSON lines)"))
+    from .config import DEFAULT_CONFIG
+
+    run = sub.add_parser("run", help="the headless daemon (systemd service)")
+    check = sub.add_parser("check-config", help="validate the configuration, model and profile, then exit")
+    spec = sub.add_parser("specimen", help="tell the running daemon to start or finish a specimen")
+    spec.add_argument("action", choices=("start", "finish"))
+    spec.add_argument("--id", dest="specimen_id")
+    spec.add_argument("--target", type=int)
+    for p in (run, check, spec):
+        p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"default {DEFAULT_CONFIG}")
     for p in (cl, cn):
         p.add_argument("--model", type=Path, default=None, help="model bundle (default: the reference bundle)")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
@@ -52,10 +62,28 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return {"classify": _classify, "count": _count, "send": _send}[args.command](args)
+        return COMMANDS[args.command](args)
     except HematovisionError as err:
         print(f"hematovision-edge: error: {err}", file=sys.stderr)
         return 1
+
+
+def _run(args) -> int:
+    from .daemon import run_main
+
+    return run_main(args.config)
+
+
+def _check_config(args) -> int:
+    from .daemon import check_config_main
+
+    return check_config_main(args.config)
+
+
+def _specimen(args) -> int:
+    from .daemon import command_main
+
+    return command_main(args.config, args.action, args.specimen_id, args.target)
 
 
 def _send(args) -> int:
@@ -152,3 +180,5 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+COMMANDS = {"classify": _classify, "count": _count, "send": _send, "run": _run,
+            "check-config": _check_config, "specimen": _specimen}

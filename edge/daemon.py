@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus, a configuration error is not retried
 STATE_FILE = "state.db"
-PIXEL_SIZE_HISTORY = 50  # the pipeline's running pixel-size median looks this far back
 
 
 # --- which detections are new cells --------------------------------------------------
@@ -354,29 +353,13 @@ def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
 
 
 def pipeline_state(pipeline: FieldPipeline) -> dict:
-    """What the pipeline carries from field to field (its running red-cell pixel-size estimate).
-
-    FieldPipeline has no public state API yet: its private counters and lists of numbers are
-    saved, lists cut to the PIXEL_SIZE_HISTORY values its median looks at.
-    """
-    state = {}
-    for name, value in vars(pipeline).items():
-        if name.startswith("_") and _plain_number(value):
-            state[name] = value
-        elif name.startswith("_") and isinstance(value, list) and all(map(_plain_number, value)):
-            state[name] = value[-PIXEL_SIZE_HISTORY:]
-    return state
+    """What the pipeline carries from field to field (its running red-cell pixel-size estimate)."""
+    return pipeline.state()
 
 
 def restore_pipeline_state(pipeline: FieldPipeline, state: dict | None) -> None:
-    """Put back what pipeline_state saved (a fresh pipeline's values stay where nothing was saved)."""
-    for name, value in (state or {}).items():
-        if hasattr(pipeline, name):
-            setattr(pipeline, name, list(value) if isinstance(value, list) else value)
-
-
-def _plain_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """Put back what pipeline_state saved (a fresh pipeline stays as it is where nothing was saved)."""
+    pipeline.restore(state)
 
 
 def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> dict:

@@ -23,6 +23,7 @@ ESTIMATED_SOURCE = "estimated from red cells (median over fields)"
 NO_PIXEL_SIZE = "unknown: no red cells measured"
 SETTLED_ESTIMATES = 5  # red-cell estimates on every field until this many ...
 REESTIMATE_EVERY = 10  # ... then on every tenth field only
+ESTIMATE_HISTORY = 50  # the pixel size is the median of this many latest estimates
 THUMBNAIL_PX = 96  # side of the verification thumbnail kept per counted cell
 
 
@@ -70,6 +71,16 @@ class FieldPipeline:
         if self.um_per_pixel and bundle.um_per_pixel:
             check_against_bundle(profile, bundle.um_per_pixel)
 
+    def state(self) -> dict:
+        """What the pipeline carries from field to field, for the daemon to persist."""
+        return {"pixel_size_estimates": self._estimates[-ESTIMATE_HISTORY:], "fields": self._fields}
+
+    def restore(self, state: dict | None) -> None:
+        """Put back a `state()`; None leaves a fresh pipeline as it is."""
+        if state:
+            self._estimates = [float(v) for v in state["pixel_size_estimates"]]
+            self._fields = int(state["fields"])
+
     def prepare(self, image: np.ndarray, name: str = "frame") -> np.ndarray:
         """Check a frame and apply the calibration correction. Raises DataError / ConfigError."""
         check_field(image, self.params)
@@ -96,7 +107,7 @@ class FieldPipeline:
         if not self._estimates:
             logger.info("no pixel size for this field and none measured yet: no cells counted")
             return Segmentation((), (), float("nan"), NO_PIXEL_SIZE)
-        seg = segment(image, self.params, float(np.median(self._estimates[-50:])))
+        seg = segment(image, self.params, float(np.median(self._estimates[-ESTIMATE_HISTORY:])))
         return replace(seg, pixel_size_source=ESTIMATED_SOURCE)
 
     def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:

@@ -187,7 +187,7 @@ class CountOnce:
         or NEW_MAP (cells of other maps are then recognised by appearance). Raises DataError
         for a frame that is not RGB uint8 or changes size mid-scan.
         """
-        work = prepare(frame_rgb, segmentation.um_per_pixel, self.params.register)
+        work = prepare(frame_rgb, self._scale(segmentation), self.params.register)
         blurred = self._blurred(focus)
         placement = self._place(work, blurred)
         status = BLURRED if blurred else MOVING if placement.speed_um > self.params.max_count_speed_um else COUNTED
@@ -200,6 +200,11 @@ class CountOnce:
                              placement.registration, tuple(placement.events))
         self._index += 1
         return result
+
+    def _scale(self, segmentation: Segmentation) -> float:
+        """The scan's pixel size: set by its first frame, whatever later per-frame estimates say
+        (a camera's magnification does not change mid-scan; an estimate that wanders would)."""
+        return self._reference.um_per_pixel if self._reference is not None else segmentation.um_per_pixel
 
     def _blurred(self, focus: float) -> bool:
         """Judge a frame's focus against the recent median, then remember it."""
@@ -280,7 +285,7 @@ class CountOnce:
 
     def _count(self, frame_rgb: np.ndarray, segmentation: Segmentation) -> tuple[tuple[NewCell, ...], int]:
         """The whole cells of a placed frame that are not counted yet; they are added."""
-        um = segmentation.um_per_pixel
+        um = self._scale(segmentation)
         new, again = [], 0
         for detection in segmentation.cells:
             position = (self._position[0] + detection.center[0] * um, self._position[1] + detection.center[1] * um)

@@ -100,3 +100,21 @@ def test_folder_without_images_is_an_error(tiny_bundle, tmp_path, capsys):
 def test_missing_model_names_the_bundle(tmp_path, crops, capsys):
     assert edge_main(["classify", "--model", str(tmp_path / "nope"), str(crops[0])]) == 1
     assert "bundle.json: missing" in capsys.readouterr().err
+
+
+def test_scan_counts_each_white_cell_of_a_simulated_pan_once(tiny_bundle, samples_bccd, tmp_path, capsys):
+    from hematovision.edge import scansim
+
+    settings = scansim.ScanSettings(columns=4, rows=2, detours=2, seed=5)
+    slide = scansim.build_slide(scansim.field_paths(samples_bccd, 8), settings)
+    frames = list(scansim.scan(slide, settings))
+    folder = scansim.write_scan(frames, tmp_path / "scan", slide)
+    assert edge_main(["count", "--model", str(tiny_bundle), "--scan", "--json", str(folder)]) == 0
+    rows = _lines(capsys)
+    origin = {f"frame_{f.index:04d}.png": f.origin for f in frames}
+    counted = [(origin[r["path"].rsplit("/", 1)[-1]], ((c["bbox"][0] + c["bbox"][2]) / 2, (c["bbox"][1] + c["bbox"][3]) / 2))
+               for r in rows[:-1] for c in r["cells"]]
+    result = scansim.score(slide, frames, counted)
+    summary = rows[-1]["summary"]
+    assert result.doubles == 0 and result.matched >= 0.98 * result.in_view > 0
+    assert summary["total"] == len(counted) and summary["frames_skipped"]["blur"] > 0
