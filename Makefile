@@ -25,14 +25,14 @@ test: $(STAMP)
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: $(STAMP)
-	$(VENV)/bin/hematovision-edge count samples/bccd/BCCD/JPEGImages --report out/demo
+	$(VENV)/bin/hematovision-edge count samples/bccd/BCCD/JPEGImages --specimen-id demo-samples --report out/demo
 	@echo "reports written to out/demo"
 
 # Reproduce the reference bundle from scratch (needs ../shared/data; about 15 minutes on 2 cores).
 reference: $(STAMP)
 	$(TRAIN) fit --bccd $(SHARED)/bccd --backbone efficientnet_lite0 --weights imagenet \
 	    --head-lr 5e-3 --head-epochs 15 --finetune-lr 3e-4 --finetune-epochs 30 \
-	    --finetune-fraction 0.5 --patience 8 --out runs/reference
+	    --finetune-fraction 0.5 --patience 8 --augment geometric --out runs/reference
 	$(TRAIN) evaluate runs/reference
 	$(VENV)/bin/hematovision-export runs/reference --out models/reference
 

@@ -81,20 +81,6 @@ def tflite_latency_ms(content: bytes, crop, threads: int, n: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def int8_relative_error(model, content: bytes, crops: np.ndarray) -> float:
-    """||int8 - float|| / ||float - mean|| of the logits on real crops not used for calibration.
-
-    With random weights this is only a proxy for how well an architecture quantizes; the gate
-    on a trained model is the real check.
-    """
-    from hematovision.edge.model_bundle import Int8Model
-
-    float_logits = np.asarray(model.predict_on_batch(crops.astype(np.float32)))
-    int8_logits = Int8Model(content, threads=2).logits(crops)
-    spread = float_logits - float_logits.mean(axis=0)
-    return float(np.linalg.norm(int8_logits - float_logits) / max(np.linalg.norm(spread), 1e-12))
-
-
 def float_tflite(model) -> bytes:
     import tempfile
 
@@ -120,7 +106,6 @@ def bench(name: str, crops: np.ndarray, args) -> dict:
     flt = float_tflite(model)
     q = convert_int8(model, crops[:args.calibration])
     out["float_tflite_MB"], out["int8_tflite_MB"] = len(flt) / 1e6, len(q) / 1e6
-    out["int8_rel_error"] = int8_relative_error(model, q, crops[args.calibration:args.calibration + 64])
     for threads in (1, 2):
         out[f"float_ms_{threads}t"] = tflite_latency_ms(flt, crops[0], threads, args.invocations)
         out[f"int8_ms_{threads}t"] = tflite_latency_ms(q, crops[0], threads, args.invocations)
@@ -136,7 +121,7 @@ def main() -> int:
     parser.add_argument("--invocations", type=int, default=200)
     parser.add_argument("--calibration", type=int, default=64)
     args = parser.parse_args()
-    crops = real_crops(max(args.batch, args.calibration) + 64, 224)
+    crops = real_crops(max(args.batch, args.calibration), 224)
     print(f"machine: {os.cpu_count()} cores; batch {args.batch}; medians over {args.invocations} single-crop calls")
     rows = [bench(name, crops, args) for name in args.backbones.split(",")]
     keys = list(rows[0])

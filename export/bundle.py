@@ -152,6 +152,7 @@ def write_bundle(out_dir: Path, tflite: bytes, meta: dict) -> None:
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service user
     for name, data in ((MODEL_FILE, tflite), (META_FILE, json.dumps(meta, indent=2).encode())):
         with open(tmp / name, "wb") as handle:
             handle.write(data)
