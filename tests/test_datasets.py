@@ -119,3 +119,18 @@ def test_unknown_class_folder_is_an_error(samples_bccd, tmp_path):
     (root / "PLATELET").mkdir()
     with pytest.raises(DataError, match="PLATELET"):
         load_folders(root)
+
+
+def test_cross_validation_folds_fix_the_test_split_and_keep_groups_whole(shared_data):
+    from hematovision.train.splits import grouped_folds
+
+    samples = load_bccd(shared_data / "bccd").samples
+    folds = grouped_folds(samples, 5, seed=0)
+    assert len(set(folds)) == 5
+    seen = {}
+    for s, f in zip(samples, folds):
+        assert seen.setdefault(s.group, f) == f
+    test_groups = {s.group for s, f in zip(samples, folds) if f == "2"}
+    rows = make_manifest(samples, SplitPlan(seed=2), test_groups)
+    assert {r.sample.group for r in rows if r.split == "test"} == test_groups
+    assert {r.split for r in rows} == {"train", "val", "test"}

@@ -97,12 +97,15 @@ class RunPaths:
         return self.root / "checkpoints" / f"phase{phase}"
 
 
-def prepare_run(run: RunPaths, config: TrainConfig, data: Dataset) -> None:
-    """Create the run folder: config, grouped manifest, skipped list, data provenance."""
+def prepare_run(run: RunPaths, config: TrainConfig, data: Dataset, test_groups: set[str] | None = None) -> None:
+    """Create the run folder: config, grouped manifest, skipped list, data provenance.
+
+    `test_groups`, when given (cross-validation), fixes the test split; val is drawn from the rest.
+    """
     run.root.mkdir(parents=True, exist_ok=True)
     samples = [s for s in data.samples if s.label in config.classes]
     _check_classes(samples, config.classes)
-    rows = make_manifest(samples, SplitPlan(config.val_fraction, config.test_fraction, config.seed))
+    rows = make_manifest(samples, SplitPlan(config.val_fraction, config.test_fraction, config.seed), test_groups)
     digest = write_manifest(rows, run.manifest)
     run.skipped.write_text("".join(f"{s.path}\t{s.reason}\n" for s in data.skipped))
     provenance = {"sources": data.sources, "manifest_sha256": digest, "counts": split_counts(rows),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +81,14 @@ class ManifestRow:
     split: str
 
 
-def make_manifest(samples: list[Sample], plan: SplitPlan) -> list[ManifestRow]:
-    assignment = split_groups(samples, plan)
+def make_manifest(samples: list[Sample], plan: SplitPlan, test_groups: set[str] | None = None) -> list[ManifestRow]:
+    """Rows with their split; `test_groups` (a cross-validation fold) fixes the test split."""
+    if test_groups is None:
+        assignment = split_groups(samples, plan)
+    else:
+        rest = [s for s in samples if s.group not in test_groups]
+        assignment = {**split_groups(rest, SplitPlan(plan.val / (1 - plan.test), 0.0, plan.seed)),
+                      **{g: "test" for g in test_groups}}
     return [ManifestRow(s, assignment[s.group]) for s in samples]
 
 
@@ -149,7 +155,3 @@ def split_counts(rows: list[ManifestRow]) -> dict[str, dict[str, int]]:
 
 def samples_of(rows: list[ManifestRow], split: str) -> list[Sample]:
     return [r.sample for r in rows if r.split == split]
-
-
-def plan_dict(plan: SplitPlan) -> dict:
-    return asdict(plan)
