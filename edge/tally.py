@@ -75,8 +75,8 @@ class Tally:
         return self.identified >= self.target
 
     def to_dict(self) -> dict:
-        return {"classes": [{"name": c.name, "count": c.count, "percent": c.percent, "ci95": list(c.ci95)}
-                            for c in self.classes],
+        return {"classes": [{"name": c.name, "count": c.count, "percent": round(c.percent, 2),
+                             "ci95": [round(c.ci95[0], 2), round(c.ci95[1], 2)]} for c in self.classes],
                 "unidentified": self.unidentified, "identified": self.identified, "total": self.total,
                 "target": self.target, "target_reached": self.target_reached}
 
