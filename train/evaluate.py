@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hematovision.crop import CropGeometry
+from hematovision.edge.classify import temperature_softmax
 from hematovision.pixels import model_input
 
 from .batches import crops_array
@@ -20,10 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    """The device's own temperature-scaled softmax, so training and device agree."""
+    return temperature_softmax(logits, temperature)
 
 
 def predict_logits(model, samples: list[Sample], geometry: CropGeometry, batch: int = 32) -> np.ndarray:
