@@ -134,3 +134,20 @@ def test_cross_validation_folds_fix_the_test_split_and_keep_groups_whole(shared_
     rows = make_manifest(samples, SplitPlan(seed=2), test_groups)
     assert {r.sample.group for r in rows if r.split == "test"} == test_groups
     assert {r.split for r in rows} == {"train", "val", "test"}
+
+
+def test_segmenter_centres_move_crops_to_the_devices_detections(samples_bccd):
+    from hematovision.train.device_crops import recentre_on_segmenter
+
+    data = load_bccd(samples_bccd)
+    moved = recentre_on_segmenter(data)
+    assert len(moved.samples) + len(moved.skipped) == len(data.samples)
+    assert len(moved.samples) >= 0.8 * len(data.samples)
+    boxes = {}
+    for s in data.samples:
+        boxes.setdefault(s.path, []).append(s.box)
+    for s in moved.samples:
+        x, y = s.center
+        assert any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes[s.path])
+    assert all("segmenter finds no white cell" in k.reason for k in moved.skipped)
+    assert moved.sources == ["bccd:bccd (segmenter centres)"]

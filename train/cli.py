@@ -20,6 +20,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folders", action="append", default=[], type=Path, metavar="DIR",
                    help="one sub-folder of images per class (the Kaggle layout)")
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES), help="comma-separated class list")
+    p.add_argument("--centres", default="boxes", choices=("boxes", "segmenter"),
+                   help="crop field cells at the annotated box centre, or where the device's segmenter finds them")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,6 +80,10 @@ def _load_data(args):
         data.extend(load_bccd(root, classes))
     for root in args.folders:
         data.extend(load_folders(root, classes))
+    if args.centres == "segmenter":
+        from .device_crops import recentre_on_segmenter
+
+        data = recentre_on_segmenter(data)
     return data, classes
 
 
