@@ -33,7 +33,7 @@ def rss_mb(pid: int) -> float:
 def write_config(folder: Path, args) -> Path:
     path = folder / "config.toml"
     path.write_text(f"""[model]
-bundle = "{args.model}"
+bundle = "{args.model.resolve()}"
 threads = {args.threads}
 [source.replay]
 path = "{SAMPLES}"
@@ -69,6 +69,8 @@ def measure(args) -> int:
         finally:
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
+        if not samples:
+            sys.exit("the daemon stopped before the first sample:\n" + (Path(tmp) / "daemon.log").read_text()[-2000:])
         report(samples, rc, Path(tmp) / "state" / "state.db", args)
     return 0 if rc == 0 else 1
 
