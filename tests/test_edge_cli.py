@@ -118,3 +118,34 @@ def test_scan_counts_each_white_cell_of_a_simulated_pan_once(tiny_bundle, sample
     summary = rows[-1]["summary"]
     assert result.doubles == 0 and result.matched >= 0.98 * result.in_view > 0
     assert summary["total"] == len(counted) and summary["frames_skipped"]["blur"] > 0
+
+
+def test_count_uses_a_calibration_profile_made_by_hematovision_calibrate(tiny_bundle, samples_bccd, tmp_path, capsys):
+    from hematovision.calibration.cli import main as calibrate_main
+    from hematovision.pixels import read_rgb
+    from test_calibration import blank_field, ruling_image
+
+    def write(path, rgb):
+        cv2.imwrite(str(path), np.ascontiguousarray(rgb[:, :, ::-1]))
+        return str(path)
+
+    # A camera with 30% vignetting and a colour cast: its blank fields and its view of the samples.
+    camera = blank_field(seed=9, noise=0.0).astype(np.float32) / np.array([0.85, 0.75, 0.60]) / 255
+    blanks = [write(tmp_path / f"blank{i}.png", blank_field(seed=i)) for i in range(3)]
+    profile = tmp_path / "profile.json"
+    assert calibrate_main(["blank", *blanks, "--out", str(profile)]) == 0
+    ruling = write(tmp_path / "ruling.png", ruling_image(2.0 / 0.072, 0.0))
+    assert calibrate_main(["micrometer", ruling, "--division-um", "2", "--profile", str(profile)]) == 0
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    fields = sorted((samples_bccd / FIELDS).glob("*.jpg"))[:8]
+    for f in fields:
+        write(seen / f"{f.stem}.png", np.clip(read_rgb(f) * camera * [0.85, 0.75, 0.60], 0, 255).astype(np.uint8))
+    capsys.readouterr()
+    assert edge_main(["count", "--model", str(tiny_bundle), "--json", *map(str, fields)]) == 0
+    plain = _lines(capsys)
+    assert edge_main(["count", "--model", str(tiny_bundle), "--json", "--calibration", str(profile), str(seen)]) == 0
+    corrected = _lines(capsys)
+    assert corrected[-1]["summary"]["pixel_size_source"] == ["given"]
+    found = [len(r["cells"]) for r in corrected[:-1]]
+    assert sum(found) >= sum(len(r["cells"]) for r in plain[:-1]) - 1 > 0
