@@ -28,6 +28,27 @@ def apply_blank(image: np.ndarray, blank: BlankCalibration) -> np.ndarray:
     return np.clip(image.astype(np.float32) * gain + 0.5, 0, 255).astype(np.uint8)
 
 
+def correct_illumination(image: np.ndarray, profile: CalibrationProfile) -> np.ndarray:
+    """Flat field, white balance and exposure only: what the segmenter sees.
+
+    Raises DataError / ConfigError as `correct` does.
+    """
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise DataError(f"correct needs an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
+    check_image_size(profile, image.shape)
+    return image if profile.blank is None else apply_blank(image, profile.blank)
+
+
+def correct_colour(image: np.ndarray, profile: CalibrationProfile) -> np.ndarray:
+    """The stain-colour mapping toward the training data: what the classifier sees.
+
+    A fixed per-pixel transform, so applying it to a cell crop equals cropping the mapped frame.
+    """
+    if profile.colour is None:
+        return image
+    return reinhard_transfer(image, profile.colour.source, profile.colour.target)
+
+
 def correct(image: np.ndarray, profile: CalibrationProfile) -> np.ndarray:
     """The one correction of a camera frame: flat field, white balance and exposure, then colour.
 
@@ -36,10 +57,4 @@ def correct(image: np.ndarray, profile: CalibrationProfile) -> np.ndarray:
     Raises DataError for an image that is not HxWx3 uint8 and ConfigError for an image whose
     size is not the one the profile was made for.
     """
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise DataError(f"correct needs an HxWx3 uint8 RGB image, got {image.shape} {image.dtype}")
-    check_image_size(profile, image.shape)
-    out = image if profile.blank is None else apply_blank(image, profile.blank)
-    if profile.colour is not None:
-        out = reinhard_transfer(out, profile.colour.source, profile.colour.target)
-    return out
+    return correct_colour(correct_illumination(image, profile), profile)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 import cv2
 import numpy as np
 
-from hematovision.calibration.correct import correct
+from hematovision.calibration.correct import correct_colour, correct_illumination
 from hematovision.errors import CalibrationError
 from hematovision.calibration.profile import CalibrationProfile, check_against_bundle, check_image_size
 
@@ -82,11 +82,15 @@ class FieldPipeline:
             self._fields = int(state["fields"])
 
     def prepare(self, image: np.ndarray, name: str = "frame") -> np.ndarray:
-        """Check a frame and apply the calibration correction. Raises DataError / ConfigError."""
+        """Check a frame and correct its illumination (flat field, white balance, exposure).
+
+        The colour mapping is left to the crops (`classify`): measured on the TXL-PBC labs it helps
+        the classifier but costs the segmenter detections. Raises DataError / ConfigError.
+        """
         check_field(image, self.params)
         if self.profile is not None:
             check_image_size(self.profile, image.shape, name)
-            image = correct(image, self.profile)
+            image = correct_illumination(image, self.profile)
         return image
 
     def detect(self, image: np.ndarray):
@@ -113,6 +117,8 @@ class FieldPipeline:
     def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:
         """Crops of `cells` classified in one batch, with their verification thumbnails."""
         crops = cut_cells(image, [c.center for c in cells], um_per_pixel, self.bundle)
+        if self.profile is not None and len(cells):
+            crops = correct_colour(crops.reshape(-1, crops.shape[2], 3), self.profile).reshape(crops.shape)
         predictions = classify_crops(self.bundle, crops) if len(cells) else []
         return tuple(CellResult(d, p, thumbnail(c)) for d, p, c in zip(cells, predictions, crops))
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from hematovision.classes import UNIDENTIFIED
+from hematovision.crop import DEFAULT_GEOMETRY
 from hematovision.edge.cli import main as edge_main
 
 FIELDS = "BCCD/JPEGImages"
@@ -149,3 +150,25 @@ def test_count_uses_a_calibration_profile_made_by_hematovision_calibrate(tiny_bu
     assert corrected[-1]["summary"]["pixel_size_source"] == ["given"]
     found = [len(r["cells"]) for r in corrected[:-1]]
     assert sum(found) >= sum(len(r["cells"]) for r in plain[:-1]) - 1 > 0
+
+
+def test_colour_mapping_of_crops_equals_cropping_the_mapped_frame(tiny_bundle, samples_bccd):
+    from hematovision.calibration.colour import StainStats
+    from hematovision.calibration.correct import correct
+    from hematovision.calibration.profile import CalibrationProfile, ColourCalibration
+    from hematovision.edge.classify import classify_crops, cut_cells
+    from hematovision.edge.model_bundle import load_bundle
+    from hematovision.edge.pipeline import FieldPipeline
+    from hematovision.pixels import read_rgb
+
+    colour = ColourCalibration(StainStats((70.0, 10.0, -5.0), (9.0, 9.0, 12.0), 3),
+                               StainStats((74.0, 5.0, -1.0), (8.0, 8.5, 11.0), 300))
+    profile = CalibrationProfile(image_size=(640, 480), colour=colour)
+    bundle = load_bundle(tiny_bundle)
+    pipeline = FieldPipeline(bundle, profile)
+    field = read_rgb(sorted((samples_bccd / FIELDS).glob("*.jpg"))[0])
+    image = pipeline.prepare(field)
+    cells = pipeline.detect(image).cells
+    got = pipeline.classify(image, cells, 0.072)
+    expected = cut_cells(correct(field, profile), [c.center for c in cells], 0.072, bundle)
+    assert cells and [g.prediction for g in got] == classify_crops(bundle, expected)
