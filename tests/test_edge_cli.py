@@ -26,7 +26,7 @@ def crops(tmp_path, samples_bccd):
 
     samples = load_bccd(samples_bccd).samples[:2]
     paths = []
-    for i, crop in enumerate(crops_array(samples, __import__("hematovision.crop").crop.DEFAULT_GEOMETRY)):
+    for i, crop in enumerate(crops_array(samples, DEFAULT_GEOMETRY)):
         paths.append(tmp_path / f"cell{i}.png")
         cv2.imwrite(str(paths[-1]), crop[:, :, ::-1])
     return paths
