@@ -56,7 +56,7 @@ def tiny_run(tmp_path_factory):
 def lite0_run(tmp_path_factory):
     """A small real transfer-learning run: ImageNet Lite0 at 96 px, head only, on the sample fields."""
     return train_tiny(tmp_path_factory.mktemp("lite0_run"), backbone="efficientnet_lite0",
-                      weights="imagenet", input_size=96, head_epochs=12, finetune_epochs=0,
+                      weights="imagenet", input_size=96, head_epochs=25, finetune_epochs=0,
                       head_lr=3e-3, test_fraction=0.3, augment="none")
 
 

@@ -140,6 +140,7 @@ def train(run: RunPaths) -> Path:
     if run.model.is_file():
         logger.info("%s already finished; nothing to do", run.root)
         return run.model
+    keras.utils.set_random_seed(config.seed)  # head initialisation and dropout follow the run's seed
     rows = read_manifest(run.manifest)
     train_s, val_s = samples_of(rows, "train"), samples_of(rows, "val")
     if not val_s:
