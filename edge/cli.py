@@ -121,8 +121,9 @@ def _classify(args) -> int:
 
 
 def _count(args) -> int:
-    from .count import CountRun, count_fields, expand_inputs
+    from .count import CountRun, count_frames, expand_inputs
     from .pipeline import FieldPipeline
+    from .select import make_selector
     from .tally import Counter
 
     bundle = _bundle(args)
@@ -130,7 +131,7 @@ def _count(args) -> int:
     pipeline = FieldPipeline(bundle, profile)
     run = CountRun(Counter(bundle.classes, args.target))
     paths = expand_inputs(args.inputs)
-    results = _scan(pipeline, paths, run) if args.scan else count_fields(pipeline, paths, run)
+    results = count_frames(pipeline, paths, run, make_selector("scan" if args.scan else "fields", None))
     for path, result in results:
         if args.json:
             print(json.dumps({"path": str(path), "width": result.width, "height": result.height,
@@ -148,12 +149,6 @@ def _profile(path: Path | None):
     from hematovision.calibration.profile import load_profile
 
     return load_profile(path)
-
-
-def _scan(pipeline, paths, run):
-    from .scan import scan_frames
-
-    return scan_frames(pipeline, paths, run)
 
 
 def _write_reports(args, bundle, profile, run) -> None:

@@ -1,4 +1,4 @@
-"""Counting fields from image files: every file its own field, or (scan) frames of one specimen."""
+"""Counting image files: every file its own field, or (scan) consecutive frames of one specimen."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from hematovision.errors import DataError, ImageUnreadable
 from hematovision.pixels import IMAGE_SUFFIXES, list_images, read_rgb
 
 from .pipeline import CellResult, FieldPipeline, FieldResult
+from .select import CellSelector
 from .tally import Counter
 
 logger = logging.getLogger(__name__)
@@ -51,17 +52,20 @@ class CountRun:
     pixel_sizes: set = field(default_factory=set)
     started_at: str = field(default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds"))
 
-    def add(self, result: FieldResult, counted, slide_xy_um=None) -> None:
-        """Count `counted` cells of a field; their slide positions default to field positions."""
-        self.fields += 1
-        self.edge_cells += result.edge_cells
-        self.pixel_sizes.add(result.pixel_size_source)
-        for i, cell in enumerate(counted):
-            x, y = cell.detection.center
-            self.cells.append(cell)
-            self.slide_xy_um.append(slide_xy_um[i] if slide_xy_um else
-                                    (x * result.um_per_pixel, y * result.um_per_pixel))
-            self.counter.add(cell.prediction.label)
+    def record(self, kind: str, result: FieldResult, slide_xy_um) -> None:
+        """Count a frame's new cells at their slide positions, or count the frame as skipped."""
+        if kind == "blur":
+            self.skipped_blur += 1
+        elif kind == "motion":
+            self.skipped_motion += 1
+        else:
+            self.fields += 1
+            self.edge_cells += result.edge_cells
+            self.pixel_sizes.add(result.pixel_size_source)
+            for cell, xy in zip(result.cells, slide_xy_um):
+                self.cells.append(cell)
+                self.slide_xy_um.append(xy)
+                self.counter.add(cell.prediction.label)
 
     def summary(self) -> dict:
         return {**self.counter.tally().to_dict(), "fields": self.fields,
@@ -71,14 +75,27 @@ class CountRun:
                 "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
 
 
-def count_fields(pipeline: FieldPipeline, paths: list[Path], run: CountRun) -> Iterator[tuple[Path, FieldResult]]:
-    """Process each file as its own field; unreadable or unusable files are skipped and listed."""
+def count_frames(pipeline: FieldPipeline, paths: list[Path], run: CountRun,
+                 selector: CellSelector) -> Iterator[tuple[Path, FieldResult]]:
+    """Count image files in order; the selector decides which cells are new (every whole cell of a
+    field, or count-once across the frames of a scan). Unreadable or unusable files are skipped
+    and listed. Yields each file with the cells first counted in it."""
     for path in paths:
         try:
-            result = pipeline.process(read_rgb(path), str(path))
+            result, kind, slide_xy = _count_one(pipeline, selector, read_rgb(path), str(path))
         except (ImageUnreadable, DataError) as err:
             logger.warning("skipped %s", err)
             run.skipped_files.append((str(path), str(err)))
             continue
-        run.add(result, result.cells)
+        run.record(kind, result, slide_xy)
         yield path, result
+
+
+def _count_one(pipeline: FieldPipeline, selector: CellSelector, image, name: str):
+    image = pipeline.prepare(image, name)
+    seg = pipeline.detect(image)
+    selection = selector.select(image, seg)
+    cells = pipeline.classify(image, selection.cells, seg.um_per_pixel)
+    result = FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
+                         seg.pixel_size_source)
+    return result, selection.kind, selection.slide_xy_um

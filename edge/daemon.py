@@ -9,10 +9,8 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Protocol
 
 from hematovision.classes import UNIDENTIFIED
 from hematovision.errors import (CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable,
@@ -21,7 +19,8 @@ from hematovision.errors import (CameraUnavailable, ConfigError, DataError, Hema
 from .config import DEFAULT_CONFIG, Config, ReportConfig, load_config
 from .notify import Notifier
 from .pipeline import CellResult, FieldPipeline
-from .segment import Detection, Segmentation
+from .segment import Detection
+from .select import CellSelector, make_selector
 from .sources import Frame, FrameSource, open_source, source_key
 from .state import FrameRecord, NewCell, Specimen, StateError, Store, StorageFull
 
@@ -29,70 +28,6 @@ logger = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus, a configuration error is not retried
 STATE_FILE = "state.db"
-
-
-# --- which detections are new cells --------------------------------------------------
-
-@dataclass(frozen=True)
-class Selection:
-    """The new cells of a frame and where they lie on the slide; kind says if the frame was used."""
-
-    kind: str  # "used", "blur" or "motion" (state.FRAME_KINDS)
-    cells: tuple[Detection, ...]
-    slide_xy_um: tuple[tuple[float, float], ...]
-
-
-class CellSelector(Protocol):
-    """Decides which detections of a frame are cells not counted before; its state survives restarts."""
-
-    def select(self, image, seg: Segmentation) -> Selection: ...
-
-    def to_dict(self) -> dict | None: ...
-
-
-class FieldSelector:
-    """Every frame is a new field (separate fields, as the committed samples): every whole cell is new."""
-
-    def select(self, image, seg: Segmentation) -> Selection:
-        xy = tuple((d.center[0] * seg.um_per_pixel, d.center[1] * seg.um_per_pixel) for d in seg.cells)
-        return Selection("used", seg.cells, xy)
-
-    def to_dict(self) -> dict | None:
-        return None
-
-
-class ScanSelector:
-    """Overlapping frames of a panned slide: the count-once tracker (edge/track.py) says which
-    whole cells are new and where they lie on the slide; blurred and moving frames count nothing.
-    """
-
-    def __init__(self, state: dict | None):
-        from .track import CountOnce  # noqa: PLC0415
-
-        self.tracker = CountOnce.from_dict(state) if state else CountOnce()
-
-    def select(self, image, seg: Segmentation) -> Selection:
-        """Raises DataError for a frame the tracker cannot place (no pixel size, size changed)."""
-        from .track import BLURRED, COUNTED, frame_focus  # noqa: PLC0415
-
-        if not seg.um_per_pixel == seg.um_per_pixel:  # nan: no pixel size measured yet
-            raise DataError("no pixel size yet: the frame cannot be placed on the slide")
-        result = self.tracker.feed(image, seg, frame_focus(image, seg.um_per_pixel))
-        kind = "used" if result.status == COUNTED else "blur" if result.status == BLURRED else "motion"
-        return Selection(kind, tuple(n.detection for n in result.new_cells),
-                         tuple(tuple(n.cell.position_um) for n in result.new_cells))
-
-    def to_dict(self) -> dict | None:
-        # Keyframes (about 10 kB each) are left out of the per-frame commit: after a restart a
-        # jump is relocalised against keyframes seen since, or starts a new map.
-        return self.tracker.to_dict(keyframes=False)
-
-
-def make_selector(mode: str, state: dict | None) -> CellSelector:
-    """The selector of `counting.mode`, restored from its saved state. Raises DataError for a
-    saved tracker state that cannot be read.
-    """
-    return FieldSelector() if mode == "fields" else ScanSelector(state)
 
 
 # --- the service -----------------------------------------------------------------------
@@ -384,10 +319,14 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> d
 def make_link(report: ReportConfig):
     """The ReportLink of `report.link`, or None."""
     if report.link in ("astm", "jsonl"):
+        from .astm import AstmTiming  # noqa: PLC0415
         from .report_send import SendSettings, SerialReportLink  # noqa: PLC0415
         from .serial_port import SerialSettings  # noqa: PLC0415
 
-        return SerialReportLink(report.link, report.port, SendSettings(serial=SerialSettings(report.baudrate)))
+        settings = SendSettings(serial=SerialSettings(report.baudrate),
+                                astm_timing=AstmTiming(reply_timeout_s=report.reply_timeout_s),
+                                jsonl_ack_timeout_s=report.reply_timeout_s)
+        return SerialReportLink(report.link, report.port, settings)
     if report.link == "usb":
         from .link_usb import UsbReportLink, UsbSettings  # noqa: PLC0415
 

@@ -50,7 +50,6 @@ class FieldResult:
     edge_cells: int
     um_per_pixel: float
     pixel_size_source: str
-    focus: float
 
 
 def thumbnail(crop: np.ndarray) -> bytes:
@@ -128,9 +127,4 @@ class FieldPipeline:
         seg = self.detect(image)
         cells = self.classify(image, seg.cells, seg.um_per_pixel)
         return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells),
-                           seg.um_per_pixel, seg.pixel_size_source, _field_focus(seg))
-
-
-def _field_focus(seg) -> float:
-    focus = [c.focus for c in seg.cells]
-    return float(np.median(focus)) if focus else float("nan")
+                           seg.um_per_pixel, seg.pixel_size_source)
