@@ -96,6 +96,8 @@ class ReportConfig:
     port: str = _opt("", "serial port of an astm or jsonl link, e.g. /dev/ttyUSB0 or /dev/ttyGS0")
     usb_mount_point: str = _opt("", "usb link: the drive's mount point; empty: the one drive under /media")
     baudrate: int = _opt(9600, "serial speed of the link", min=50, max=4_000_000)
+    reply_timeout_s: float = _opt(15.0, "astm / jsonl link: wait for each reply of the receiver "
+                                  "(E1381's 15 s; shorter on a fast local line)", min=0.1, max=300.0)
     retry_s: float = _opt(60.0, "wait before sending an undelivered report again", min=0.1, max=86400.0)
 
 
