@@ -274,9 +274,31 @@ class Daemon:
             write_report_files(report, self.report_dir)
             self.store.mark_report(entry, files=True)
         if self.link is not None and not entry.link_sent:
-            result = self.link.send(report)
+            result = self.keeping_watchdog(lambda: self.link.send(report))
             logger.info("report %s sent over %s", entry.specimen_id, result.link)
             self.store.mark_report(entry, link=True)
+
+
+    def keeping_watchdog(self, work):
+        """Run `work` (a send that may wait minutes on a slow receiver) in a thread while the
+        watchdog keeps being fed, so systemd does not restart a daemon that is only waiting.
+        Returns its result or raises its exception."""
+        outcome: dict = {}
+
+        def target():
+            try:
+                outcome["result"] = work()
+            except BaseException as err:  # re-raised in the daemon's thread below
+                outcome["error"] = err
+
+        worker = threading.Thread(target=target, name="report-link", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(timeout=1.0)
+            self.notifier.watchdog()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
 
 
 # --- values between the pipeline and the store ------------------------------------------

@@ -474,3 +474,18 @@ def test_scan_mode_stopped_and_resumed_counts_what_an_uninterrupted_scan_counts(
         if snapshot(tmp_path / "resumed" / "state")["specimens"][0][1] == "finished":
             break
     assert snapshot(tmp_path / "resumed" / "state") == expected
+
+
+def test_a_slow_report_link_keeps_the_watchdog_fed(monkeypatch):
+    class Notifier:
+        pings = 0
+
+        def watchdog(self):
+            Notifier.pings += 1
+
+    daemon = Daemon.__new__(Daemon)
+    daemon.notifier = Notifier()
+    assert daemon.keeping_watchdog(lambda: time.sleep(2.5) or "sent") == "sent"
+    assert Notifier.pings >= 2
+    with pytest.raises(ValueError, match="receiver"):
+        daemon.keeping_watchdog(lambda: (_ for _ in ()).throw(ValueError("receiver gone")))
