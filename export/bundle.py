@@ -45,6 +45,16 @@ class ExportOptions:
     threads: int | None = None
 
 
+def training_stain_stats(samples, max_fields: int = 200) -> dict:
+    """Lab colour statistics of the training fields: the target `hematovision-calibrate colour`
+    maps another microscope's smears toward."""
+    from hematovision.calibration.colour import stain_stats
+    from hematovision.pixels import read_rgb
+
+    paths = sorted({s.path for s in samples})[:max_fields]
+    return stain_stats(read_rgb(p) for p in paths).to_dict()
+
+
 def calibration_crops(samples, config: TrainConfig, n: int) -> np.ndarray:
     """At least `n` crops from the training split, cut exactly as in training.
 
@@ -127,6 +137,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
         "provenance": {"run": run.root.name, "backbone": config.backbone, "weights": config.weights,
                        "manifest_sha256": manifest_hash(run.manifest),
                        "sources": json.loads(run.data.read_text())["sources"], "train_config": asdict(config)},
+        "stain_stats": training_stain_stats(samples_of(rows, "train")),
         "model_sha256": hashlib.sha256(tflite).hexdigest(),
         "model_bytes": len(tflite),
     }

@@ -49,6 +49,7 @@ def test_bundle_holds_a_full_integer_model_and_its_description(bundle_dir):
     assert meta["confidence"]["temperature"] > 0 and 0 < meta["confidence"]["threshold"] < 1
     assert set(meta["metrics"]) == {"split", "float", "int8"} and meta["gate"]["passed"]
     assert len(meta["provenance"]["manifest_sha256"]) == 64
+    assert 50 < meta["stain_stats"]["lab_mean"][0] < 100 and meta["stain_stats"]["images"] >= 10
 
 
 def test_device_loader_gives_the_float_models_top1_on_real_crops(bundle_dir, lite0_run):
