@@ -52,17 +52,17 @@ class CountRun:
     pixel_sizes: set = field(default_factory=set)
     started_at: str = field(default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds"))
 
-    def record(self, kind: str, result: FieldResult, slide_xy_um) -> None:
+    def record(self, result: FieldResult) -> None:
         """Count a frame's new cells at their slide positions, or count the frame as skipped."""
-        if kind == "blur":
+        if result.kind == "blur":
             self.skipped_blur += 1
-        elif kind == "motion":
+        elif result.kind == "motion":
             self.skipped_motion += 1
         else:
             self.fields += 1
             self.edge_cells += result.edge_cells
             self.pixel_sizes.add(result.pixel_size_source)
-            for cell, xy in zip(result.cells, slide_xy_um):
+            for cell, xy in zip(result.cells, result.slide_xy_um):
                 self.cells.append(cell)
                 self.slide_xy_um.append(xy)
                 self.counter.add(cell.prediction.label)
@@ -82,20 +82,10 @@ def count_frames(pipeline: FieldPipeline, paths: list[Path], run: CountRun,
     and listed. Yields each file with the cells first counted in it."""
     for path in paths:
         try:
-            result, kind, slide_xy = _count_one(pipeline, selector, read_rgb(path), str(path))
+            result = pipeline.process(read_rgb(path), str(path), selector)
         except (ImageUnreadable, DataError) as err:
             logger.warning("skipped %s", err)
             run.skipped_files.append((str(path), str(err)))
             continue
-        run.record(kind, result, slide_xy)
+        run.record(result)
         yield path, result
-
-
-def _count_one(pipeline: FieldPipeline, selector: CellSelector, image, name: str):
-    image = pipeline.prepare(image, name)
-    seg = pipeline.detect(image)
-    selection = selector.select(image, seg)
-    cells = pipeline.classify(image, selection.cells, seg.um_per_pixel)
-    result = FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
-                         seg.pixel_size_source)
-    return result, selection.kind, selection.slide_xy_um

@@ -144,21 +144,12 @@ class Daemon:
 
     def frame_record(self, specimen: Specimen, frame: Frame) -> FrameRecord:
         try:
-            image = self.pipeline.prepare(frame.image, frame.name)
-            seg = self.pipeline.detect(image)
-        except ConfigError:
-            raise
+            result = self.pipeline.process(frame.image, frame.name, self.selector)
         except DataError as err:
             logger.warning("frame %d unusable: %s", frame.index, err)
             return self.unusable(specimen, frame.index)
-        try:
-            selection = self.selector.select(image, seg)
-        except DataError as err:
-            logger.warning("frame %d not placed: %s", frame.index, err)
-            return self.unusable(specimen, frame.index)
-        results = self.pipeline.classify(image, selection.cells, seg.um_per_pixel) if selection.cells else ()
-        cells = tuple(new_cell(r, xy) for r, xy in zip(results, selection.slide_xy_um))
-        return FrameRecord(specimen, self.key, frame.index, selection.kind, cells, len(seg.edge_cells),
+        cells = tuple(new_cell(r, xy) for r, xy in zip(result.cells, result.slide_xy_um))
+        return FrameRecord(specimen, self.key, frame.index, result.kind, cells, result.edge_cells,
                            self.selector.to_dict(), pipeline_state(self.pipeline))
 
     def unusable(self, specimen: Specimen, index: int) -> FrameRecord:

@@ -14,6 +14,7 @@ from hematovision.calibration.profile import CalibrationProfile, check_against_b
 
 from .classify import Prediction, classify_crops, cut_cells
 from .model_bundle import Bundle
+from .select import CellSelector, FieldSelector
 from .segment import (DEFAULT_PARAMS, Detection, SegmentParams, Segmentation, check_field,
                       estimate_um_per_pixel, segment)
 
@@ -50,6 +51,8 @@ class FieldResult:
     edge_cells: int
     um_per_pixel: float
     pixel_size_source: str
+    kind: str = "used"  # or "blur" / "motion": a scan frame that counted nothing
+    slide_xy_um: tuple[tuple[float, float], ...] = ()  # of `cells`
 
 
 def thumbnail(crop: np.ndarray) -> bytes:
@@ -121,10 +124,12 @@ class FieldPipeline:
         predictions = classify_crops(self.bundle, crops) if len(cells) else []
         return tuple(CellResult(d, p, thumbnail(c)) for d, p, c in zip(cells, predictions, crops))
 
-    def process(self, image: np.ndarray, name: str = "frame") -> FieldResult:
-        """The whole field: every whole white cell classified; cells cut by the edge counted apart."""
+    def process(self, image: np.ndarray, name: str = "frame", selector: CellSelector | None = None) -> FieldResult:
+        """One frame: the cells the selector calls new (default: every whole white cell) classified;
+        cells cut by the edge counted apart. Raises DataError for a frame that cannot be used."""
         image = self.prepare(image, name)
         seg = self.detect(image)
-        cells = self.classify(image, seg.cells, seg.um_per_pixel)
-        return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells),
-                           seg.um_per_pixel, seg.pixel_size_source)
+        selection = (selector or FieldSelector()).select(image, seg)
+        cells = self.classify(image, selection.cells, seg.um_per_pixel)
+        return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
+                           seg.pixel_size_source, selection.kind, selection.slide_xy_um)

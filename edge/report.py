@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .report_schema import SCHEMA_ID, ReportInvalid, validate_report_dict
-from .tally import clopper_pearson
+from .tally import ClassCount, clopper_pearson
 
 PRELIMINARY = "preliminary: not verified"
 # How far a stored percent may sit from count / identified (the values are rounded to 0.01).
@@ -28,16 +28,6 @@ class ModelInfo:
     name: str
     version: str
     sha256: str
-
-
-@dataclass(frozen=True)
-class ClassCount:
-    """One class of the differential: count, percent of identified cells and its 95 % CI."""
-
-    name: str
-    count: int
-    percent: float
-    ci95: tuple[float, float]
 
 
 @dataclass(frozen=True)
