@@ -31,7 +31,14 @@ class Quantization:
     zero_point: int
     dtype: str
 
+    @property
+    def is_identity_uint8(self) -> bool:
+        """uint8 with scale 1 and zero point 0: 0..255 pixels are their own quantized values."""
+        return self.dtype == "uint8" and self.scale == 1.0 and self.zero_point == 0
+
     def quantize(self, x: np.ndarray) -> np.ndarray:
+        if self.is_identity_uint8 and np.asarray(x).dtype == np.uint8:
+            return np.ascontiguousarray(x)
         info = np.iinfo(self.dtype)
         q = np.round(np.asarray(x, np.float32) / self.scale) + self.zero_point
         return np.clip(q, info.min, info.max).astype(self.dtype)
@@ -85,7 +92,7 @@ class Int8Model:
         if len(crops) == 0:
             return np.zeros((0, self.n_outputs), np.float32)
         self._resize(len(crops))
-        self._interp.set_tensor(self._in["index"], self.input_q.quantize(crops.astype(np.float32)))
+        self._interp.set_tensor(self._in["index"], self.input_q.quantize(crops))
         self._interp.invoke()
         return self.output_q.dequantize(self._interp.get_tensor(self._out["index"]))
 

@@ -23,9 +23,9 @@ logger = logging.getLogger(__name__)
 ESTIMATED_SOURCE = "estimated from red cells (median over fields)"
 NO_PIXEL_SIZE = "unknown: no red cells measured"
 SETTLED_ESTIMATES = 5  # red-cell estimates on every field until this many ...
-REESTIMATE_EVERY = 10  # ... then on every tenth field only
+REESTIMATE_EVERY = 20  # ... then on every twentieth field only
 ESTIMATE_HISTORY = 50  # the pixel size is the median of this many latest estimates
-THUMBNAIL_PX = 96  # side of the verification thumbnail kept per counted cell
+THUMBNAIL_PX = 112  # side of the verification thumbnail kept per counted cell (half a 224 crop)
 
 
 @dataclass(frozen=True)

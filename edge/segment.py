@@ -109,12 +109,23 @@ def check_field(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -
 
 
 def _resize(image: np.ndarray, scale: float) -> np.ndarray:
-    """Resize by `scale` (area averaging when shrinking); scale 1 returns the image itself."""
+    """Resize by `scale` (area averaging when shrinking); scale 1 returns the image itself.
+
+    A shrink by more than 2 averages whole k x k blocks first (OpenCV's fast integer path, about
+    twice as fast as a fractional area resize of a 640x480 field) and interpolates the rest.
+    """
     if abs(scale - 1.0) < 1e-3:
         return image
     h, w = image.shape[:2]
     size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    if scale > 1:
+        return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    k = int(1.0 / scale)
+    if k < 2 or min(h, w) < 2 * k:
+        return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    blocks = image[: h - h % k, : w - w % k]
+    blocks = cv2.resize(blocks, (blocks.shape[1] // k, blocks.shape[0] // k), interpolation=cv2.INTER_AREA)
+    return cv2.resize(blocks, size, interpolation=cv2.INTER_LINEAR)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -224,12 +235,17 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
 
 def stain_feature(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
     """Nucleus-stain strength per pixel (float32): (B - G) + w * (255 - G) after white balance."""
-    pixels = image_rgb.reshape(-1, 3)
-    white = np.percentile(pixels[:: max(1, pixels.shape[0] // 4096)], params.white_percentile, axis=0)
+    white = np.array([_percentile_u8(image_rgb[:, :, c], params.white_percentile) for c in range(3)])
     gain = 255.0 / np.maximum(white, 1.0)
     green = image_rgb[:, :, 1].astype(np.float32) * gain[1]
     blue = image_rgb[:, :, 2].astype(np.float32) * gain[2]
     return (blue - green) + params.green_weight * (255.0 - green)
+
+
+def _percentile_u8(channel: np.ndarray, q: float) -> float:
+    """The q-th percentile (lower value) of a uint8 channel, from its histogram."""
+    counts = cv2.calcHist([np.ascontiguousarray(channel)], [0], None, [256], [0, 256]).ravel()
+    return float(np.searchsorted(np.cumsum(counts), q / 100.0 * channel.size))
 
 
 def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
@@ -251,9 +267,8 @@ def _stain_thresholds(feature: np.ndarray, params: SegmentParams) -> tuple[float
     field's red-cell level to its nucleus level. The floor is the absolute threshold, or a fixed
     step above the red-cell level where that is lower (pale stains, where nuclei never reach
     the absolute threshold)."""
-    sample = feature[:: 2, :: 2]
-    level = float(np.percentile(sample, params.red_cell_percentile))
-    span = float(np.percentile(sample, params.nucleus_percentile)) - level
+    level, top = np.percentile(feature[:: 2, :: 2], (params.red_cell_percentile, params.nucleus_percentile))
+    level, span = float(level), float(top - level)
     strong = max(min(params.stain_threshold, level + params.stain_above_red_cells), level + params.stain_relative * span)
     weak = max(min(params.stain_threshold_weak, level + params.stain_above_red_cells_weak),
                level + params.stain_relative_weak * span)
