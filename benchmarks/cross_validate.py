@@ -29,7 +29,8 @@ def run_fold(fold: int, test_groups: set, data, args) -> dict:
     run = RunPaths(args.out / f"fold{fold}")
     bundle = args.out / f"fold{fold}_bundle"
     if not run.config.is_file():
-        config = TrainConfig(backbone=args.backbone, weights=args.weights, seed=fold, **RECIPE).validate()
+        recipe = dict(RECIPE, augment=args.augment)
+        config = TrainConfig(backbone=args.backbone, weights=args.weights, seed=fold, **recipe).validate()
         prepare_run(run, config, data, test_groups)
     train(run)
     if not (bundle / "bundle.json").is_file():
@@ -50,9 +51,16 @@ def main() -> int:
     parser.add_argument("--bccd", type=Path, default=REPO.parent / "shared" / "data" / "bccd")
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--augment", default=RECIPE["augment"], choices=("full", "stain", "geometric", "none"))
+    parser.add_argument("--centres", default="boxes", choices=("boxes", "segmenter"),
+                        help="crop at the annotated box centres or where the device's segmenter finds each cell")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
     data = load_bccd(args.bccd)
+    if args.centres == "segmenter":
+        from hematovision.train.device_crops import recentre_on_segmenter
+
+        data = recentre_on_segmenter(data)
     folds = grouped_folds(data.samples, args.folds, seed=0)
     results = []
     for k in range(args.folds):
@@ -62,7 +70,7 @@ def main() -> int:
     for kind in ("float", "int8"):
         for key in ("accuracy", "macro_f1"):
             values = [r[kind][key] for r in results]
-            print(f"{args.backbone} {kind} {key}: mean {statistics.mean(values):.4f} "
+            print(f"{args.backbone} ({args.centres} centres, {args.augment} augmentation) {kind} {key}: mean {statistics.mean(values):.4f} "
                   f"sd {statistics.stdev(values) if len(values) > 1 else 0:.4f} over {len(values)} folds")
     return 0
 

@@ -35,7 +35,11 @@ NO_AUGMENT = AugmentParams(0, 0, 0, 0, 0, 0, 0, 0, 0)
 # Rotation, zoom, flips and shift only: the colours stay as photographed.
 GEOMETRIC = AugmentParams(stain_scale=0, stain_shift=0, brightness=0, contrast=0, hue_deg=0,
                           saturation=0, blur_prob=0)
-AUGMENT_MODES = {"full": AugmentParams(), "geometric": GEOMETRIC, "none": None}
+# Geometry plus mild stain and exposure changes, no hue turn: the device maps each crop's colours
+# to the training stain statistics first, so only the differences left after that are simulated.
+MILD_STAIN = AugmentParams(stain_scale=0.08, stain_shift=0.02, brightness=0.08, contrast=0.08, hue_deg=0.0,
+                           saturation=0.08, blur_prob=0.2)
+AUGMENT_MODES = {"full": AugmentParams(), "stain": MILD_STAIN, "geometric": GEOMETRIC, "none": None}
 
 
 def random_jitter(rng: np.random.Generator, params: AugmentParams) -> CropJitter:
