@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="full: geometry and colour/stain; geometric: rotation, zoom, flips only")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
+    fit.add_argument("--test-fields", type=Path, metavar="CSV",
+                     help="hold out these BCCD fields (bccd_field column, e.g. train/kaggle_test_origins.csv) "
+                          "and their re-photographed partners as the test split")
     ev = sub.add_parser("evaluate", help="metrics.json and report.md of a run on a labelled set")
     ev.add_argument("run", type=Path)
     _data_args(ev)
@@ -57,7 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--backbone", default="efficientnet_lite0")
     probe.add_argument("--input-size", type=int, default=224)
     probe.add_argument("--seed", type=int, default=0)
+    _origins_args(sub.add_parser("kaggle-origins", help="match Kaggle images to the BCCD fields they were made from"))
     return parser
+
+
+def _origins_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kaggle", required=True, type=Path, metavar="DIR",
+                   help="Kaggle images folder holding TRAIN/, TEST/, TEST_SIMPLE/")
+    p.add_argument("--bccd", required=True, type=Path, metavar="DIR", help="BCCD folder (BCCD/JPEGImages, labels.csv)")
+    p.add_argument("--split", action="append", default=[], help="split folder to match (repeatable; default TEST)")
+    p.add_argument("--every", type=int, default=1, help="match every N-th image of each class folder")
+    p.add_argument("--out", required=True, type=Path, help="origins CSV to write")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        return {"fit": _fit, "evaluate": _evaluate, "probe": _probe}[args.command](args)
+        commands = {"fit": _fit, "evaluate": _evaluate, "probe": _probe, "kaggle-origins": _kaggle_origins}
+        return commands[args.command](args)
     except HematovisionError as err:
         print(f"hematovision-train: error: {err}", file=sys.stderr)
         return 1
@@ -88,6 +102,7 @@ def _load_data(args):
 
 
 def _fit(args) -> int:
+    from .kaggle_origins import held_out_groups
     from .recipe import RunPaths, TrainConfig, prepare_run, train
 
     run = RunPaths(args.out)
@@ -103,7 +118,8 @@ def _fit(args) -> int:
             finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
             head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
             augment=args.augment, seed=args.seed, strategy=args.strategy).validate()
-        prepare_run(run, config, data)
+        test_groups = held_out_groups(args.test_fields) if args.test_fields else None
+        prepare_run(run, config, data, test_groups, args.test_fields and args.test_fields.name)
     print(train(run))
     return 0
 
@@ -123,4 +139,26 @@ def _probe(args) -> int:
     data, classes = _load_data(args)
     result = linear_probe(data.samples, classes, args.backbone, args.input_size, args.seed)
     print(json.dumps(result, indent=2))
+    return 0
+
+
+def _kaggle_origins(args) -> int:
+    import cv2
+
+    from .datasets import read_bccd_labels
+    from .kaggle_origins import index_bccd, label_disagreements, match_split, write_origins
+
+    if args.every < 1:
+        raise DataError(f"--every {args.every}: give 1 or more")
+    cv2.setNumThreads(1)
+    index = index_bccd(args.bccd)
+    origins = [o for split in (args.split or ["TEST"]) for o in match_split(args.kaggle, split, index, every=args.every)]
+    write_origins(origins, args.out)
+    confident = [o for o in origins if o.match.confident]
+    wrong = label_disagreements(origins, read_bccd_labels(args.bccd / "labels.csv"))
+    print(json.dumps({"images": len(origins), "confident": len(confident),
+                      "fields": len({o.match.field for o in confident}),
+                      "groups": len({o.match.group for o in confident}),
+                      "label_disagreements": [f"{o.split}/{o.label}/{o.image} -> {o.match.field}" for o in wrong]},
+                     indent=2))
     return 0

@@ -97,10 +97,13 @@ class RunPaths:
         return self.root / "checkpoints" / f"phase{phase}"
 
 
-def prepare_run(run: RunPaths, config: TrainConfig, data: Dataset, test_groups: set[str] | None = None) -> None:
+def prepare_run(run: RunPaths, config: TrainConfig, data: Dataset, test_groups: set[str] | None = None,
+                test_source: str | None = None) -> None:
     """Create the run folder: config, grouped manifest, skipped list, data provenance.
 
-    `test_groups`, when given (cross-validation), fixes the test split; val is drawn from the rest.
+    `test_groups`, when given (a cross-validation fold, or the BCCD fields a Kaggle test set was
+    made from), fixes the test split; val is drawn from the rest. data.json records them and
+    `test_source`, where they came from.
     """
     run.root.mkdir(parents=True, exist_ok=True)
     samples = [s for s in data.samples if s.label in config.classes]
@@ -110,6 +113,8 @@ def prepare_run(run: RunPaths, config: TrainConfig, data: Dataset, test_groups: 
     run.skipped.write_text("".join(f"{s.path}\t{s.reason}\n" for s in data.skipped))
     provenance = {"sources": data.sources, "manifest_sha256": digest, "counts": split_counts(rows),
                   "skipped": len(data.skipped)}
+    if test_groups is not None:
+        provenance["test_groups"] = {"source": test_source, "groups": sorted(test_groups)}
     run.data.write_text(json.dumps(provenance, indent=2))
     run.config.write_text(json.dumps(asdict(config), indent=2))
     logger.info("run %s: %s; %d inputs skipped (listed in %s)", run.root, provenance["counts"],
