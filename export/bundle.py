@@ -115,6 +115,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
     confidence = fit_confidence(val.int8_logits, val.y, options.max_rejected_correct)
     test_probs = softmax(test.int8_logits, confidence.temperature)
     train_um = [r.sample.um_per_pixel for r in rows if r.sample.um_per_pixel]
+    data = json.loads(run.data.read_text())
     return {
         "format": BUNDLE_FORMAT,
         "name": f"hematovision-{config.backbone}",
@@ -136,7 +137,8 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
                  "max_recall_drop_pt": options.margins.recall_pt, **gate.to_dict()},
         "provenance": {"run": run.root.name, "backbone": config.backbone, "weights": config.weights,
                        "manifest_sha256": manifest_hash(run.manifest),
-                       "sources": json.loads(run.data.read_text())["sources"], "train_config": asdict(config)},
+                       "sources": data["sources"], "train_config": asdict(config),
+                       "test_groups": data.get("test_groups")},  # held-out groups, when fixed (--test-fields)
         "stain_stats": training_stain_stats(samples_of(rows, "train")),
         "model_sha256": hashlib.sha256(tflite).hexdigest(),
         "model_bytes": len(tflite),
