@@ -67,6 +67,14 @@ def test_committed_test_origins_cover_every_test_image_and_the_71_originals(repo
     assert len(held_out_groups(repo_root / "train" / "kaggle_test_origins.csv")) == 70
 
 
+def test_kaggle_train_shares_only_re_photographed_cells_with_test(repo_root):
+    train = [r for r in _origins_rows(repo_root, "kaggle_train_origins.csv") if r["confident"] == "1"]
+    test = [r for r in _origins_rows(repo_root) if r["confident"] == "1"]
+    assert len(train) >= 0.9 * 9957
+    shared = {r["bccd_group"] for r in train} & {r["bccd_group"] for r in test}
+    assert shared == {"bccd:00204", "bccd:00230"}  # BloodImage_00277 / 00230 in TRAIN, 00204 / 00257 in TEST
+
+
 @pytest.mark.shared_data
 def test_test_images_match_the_fields_recorded_in_the_committed_csv(shared_data, repo_root):
     index = index_bccd(shared_data / "bccd")
