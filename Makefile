@@ -43,5 +43,34 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kaggle_pipeline.py
 	$(PY) benchmarks/bench_backbones.py
 
+.PHONY: results cv
+
+# Regenerate the README's "Measured results" tables in one command: each benchmark writes its
+# figures as JSON into $(RESULTS), every finished cross-validation (runs/cv_*/) is summarised
+# without training, and benchmarks/results_table.py replaces the text between the README's
+# results markers. `make reference` comes first (the benchmarks measure models/reference; this
+# target does not retrain it); `make cv` is separate (hours). Needs ../shared/data.
+RESULTS ?= runs/results
+results: $(STAMP)
+	mkdir -p $(RESULTS)
+	$(PY) benchmarks/bench_kaggle_pipeline.py --json $(RESULTS)/kaggle.json
+	$(PY) benchmarks/bench_detection.py --json $(RESULTS)/detection.json
+	$(PY) benchmarks/bench_backbones.py --json $(RESULTS)/backbones.json
+	$(PY) benchmarks/bench_pipeline.py --json $(RESULTS)/pipeline.json
+	@set -e; for d in runs/cv_*/; do \
+	    if ls $$d/fold*_bundle/bundle.json >/dev/null 2>&1; then \
+	        echo "$(PY) benchmarks/cross_validate.py --summary-only --out $$d"; \
+	        $(PY) benchmarks/cross_validate.py --summary-only --out $$d; \
+	        cp $$d/summary.json $(RESULTS)/$$(basename $$d).json; \
+	    fi; \
+	done
+	$(PY) benchmarks/results_table.py --results $(RESULTS) --readme README.md
+
+# Grouped 5-fold cross-validation of Lite0 as the device sees cells (segmenter centres, stain
+# augmentation); hours on 2 cores, resumable: rerun to continue. `make results` summarises it.
+cv: $(STAMP)
+	$(PY) benchmarks/cross_validate.py --backbone efficientnet_lite0 --bccd $(SHARED)/bccd \
+	    --centres segmenter --augment stain --out runs/cv_lite0_seg_stain
+
 clean:
 	rm -rf $(VENV) out build *.egg-info

@@ -1,15 +1,17 @@
 """Speed of each backbone at 224: training and inference images per second, TFLite latency, size.
 
 Prints figures; not a test. Run from the repository root:
-    .venv/bin/python benchmarks/bench_backbones.py [--backbones efficientnet_lite0,resnet50] [--invocations 200]
+    .venv/bin/python benchmarks/bench_backbones.py [--backbones efficientnet_lite0,resnet50] [--invocations 200] [--json FILE]
 Weights are random for every backbone here (speed does not depend on them), so no download is needed.
 Per-crop latencies are medians over --invocations single-crop calls; int8 and float TFLite are
-measured in the same run so their ratio is meaningful on a shared, noisy machine.
+measured in the same run so their ratio is meaningful on a shared, noisy machine. `--json FILE` also
+writes the printed rows as one JSON object, keyed by backbone (read by benchmarks/results_table.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -120,6 +122,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--invocations", type=int, default=200)
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     args = parser.parse_args()
     crops = real_crops(max(args.batch, args.calibration), 224)
     print(f"machine: {os.cpu_count()} cores; batch {args.batch}; medians over {args.invocations} single-crop calls")
@@ -128,7 +131,18 @@ def main() -> int:
     print("\t".join(keys))
     for row in rows:
         print("\t".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    if args.json:
+        write_json(args.json, rows, args)
     return 0
+
+
+def write_json(path: Path, rows: list[dict], args) -> None:
+    """The printed rows as one JSON object: the run's settings and {"backbones": {name: row}}."""
+    result = {"machine_cores": os.cpu_count(), "batch": args.batch, "steps": args.steps,
+              "invocations": args.invocations, "calibration": args.calibration, "weights": "random",
+              "input_size": 224, "backbones": {row["backbone"]: row for row in rows}}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

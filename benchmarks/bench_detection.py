@@ -4,6 +4,8 @@
     python benchmarks/bench_detection.py --split train       # the split the parameters were tuned on
     python benchmarks/bench_detection.py --set cell_margin_um=2.0
     python benchmarks/bench_detection.py --pixel-size lab     # one pixel size per lab
+    python benchmarks/bench_detection.py --json runs/results/detection.json   # also the figures as JSON
+    python benchmarks/bench_detection.py --limit 20           # a quick check: the first 20 fields of each set
 
 Every detection (whole and edge-cut cells) is matched one-to-one to the annotated WBC boxes,
 greedily by IoU; a match needs IoU >= 0.5. A second figure matches a detection to a box when
@@ -23,6 +25,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
+import json
 import logging
 import math
 import statistics
@@ -214,6 +218,22 @@ def report(title: str, counts: dict) -> None:
     report_misses(counts)
 
 
+def figures(counts: dict) -> dict:
+    """The printed figures of each lab as a JSON-ready dict (what `report` prints)."""
+    out = {}
+    for lab in sorted(counts):
+        c = counts[lab]
+        artefacts = sum(c["miss:" + k] for k in ARTEFACTS)
+        out[lab] = {"fields": c["fields"], "wbc": c["truth"], "detections": c["detected"],
+                    "recall": c["iou"] / max(1, c["truth"]), "precision": c["iou"] / max(1, c["detected"]),
+                    "centre_recall": c["centre"] / max(1, c["truth"]),
+                    "centre_precision": c["centre"] / max(1, c["detected"]),
+                    "no_pixel_size": c["no_pixel_size"],
+                    "misses": {k: c["miss:" + k] for k in ARTEFACTS + ("box", "not found")},
+                    "recall_without_artefacts": c["iou"] / max(1, c["truth"] - artefacts)}
+    return out
+
+
 def report_misses(counts: dict) -> None:
     """Unmatched annotated boxes by kind, and the recall with annotation artefacts set aside."""
     kinds = ARTEFACTS + ("box", "not found")
@@ -266,6 +286,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bccd", action="store_true", help="skip the BCCD VOC check")
     parser.add_argument("--pixel-size", choices=("field", "lab"), default="field",
                         help="estimate it per field (default), or give each lab its median estimate")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N fields of each set (0: all); a quick check")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     params = parse_params(args.set)
@@ -273,19 +295,33 @@ def main(argv=None) -> int:
     if not txl.is_dir():
         raise SystemExit(f"{txl} not found: run from the repository root with ../shared/data present, or pass --data")
     by_lab = args.pixel_size == "lab"
-    sizes = lab_pixel_sizes(load_txl(txl, args.split), params) if by_lab else None
+
+    def limited(fields):
+        return itertools.islice(fields, args.limit or None)
+
+    result = {"split": args.split, "pixel_size": args.pixel_size, "limit": args.limit,
+              "params": dict(item.partition("=")[::2] for item in args.set), "iou_threshold": 0.5}
+    sizes = lab_pixel_sizes(limited(load_txl(txl, args.split)), params) if by_lab else None
+    counts = evaluate(limited(load_txl(txl, args.split)), params, sizes)
     report(f"TXL-PBC {args.split} split, IoU >= 0.5 (and centre-in-box), edge-cut cells included, "
            f"pixel size {'per lab ' + str({k: round(v, 4) for k, v in sizes.items()}) if by_lab else 'per field'}",
-           evaluate(load_txl(txl, args.split), params, sizes))
+           counts)
+    result["txl_pbc"] = figures(counts)
     bccd = args.data / "bccd" / "BCCD"
     if not args.no_bccd and bccd.is_dir():
-        sizes = lab_pixel_sizes(load_bccd(bccd), params) if by_lab else None
-        report("BCCD fields (VOC 'WBC' boxes), IoU >= 0.5 (and centre-in-box)", evaluate(load_bccd(bccd), params, sizes))
+        sizes = lab_pixel_sizes(limited(load_bccd(bccd)), params) if by_lab else None
+        counts = evaluate(limited(load_bccd(bccd)), params, sizes)
+        report("BCCD fields (VOC 'WBC' boxes), IoU >= 0.5 (and centre-in-box)", counts)
+        result["bccd_voc"] = figures(counts)
     if bccd.is_dir():
-        images = [read_rgb(p) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:60]]
+        images = [read_rgb(p) for p in sorted((bccd / "JPEGImages").glob("*.jpg"))[:min(60, args.limit or 60)]]
         median, p95 = time_fields(images, params)
         print(f"\nspeed: {median:.2f} ms median, {p95:.2f} ms 95th percentile per 640x480 BCCD field "
               f"(pixel size estimated; {len(images)} fields x 3)")
+        result["speed"] = {"median_ms": median, "p95_ms": p95, "fields": len(images), "repeats": 3}
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -1,16 +1,19 @@
 """The whole device pipeline on the Kaggle TEST fields: segment, take the labelled cell, classify.
 
 Prints figures; not a test. Run from the repository root:
-    .venv/bin/python benchmarks/bench_kaggle_pipeline.py --model BUNDLE [--split TEST] [--limit N]
+    .venv/bin/python benchmarks/bench_kaggle_pipeline.py --model BUNDLE [--split TEST] [--limit N] [--json FILE]
 Each Kaggle image is a field (320x240, half the BCCD resolution) with one labelled white cell
 near its centre. The cell found nearest the centre is classified; an image where no cell is found
 counts as an error. TEST holds augmentations of only about 71 originals, so the figures are also
-given per original (majority vote), the honest sample size.
+given per original (majority vote), the honest sample size. `--json FILE` also writes the printed
+figures, the model and its training as one JSON object (read by benchmarks/results_table.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import re
 import sys
 from collections import Counter, defaultdict
@@ -51,6 +54,7 @@ def main() -> int:
     parser.add_argument("--model", type=Path, default=REPO / "models" / "reference")
     parser.add_argument("--split", default="TEST")
     parser.add_argument("--limit", type=int, default=0, help="images per class (0: all)")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     args = parser.parse_args()
     pipeline = FieldPipeline(load_bundle(args.model))
     outcomes, by_original = Counter(), defaultdict(Counter)
@@ -62,26 +66,72 @@ def main() -> int:
             outcomes[(truth, label)] += 1
             original = re.match(r"^_(\d+)_", path.name).group(1)
             by_original[(truth, original)][label] += 1
-    report(outcomes, by_original, pipeline.bundle.classes)
+    result = figures(outcomes, by_original, pipeline.bundle.classes)
+    report(result)
+    if args.json:
+        result = {"model": shown_path(args.model), **model_description(args.model), "split": args.split,
+                  "limit_per_class": args.limit, **result}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 
-def report(outcomes: Counter, by_original: dict, classes) -> None:
+def figures(outcomes: Counter, by_original: dict, classes) -> dict:
+    """The benchmark's figures: accuracy, per-class recall and precision, macro-F1, the images
+    with no cell found or left unidentified (both count as errors), majority vote per original."""
     total = sum(outcomes.values())
     correct = sum(n for (t, p), n in outcomes.items() if t == p)
-    print(f"images: {total}, accuracy {correct / total:.4f}")
-    f1 = []
+    per_class, f1 = {}, []
     for c in classes:
         tp = outcomes[(c, c)]
         fn = sum(n for (t, p), n in outcomes.items() if t == c and p != c)
         fp = sum(n for (t, p), n in outcomes.items() if p == c and t != c)
         if tp + fn:
             f1.append(2 * tp / max(2 * tp + fp + fn, 1))
-            print(f"  {c:<11} n={tp + fn:5d} recall {tp / (tp + fn):.3f} precision {tp / max(tp + fp, 1):.3f}")
-    print(f"macro-F1 {np.mean(f1):.4f}; not found: {sum(n for (t, p), n in outcomes.items() if p == 'no cell found')}; "
-          f"unidentified: {sum(n for (t, p), n in outcomes.items() if p == 'unidentified')}")
+            per_class[c] = {"n": tp + fn, "recall": tp / (tp + fn), "precision": tp / max(tp + fp, 1)}
     votes = [(t, v.most_common(1)[0][0]) for (t, _), v in by_original.items()]
-    print(f"originals: {len(votes)}, majority-vote accuracy {np.mean([t == p for t, p in votes]):.4f}")
+    return {"images": total, "correct": correct, "accuracy": correct / total if total else None,
+            "macro_f1": float(np.mean(f1)) if f1 else None, "per_class": per_class,
+            "not_found": sum(n for (t, p), n in outcomes.items() if p == "no cell found"),
+            "unidentified": sum(n for (t, p), n in outcomes.items() if p == "unidentified"),
+            "originals": len(votes), "originals_correct": sum(t == p for t, p in votes),
+            "majority_vote_accuracy": float(np.mean([t == p for t, p in votes])) if votes else None}
+
+
+def report(result: dict) -> None:
+    print(f"images: {result['images']}, accuracy {result['accuracy']:.4f}")
+    for c, r in result["per_class"].items():
+        print(f"  {c:<11} n={r['n']:5d} recall {r['recall']:.3f} precision {r['precision']:.3f}")
+    print(f"macro-F1 {result['macro_f1']:.4f}; not found: {result['not_found']}; unidentified: {result['unidentified']}")
+    print(f"originals: {result['originals']}, majority-vote accuracy {result['majority_vote_accuracy']:.4f}")
+
+
+def shown_path(path: Path) -> str:
+    """A path as written into results: relative to the repository, never this machine's absolute path."""
+    return os.path.relpath(Path(path).resolve(), REPO)
+
+
+def model_description(model: Path) -> dict:
+    """The bundle's name and how its model was trained, from bundle.json where it says."""
+    try:
+        bundle = json.loads((Path(model) / "bundle.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out = {"bundle_name": bundle.get("name"), "model_sha256": bundle.get("model_sha256")}
+    prov = bundle.get("provenance") or {}
+    config = prov.get("train_config") or {}
+    training = {k: v for k, v in (("run", prov.get("run")), ("backbone", prov.get("backbone") or config.get("backbone")),
+                                  ("weights", prov.get("weights") or config.get("weights")),
+                                  ("augment", config.get("augment")), ("sources", prov.get("sources")))
+                if v is not None}
+    test_source = prov.get("test_source") or (prov.get("test_groups") or {}).get("source")
+    if test_source:
+        training["test_source"] = test_source
+    if bundle.get("description"):
+        training["description"] = bundle["description"]
+    if training:
+        out["training"] = training
+    return out
 
 
 if __name__ == "__main__":

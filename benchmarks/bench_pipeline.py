@@ -1,14 +1,18 @@
 """Speed and memory of the device pipeline: segmentation per field, classification per cell, RSS.
 
 Prints figures; not a test. Run from the repository root:
-    .venv/bin/python benchmarks/bench_pipeline.py --model BUNDLE [--fields DIR] [--n 100]
+    .venv/bin/python benchmarks/bench_pipeline.py --model BUNDLE [--fields DIR] [--n 100] [--json FILE]
 Targets (issue 4): segmentation <= 10 ms per 640x480 field; the whole pipeline within 1.5x of
 the classifier's own time; peak RSS of `hematovision-edge count` over 100 fields <= 250 MB.
+`--json FILE` also writes the printed rows (1 and 2 threads) and the peak RSS as one JSON object.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import math
+import os
 import resource
 import subprocess
 import sys
@@ -75,13 +79,26 @@ def main() -> int:
     parser.add_argument("--fields", type=Path, default=SHARED_FIELDS if SHARED_FIELDS.is_dir() else SAMPLE_FIELDS)
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=3, help="runs per field and stage; the fastest counts")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     args = parser.parse_args()
     paths = field_paths(args.fields, args.n)
     print(f"{len(paths)} fields from {args.fields.name}, model {args.model.name}")
+    rows = []
     for threads in (1, 2):
         row = stage_times(args.model, paths, threads, args.repeats)
+        rows.append(row)
         print("  ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
-    print(f"peak RSS of `hematovision-edge count` over {len(paths)} fields: {count_peak_rss_mb(args.model, paths):.0f} MB")
+    rss = count_peak_rss_mb(args.model, paths)
+    print(f"peak RSS of `hematovision-edge count` over {len(paths)} fields: {rss:.0f} MB")
+    if args.json:
+        result = {"model": os.path.relpath(args.model.resolve(), REPO),
+                  "fields_dir": os.path.relpath(args.fields.resolve(), REPO),
+                  "fields": len(paths), "repeats": args.repeats,
+                  "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
+                           for row in rows],
+                  "peak_rss_mb": rss}
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

@@ -1,0 +1,363 @@
+"""The README's "Measured results" tables, regenerated from the benchmarks' JSON files.
+
+    .venv/bin/python benchmarks/results_table.py --results runs/results               # print the tables
+    .venv/bin/python benchmarks/results_table.py --results runs/results --readme README.md
+
+`make results` runs the benchmarks with `--json` into runs/results/ and then this script. It reads
+from the results folder (each file optional; a missing one gives "not measured (run: COMMAND)"
+cells instead of an error):
+
+    kaggle.json      benchmarks/bench_kaggle_pipeline.py --json   whole pipeline on Kaggle TEST
+    detection.json   benchmarks/bench_detection.py --json         white-cell detection per lab, speed
+    backbones.json   benchmarks/bench_backbones.py --json         per-crop latency and size per backbone
+    pipeline.json    benchmarks/bench_pipeline.py --json          pipeline/classifier time, peak RSS
+    cv_*.json        OUT/summary.json of benchmarks/cross_validate.py (one per cross-validation)
+    scan.json        {"frames", "whole_cells", "counted_once", "double_counts", "jumps", "relocalised"}
+    daemon.json      {"minutes", "start_mb", "end_mb", "max_mb", "first_third_mb", "last_third_mb"}
+
+(bench_scan.py and bench_daemon_memory.py write no JSON yet: scan.json and daemon.json are the
+shape this script reads once they do.) More cross-validation summaries can be named with --cv.
+The reference bundle's bundle.json (--reference, default models/reference) gives the held-out
+float and int8 figures, their top-1 agreement and the int8 model size.
+
+With --readme the text between the lines `<!-- results:begin -->` and `<!-- results:end -->` is
+replaced and everything outside them is kept; a README without exactly one pair is refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BEGIN = "<!-- results:begin -->"
+END = "<!-- results:end -->"
+
+BACKBONES = ("efficientnet_b0", "resnet50", "efficientnet_lite0")
+NAMES = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "efficientnet_lite0": "EfficientNet-Lite0"}
+PAPER = {"efficientnet_b0": '95.8% accuracy, 95.2% F1, "fast"', "resnet50": '94.2% accuracy, 93.7% F1, "medium"'}
+CENTRES = {"boxes": "crops at the annotated box centres", "segmenter": "crops where the segmenter finds each cell"}
+NOT_TRAINED = "ImageNet weights not reachable offline; not trained"
+DETECTION_TARGET = (0.98, 0.95)
+
+
+class ResultsError(Exception):
+    """A results file or README that cannot be used; the message says which and why."""
+
+
+def shown(path: Path | str) -> str:
+    """A path as written into the tables: relative to the repository, never an absolute path."""
+    return os.path.relpath(Path(path).resolve(), REPO)
+
+
+def read_json(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when the file does not exist."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except ValueError as err:
+        raise ResultsError(f"{path}: not valid JSON ({err}); rerun the benchmark that writes it") from err
+
+
+def not_measured(command: str) -> str:
+    return f"not measured (run: `{command}`)"
+
+
+def frac(x) -> str:
+    return f"{x:.3f}"
+
+
+def pct(x) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def mean_sd(summary: dict, kind: str, key: str) -> str:
+    return f"{frac(summary['mean'][kind][key])} ± {frac(summary['sd'][kind][key])}"
+
+
+def mb(x) -> str:
+    return f"{x:.2f} MB" if x < 10 else f"{x:.1f} MB"
+
+
+class Results:
+    """Everything the tables are made of, read once."""
+
+    def __init__(self, results: Path, cv_files: list[Path] = (), reference: Path = REPO / "models" / "reference"):
+        self.dir = results
+        self.kaggle = read_json(results / "kaggle.json")
+        self.detection = read_json(results / "detection.json")
+        self.backbones = read_json(results / "backbones.json")
+        self.pipeline = read_json(results / "pipeline.json")
+        self.scan = read_json(results / "scan.json")
+        self.daemon = read_json(results / "daemon.json")
+        paths = sorted(results.glob("cv_*.json")) + [p for p in cv_files]
+        self.cv = []
+        for path in paths:
+            summary = read_json(path)
+            if summary is None:
+                raise ResultsError(f"{path}: no such cross-validation summary")
+            if not {"backbone", "mean", "sd"} <= set(summary):
+                raise ResultsError(f"{path}: not a cross_validate.py summary (needs backbone, mean, sd)")
+            self.cv.append(summary)
+        self.reference_dir = reference
+        self.reference = read_json(reference / "bundle.json")
+
+    def command(self, script: str, name: str) -> str:
+        return f".venv/bin/python benchmarks/{script} --json {shown(self.dir / name)}"
+
+
+# -- the classifier table -------------------------------------------------------------------------
+
+def classifier_table(r: Results) -> list[str]:
+    lines = ["| model | design paper | float accuracy / macro-F1 | int8 accuracy / macro-F1 "
+             "| whole pipeline, Kaggle TEST | int8 latency per crop, 1 / 2 threads | int8 size |",
+             "|---|---|---|---|---|---|---|"]
+    backbones = list(BACKBONES) + sorted({s["backbone"] for s in r.cv} - set(BACKBONES))
+    for backbone in backbones:
+        latency, size = backbone_speed(r, backbone)
+        name, paper = NAMES.get(backbone, backbone), PAPER.get(backbone, "n/a")
+        summaries = [s for s in r.cv if s["backbone"] == backbone]
+        if not summaries:
+            if backbone in PAPER:
+                cells = [NOT_TRAINED, "—"]
+            else:
+                cells = [not_measured("make cv"), "—"]
+            lines.append(row(f"{name}, grouped 5-fold CV on BCCD cells", paper, *cells, "—", latency, size))
+        for s in summaries:
+            lines.append(row(cv_label(name, s), paper, f"{mean_sd(s, 'float', 'accuracy')} / {mean_sd(s, 'float', 'macro_f1')}",
+                             f"{mean_sd(s, 'int8', 'accuracy')} / {mean_sd(s, 'int8', 'macro_f1')}", "—", latency, size))
+    lines.append(reference_row(r))
+    return lines
+
+
+def cv_label(name: str, s: dict) -> str:
+    details = [CENTRES.get(s.get("centres"), f"{s.get('centres')} centres") if s.get("centres") else None,
+               f"{s['augment']} augmentation" if s.get("augment") else None,
+               f"{s['cells']} cells" if s.get("cells") else None]
+    folds = s.get("folds_planned") or len(s.get("folds", [])) or "k"
+    label = f"{name}, grouped {folds}-fold CV on BCCD cells ({', '.join(d for d in details if d)})"
+    if s.get("complete") is False:
+        label += f"; {s.get('folds_done', len(s.get('folds', [])))} of {folds} folds finished"
+    return label.replace(" ()", "")
+
+
+def backbone_speed(r: Results, backbone: str) -> tuple[str, str]:
+    """Int8 per-crop latency at 1 / 2 threads and int8 size of a backbone, from backbones.json."""
+    row_ = (r.backbones or {}).get("backbones", {}).get(backbone)
+    if row_ is None:
+        cell = not_measured(r.command("bench_backbones.py", "backbones.json"))
+        return cell, cell
+    return (f"{row_['int8_ms_1t']:.1f} / {row_['int8_ms_2t']:.1f} ms", mb(row_["int8_tflite_MB"]))
+
+
+def reference_row(r: Results) -> str:
+    b = r.reference
+    kaggle = kaggle_cell(r)
+    if b is None:
+        missing = not_measured("make reference")
+        return row(f"reference bundle (`{shown(r.reference_dir)}`)", "n/a", missing, "—", kaggle, "—", "—")
+    prov = b.get("provenance") or {}
+    backbone = prov.get("backbone") or (prov.get("train_config") or {}).get("backbone", "")
+    metrics = b.get("metrics") or {}
+    flt, q = metrics.get("float") or {}, metrics.get("int8") or {}
+    label = (f"{NAMES.get(backbone, backbone)}, reference bundle (`{shown(r.reference_dir)}`): held-out BCCD cells "
+             f"({flt.get('n', '?')}, one grouped {metrics.get('split', 'test')} split)")
+    agreement = (b.get("gate") or {}).get("top1_agreement")
+    int8 = f"{frac(q['accuracy'])} / {frac(q['macro_f1'])}" if q else "—"
+    if agreement is not None:
+        int8 += f"; int8/float top-1 agreement {pct(agreement)}"
+    latency, _ = backbone_speed(r, backbone)
+    size = mb(b["model_bytes"] / 1e6) if b.get("model_bytes") else "—"
+    return row(label, "n/a",
+               f"{frac(flt['accuracy'])} / {frac(flt['macro_f1'])}" if flt else "—", int8, kaggle, latency, size)
+
+
+def kaggle_cell(r: Results) -> str:
+    k = r.kaggle
+    if k is None:
+        return not_measured(r.command("bench_kaggle_pipeline.py", "kaggle.json"))
+    cell = (f"{pct(k['accuracy'])} accuracy, macro-F1 {frac(k['macro_f1'])} ({k['images']:,} images; "
+            f"{k['unidentified']} unidentified and {k['not_found']} with no cell found counted as errors); "
+            f"{k['originals_correct']}/{k['originals']} originals by majority vote")
+    if r.reference is not None and k.get("model") != shown(r.reference_dir):
+        cell += f"; model `{k.get('model')}`"
+    elif r.reference is not None and k.get("model_sha256") not in (None, r.reference.get("model_sha256")):
+        cell += f"; measured with an earlier `{k.get('model')}` model (sha256 differs): rerun"
+    if k.get("limit_per_class"):
+        cell += f"; quick check, {k['limit_per_class']} images per class"
+    return cell
+
+
+def classifier_notes(r: Results) -> list[str]:
+    notes = ["Accuracy and macro-F1 are fractions. CV: grouped cross-validation on BCCD cells "
+             "(`benchmarks/cross_validate.py`; `make cv`), mean ± sd over folds; no group (field, or fields "
+             "re-photographing one cell) is in two folds. The reference bundle is trained and tested on one "
+             "grouped split (`make reference`); only it is run on Kaggle TEST."]
+    k = r.kaggle
+    if k is not None:
+        training = k.get("training") or {}
+        about = [f"bundle {k['bundle_name']}" if k.get("bundle_name") else None,
+                 f"run {training['run']}" if training.get("run") else None,
+                 f"{training['augment']} augmentation" if training.get("augment") else None,
+                 training.get("description")]
+        model = f"model `{k.get('model')}`" + (f" ({', '.join(a for a in about if a)})" if any(about) else "")
+        if training.get("test_source"):
+            notes.append(f"Kaggle TEST (`benchmarks/bench_kaggle_pipeline.py`, {model}): the BCCD fields its images were made "
+                         f"from were held out of the model's training ({training['test_source']}); an image with no "
+                         "cell found or an \"unidentified\" cell counts as an error.")
+        else:
+            notes.append(f"Kaggle TEST (`benchmarks/bench_kaggle_pipeline.py`, {model}) is not held-out: its images are "
+                         "augmentations of BCCD fields, most of which the reference model trained on; an image with "
+                         "no cell found or an \"unidentified\" cell counts as an error.")
+    b = r.backbones
+    if b is not None:
+        notes.append(f"Latency and size (`benchmarks/bench_backbones.py`): random weights at "
+                     f"{b.get('input_size', 224)} px, int8 TFLite, median of {b.get('invocations', '?')} "
+                     f"single-crop calls on a {b.get('machine_cores', '?')}-core machine; the reference bundle's "
+                     "size is its own model file.")
+    return notes
+
+
+# -- the device targets table ---------------------------------------------------------------------
+
+def targets_table(r: Results) -> list[str]:
+    lines = ["| measure | target | measured |", "|---|---|---|"]
+    d, p = r.detection, r.pipeline
+    split = (d or {}).get("split", "val")
+    detection_cmd = not_measured(r.command("bench_detection.py", "detection.json"))
+    pipeline_cmd = not_measured(r.command("bench_pipeline.py", "pipeline.json"))
+    if d is not None and d.get("txl_pbc"):
+        labs = d["txl_pbc"]
+        met = all(meets(f) for f in labs.values())
+        cell = ", ".join(f"{lab} {frac(f['recall'])} / {frac(f['precision'])}" for lab, f in labs.items())
+        cell += f" ({'met' if met else 'not met'}){limited(d)}"
+    else:
+        cell = detection_cmd
+    lines.append(row(f"white-cell detection, TXL-PBC {split}, IoU >= 0.5, recall / precision "
+                     "(`benchmarks/bench_detection.py`)", ">= 0.98 / >= 0.95 per lab", cell))
+    speed = (d or {}).get("speed")
+    cell = (f"{speed['median_ms']:.1f} ms median, {speed['p95_ms']:.1f} ms 95th percentile "
+            f"({speed['fields']} BCCD fields x {speed.get('repeats', 3)})" if speed else detection_cmd)
+    lines.append(row("segmentation per 640x480 field", "<= 10 ms", cell))
+    fields = p["fields"] if p else 100
+    if p is not None:
+        rows = p["rows"]
+        ratios = " / ".join(f"{x['pipeline_over_classifier']:.2f}" if x.get("pipeline_over_classifier") is not None
+                            else "n/a" for x in rows)
+        per_cell = " / ".join(f"{x['classify_ms_per_cell']:.1f}" if x.get("classify_ms_per_cell") is not None
+                              else "n/a" for x in rows)
+        threads = " / ".join(str(x["threads"]) for x in rows)
+        cell = (f"{ratios} ({threads} threads; {rows[0]['cells']} cells in {rows[0]['fields']} fields: segmentation "
+                f"{rows[0]['segment_ms_median']:.1f} ms vs {per_cell} ms per cell)")
+    else:
+        cell = pipeline_cmd
+    lines.append(row(f"whole pipeline / classifier time, {fields} BCCD fields (`benchmarks/bench_pipeline.py`)",
+                     "<= 1.5", cell))
+    lines.append(row(f"peak RSS of `count` over {fields} fields", "<= 250 MB",
+                     f"{p['peak_rss_mb']:.0f} MB" if p is not None else pipeline_cmd))
+    s = r.scan
+    cell = (f"{s['frames']:,} frames: {s['counted_once']} of {s['whole_cells']} whole cells counted once, "
+            f"{s['double_counts']} double counts; {s['jumps']} jumps, {s['relocalised']} relocalised"
+            if s is not None else not_measured(".venv/bin/python benchmarks/bench_scan.py --runs 4"))
+    lines.append(row("count-once on simulated scans (`benchmarks/bench_scan.py --runs 4`)",
+                     "no double counts, >= 98% counted", cell))
+    b = r.reference
+    lines.append(row("int8 model size", "<= 6 MB", f"{mb(b['model_bytes'] / 1e6)} (`{shown(r.reference_dir)}`)"
+                     if b is not None and b.get("model_bytes") else not_measured("make reference")))
+    m = r.daemon
+    cell = (f"{m['start_mb']:.1f} MB at start, {m['end_mb']:.1f} MB at end, max {m['max_mb']:.1f}; "
+            f"first / last third {m['first_third_mb']:.1f} / {m['last_third_mb']:.1f} MB"
+            if m is not None else not_measured(".venv/bin/python benchmarks/bench_daemon_memory.py --minutes 30 --fps 5"))
+    lines.append(row("daemon RSS over a 30-minute replay (`benchmarks/bench_daemon_memory.py --minutes 30 --fps 5`)",
+                     "<= 250 MB, no growth", cell))
+    return lines
+
+
+def meets(f: dict) -> bool:
+    return f["recall"] >= DETECTION_TARGET[0] and f["precision"] >= DETECTION_TARGET[1]
+
+
+def limited(d: dict) -> str:
+    return f"; quick check, first {d['limit']} fields of each set" if d.get("limit") else ""
+
+
+# -- the detection table --------------------------------------------------------------------------
+
+def detection_table(r: Results) -> list[str]:
+    d = r.detection
+    if d is None:
+        return ["White-cell detection per lab: " + not_measured(r.command("bench_detection.py", "detection.json")) + "."]
+    lines = [f"White-cell detection per lab (`benchmarks/bench_detection.py`): every detection, edge-cut cells "
+             f"included, matched one-to-one to the annotated boxes at IoU >= 0.5, and by centre-in-box; pixel size "
+             f"estimated per {d.get('pixel_size', 'field')}{limited(d)}.",
+             "",
+             "| set | lab | fields | WBC | detections | recall / precision | centre-in-box recall / precision "
+             "| recall without annotation artefacts | target >= 0.98 / >= 0.95 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    sets = ((f"TXL-PBC {d.get('split', 'val')}", d.get("txl_pbc") or {}), ("BCCD (VOC boxes)", d.get("bccd_voc") or {}))
+    for name, labs in sets:
+        for lab, f in labs.items():
+            without = f.get("recall_without_artefacts")
+            lines.append(row(name, lab, str(f["fields"]), str(f["wbc"]), str(f["detections"]),
+                             f"{frac(f['recall'])} / {frac(f['precision'])}",
+                             f"{frac(f['centre_recall'])} / {frac(f['centre_precision'])}",
+                             frac(without) if without is not None else "—", "met" if meets(f) else "not met"))
+    return lines
+
+
+# -- assembling -----------------------------------------------------------------------------------
+
+def row(*cells: str) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def render(r: Results) -> str:
+    parts = [classifier_table(r), [""], [f"- {n}" for n in classifier_notes(r)], [""], targets_table(r), [""],
+             detection_table(r), [""],
+             [f"Generated by `benchmarks/results_table.py --results {shown(r.dir)}` (`make results`)."]]
+    return "\n".join(line for part in parts for line in part) + "\n"
+
+
+def replace_between_markers(text: str, block: str, name: str = "README") -> str:
+    """`text` with what lies between the begin and end markers replaced by `block` (set off by blank
+    lines); the markers and everything outside them are kept as they are."""
+    begins, ends = text.count(BEGIN), text.count(END)
+    if begins != 1 or ends != 1:
+        raise ResultsError(f"{name}: needs exactly one '{BEGIN}' and one '{END}' line around the results "
+                           f"tables (found {begins} and {ends}); add them where the tables go")
+    start, stop = text.index(BEGIN), text.index(END)
+    if stop < start:
+        raise ResultsError(f"{name}: '{END}' comes before '{BEGIN}'")
+    # Blank lines around the block: a table right after an HTML comment line is not a table everywhere.
+    return text[:start + len(BEGIN)] + "\n\n" + block.strip("\n") + "\n\n" + text[stop:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, required=True, help="folder of the benchmarks' JSON files")
+    parser.add_argument("--cv", type=Path, action="append", default=[], metavar="SUMMARY",
+                        help="a cross_validate.py summary.json besides RESULTS/cv_*.json (repeatable)")
+    parser.add_argument("--reference", type=Path, default=REPO / "models" / "reference",
+                        help="the reference bundle folder (default models/reference)")
+    parser.add_argument("--readme", type=Path, help="replace the text between the results markers in this file")
+    args = parser.parse_args(argv)
+    try:
+        block = render(Results(args.results, args.cv, args.reference))
+        if args.readme:
+            if not args.readme.is_file():
+                raise ResultsError(f"{args.readme}: no such file")
+            args.readme.write_text(replace_between_markers(args.readme.read_text(), block, str(args.readme)))
+            print(f"{args.readme}: results tables replaced", file=sys.stderr)
+    except ResultsError as err:
+        print(f"results_table.py: error: {err}", file=sys.stderr)
+        return 1
+    print(block, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

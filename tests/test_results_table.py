@@ -1,0 +1,324 @@
+"""benchmarks/results_table.py (the README's results tables from the benchmarks' JSON) and
+`benchmarks/cross_validate.py --summary-only`. Small JSON inputs in tmp_path; no shared data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import statistics
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+rt = load_script("results_table")
+cv = load_script("cross_validate")
+
+
+def write(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+def lab(fields, wbc, det, iou, centre):
+    return {"fields": fields, "wbc": wbc, "detections": det, "recall": iou / wbc, "precision": iou / det,
+            "centre_recall": centre / wbc, "centre_precision": centre / det, "no_pixel_size": 0,
+            "misses": {"duplicate": 0, "sliver": 0, "too small": 0, "box": 0, "not found": wbc - iou},
+            "recall_without_artefacts": iou / wbc}
+
+
+def fold(acc_f, f1_f, acc_q, f1_q, n=70):
+    return {"fold": 0, "float": {"accuracy": acc_f, "macro_f1": f1_f}, "int8": {"accuracy": acc_q, "macro_f1": f1_q},
+            "cells": n}
+
+
+CV_SUMMARY = {"backbone": "efficientnet_lite0", "weights": "imagenet", "augment": "geometric", "centres": "boxes",
+              "folds_planned": 5, "folds_done": 5, "complete": True, "cells": 352,
+              "folds": [fold(0.87, 0.87, 0.86, 0.86)] * 5,
+              "mean": {"float": {"accuracy": 0.8721, "macro_f1": 0.8761}, "int8": {"accuracy": 0.8636, "macro_f1": 0.8653}},
+              "sd": {"float": {"accuracy": 0.0178, "macro_f1": 0.0327}, "int8": {"accuracy": 0.0196, "macro_f1": 0.0251}}}
+
+
+def backbone_row(name, ms1, ms2, mb):
+    return {"backbone": name, "params_M": 3.42, "train_img_s": 19.0, "infer_img_s": 31.4, "keras_ms": 45.2,
+            "float_tflite_MB": 13.39, "int8_tflite_MB": mb, "float_ms_1t": 35.3, "int8_ms_1t": ms1,
+            "int8_speedup_1t": 1.14, "float_ms_2t": 30.3, "int8_ms_2t": ms2, "int8_speedup_2t": 2.71}
+
+
+@pytest.fixture
+def reference(tmp_path) -> Path:
+    """A reference bundle.json with the structure hematovision-export writes (the parts read here)."""
+    metrics = {"classes": ["neutrophil", "lymphocyte", "monocyte", "eosinophil"], "n": 52,
+               "accuracy": 0.8653846, "macro_f1": 0.8874579}
+    write(tmp_path / "ref" / "bundle.json", {
+        "format": "hematovision.bundle/1", "name": "hematovision-efficientnet_lite0",
+        "metrics": {"split": "test", "float": metrics, "int8": dict(metrics, accuracy=0.8461538)},
+        "gate": {"passed": True, "top1_agreement": 0.98},
+        "provenance": {"run": "lite0_v3", "backbone": "efficientnet_lite0", "weights": "imagenet",
+                       "train_config": {"backbone": "efficientnet_lite0", "augment": "geometric"}},
+        "model_sha256": "abc", "model_bytes": 3984016})
+    return tmp_path / "ref"
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    """A results folder as `make results` fills it."""
+    out = tmp_path / "results"
+    write(out / "kaggle.json", {
+        "model": "models/reference", "bundle_name": "hematovision-efficientnet_lite0", "model_sha256": "abc",
+        "training": {"run": "lite0_v3", "backbone": "efficientnet_lite0", "augment": "geometric"},
+        "split": "TEST", "limit_per_class": 0, "images": 2487, "correct": 2110, "accuracy": 2110 / 2487,
+        "macro_f1": 0.8822, "per_class": {"neutrophil": {"n": 624, "recall": 0.84, "precision": 0.951}},
+        "not_found": 0, "unidentified": 206, "originals": 71, "originals_correct": 71, "majority_vote_accuracy": 1.0})
+    write(out / "detection.json", {
+        "split": "val", "pixel_size": "field", "limit": 0, "params": {}, "iou_threshold": 0.5,
+        "txl_pbc": {"BCCD": lab(44, 45, 43, 43, 43), "PBC": lab(100, 105, 103, 103, 103)},
+        "bccd_voc": {"BCCD (VOC)": lab(364, 372, 374, 361, 364)},
+        "speed": {"median_ms": 6.21, "p95_ms": 13.1, "fields": 60, "repeats": 3}})
+    write(out / "backbones.json", {
+        "machine_cores": 2, "batch": 32, "steps": 3, "invocations": 200, "calibration": 64, "weights": "random",
+        "input_size": 224, "backbones": {"efficientnet_b0": backbone_row("efficientnet_b0", 23.48, 20.09, 4.83),
+                                         "resnet50": backbone_row("resnet50", 81.64, 29.86, 24.21),
+                                         "efficientnet_lite0": backbone_row("efficientnet_lite0", 30.96, 11.17, 3.89)}})
+    rows = [{"threads": t, "fields": 100, "cells": 105, "segment_ms_median": 3.2, "segment_ms_p95": 5.0,
+             "classify_ms_per_cell": ms, "pipeline_ms_per_field": 15.0, "pipeline_over_classifier": ratio}
+            for t, ms, ratio in ((1, 8.8, 1.71), (2, 9.0, 1.75))]
+    write(out / "pipeline.json", {"model": "models/reference", "fields_dir": "../shared/data/bccd/BCCD/JPEGImages",
+                                  "fields": 100, "repeats": 3, "rows": rows, "peak_rss_mb": 198.2})
+    write(out / "cv_lite0.json", CV_SUMMARY)
+    return out
+
+
+def table_row(text: str, start: str) -> list[str]:
+    """The cells of the one table row whose first cell starts with `start`."""
+    rows = [line for line in text.splitlines() if line.startswith("| " + start)]
+    assert len(rows) == 1, (start, rows)
+    return [c.strip() for c in rows[0].strip("|").split(" | ")]
+
+
+def render(results: Path, reference: Path, *cv_files: Path) -> str:
+    return rt.render(rt.Results(results, list(cv_files), reference))
+
+
+def test_classifier_rows_next_to_the_papers_claims(results, reference):
+    text = render(results, reference)
+    b0 = table_row(text, "EfficientNetB0")
+    assert b0[1] == '95.8% accuracy, 95.2% F1, "fast"'
+    assert b0[2] == "ImageNet weights not reachable offline; not trained"
+    assert b0[5:] == ["23.5 / 20.1 ms", "4.83 MB"]
+    resnet = table_row(text, "ResNet50")
+    assert resnet[1] == '94.2% accuracy, 93.7% F1, "medium"'
+    assert resnet[2] == "ImageNet weights not reachable offline; not trained"
+    assert resnet[5:] == ["81.6 / 29.9 ms", "24.2 MB"]
+    lite = table_row(text, "EfficientNet-Lite0, grouped 5-fold CV")
+    assert "352 cells" in lite[0] and "geometric augmentation" in lite[0]
+    assert lite[1] == "n/a"
+    assert lite[2] == "0.872 ± 0.018 / 0.876 ± 0.033"
+    assert lite[3] == "0.864 ± 0.020 / 0.865 ± 0.025"
+    assert lite[4] == "—"  # Kaggle TEST: the reference model only
+    assert lite[5:] == ["31.0 / 11.2 ms", "3.89 MB"]
+
+
+def test_reference_bundle_row_and_kaggle(results, reference):
+    text = render(results, reference)
+    ref = table_row(text, "EfficientNet-Lite0, reference bundle")
+    assert "52" in ref[0]
+    assert ref[2] == "0.865 / 0.887"
+    assert ref[3] == "0.846 / 0.887; int8/float top-1 agreement 98.0%"
+    assert ref[4].startswith("84.8% accuracy, macro-F1 0.882 (2,487 images; 206 unidentified")
+    assert "71/71 originals by majority vote" in ref[4]
+    assert ref[5:] == ["31.0 / 11.2 ms", "3.98 MB"]
+    assert "is not held-out" in text and "run lite0_v3" in text
+
+
+def test_device_targets_and_detection_per_lab(results, reference):
+    text = render(results, reference)
+    det = table_row(text, "white-cell detection, TXL-PBC val")
+    assert det[2] == "BCCD 0.956 / 1.000, PBC 0.981 / 1.000 (not met)"
+    assert table_row(text, "segmentation per 640x480 field")[2].startswith("6.2 ms median, 13.1 ms 95th percentile")
+    ratio = table_row(text, "whole pipeline / classifier time, 100 BCCD fields")[2]
+    assert ratio.startswith("1.71 / 1.75 (1 / 2 threads; 105 cells in 100 fields")
+    assert table_row(text, "peak RSS of `count` over 100 fields")[2] == "198 MB"
+    assert table_row(text, "int8 model size")[2].startswith("3.98 MB")
+    assert table_row(text, "TXL-PBC val | PBC") == ["TXL-PBC val", "PBC", "100", "105", "103", "0.981 / 1.000",
+                                                     "0.981 / 1.000", "0.981", "met"]
+    assert table_row(text, "TXL-PBC val | BCCD")[-1] == "not met"
+    assert table_row(text, "BCCD (VOC boxes)")[1:6] == ["BCCD (VOC)", "364", "372", "374", "0.970 / 0.965"]
+
+
+def test_missing_json_gives_not_measured_cells(tmp_path, reference):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    text = render(empty, reference)
+    shown = rt.shown(empty)
+    assert not Path(shown).is_absolute()
+    assert table_row(text, "EfficientNetB0")[2] == "ImageNet weights not reachable offline; not trained"
+    assert table_row(text, "EfficientNet-Lite0, grouped 5-fold CV")[2] == "not measured (run: `make cv`)"
+    assert table_row(text, "EfficientNetB0")[5] == (
+        f"not measured (run: `.venv/bin/python benchmarks/bench_backbones.py --json {shown}/backbones.json`)")
+    assert table_row(text, "EfficientNet-Lite0, reference bundle")[4] == (
+        f"not measured (run: `.venv/bin/python benchmarks/bench_kaggle_pipeline.py --json {shown}/kaggle.json`)")
+    assert table_row(text, "white-cell detection")[2] == (
+        f"not measured (run: `.venv/bin/python benchmarks/bench_detection.py --json {shown}/detection.json`)")
+    assert table_row(text, "peak RSS")[2] == (
+        f"not measured (run: `.venv/bin/python benchmarks/bench_pipeline.py --json {shown}/pipeline.json`)")
+    assert "White-cell detection per lab: not measured (run: " in text
+    assert table_row(text, "count-once")[2].startswith("not measured (run: `.venv/bin/python benchmarks/bench_scan.py")
+    # The reference bundle still gives the held-out figures and the model size.
+    assert table_row(text, "EfficientNet-Lite0, reference bundle")[2] == "0.865 / 0.887"
+    no_bundle = render(empty, tmp_path / "no_bundle")
+    assert table_row(no_bundle, "reference bundle")[2] == "not measured (run: `make reference`)"
+    assert "int8 model size | <= 6 MB | not measured (run: `make reference`)" in no_bundle
+
+
+def test_cv_summaries_one_row_each_partial_marked(results, reference, tmp_path):
+    partial = dict(CV_SUMMARY, centres="segmenter", augment="stain", folds_done=2, complete=False, cells=141)
+    text = render(results, reference, write(tmp_path / "elsewhere" / "summary.json", partial))
+    rows = [line for line in text.splitlines() if line.startswith("| EfficientNet-Lite0, grouped 5-fold CV")]
+    assert len(rows) == 2
+    seg = table_row(text, "EfficientNet-Lite0, grouped 5-fold CV on BCCD cells (crops where the segmenter")
+    assert "stain augmentation" in seg[0] and "2 of 5 folds finished" in seg[0]
+
+
+def test_readme_markers_replaced_text_outside_kept(results, reference, tmp_path):
+    before = "# Title\n\nprose before\n\n"
+    after = "\n\nprose after, with `code` and | pipes\n"
+    readme = tmp_path / "README.md"
+    readme.write_text(before + rt.BEGIN + "\n\n| old | table |\n|---|---|\n\n" + rt.END + after)
+    args = ["--results", str(results), "--reference", str(reference), "--readme", str(readme)]
+    assert rt.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith(before + rt.BEGIN + "\n\n| model | design paper |")
+    assert text.endswith("\n\n" + rt.END + after)
+    assert "| old | table |" not in text
+    block = text[text.index(rt.BEGIN) + len(rt.BEGIN):text.index(rt.END)]
+    assert block.strip("\n") == render(results, reference).strip("\n")
+    assert rt.main(args) == 0 and readme.read_text() == text  # a second run changes nothing
+
+
+@pytest.mark.parametrize("content", ["# no markers\n", f"{rt.BEGIN}\nonly the beginning\n",
+                                     f"{rt.END}\n{rt.BEGIN}\n", f"{rt.BEGIN}\n{rt.END}\n{rt.BEGIN}\n{rt.END}\n"])
+def test_readme_without_one_marker_pair_refused(results, reference, tmp_path, capsys, content):
+    readme = tmp_path / "README.md"
+    readme.write_text(content)
+    assert rt.main(["--results", str(results), "--reference", str(reference), "--readme", str(readme)]) == 1
+    assert readme.read_text() == content
+    err = capsys.readouterr().err
+    assert "results_table.py: error:" in err and "results:" in err
+
+
+def test_the_repository_readme_has_one_marker_pair():
+    text = (REPO / "README.md").read_text()
+    assert text.count(rt.BEGIN) == 1 and text.count(rt.END) == 1
+    assert text.index(rt.BEGIN) < text.index(rt.END)
+    assert text.index("## Measured results") < text.index(rt.BEGIN)
+
+
+def test_invalid_json_named_in_the_error(results, reference, capsys):
+    (results / "pipeline.json").write_text("{not json")
+    assert rt.main(["--results", str(results), "--reference", str(reference)]) == 1
+    assert "pipeline.json: not valid JSON" in capsys.readouterr().err
+
+
+def test_benchmark_writers_match_what_the_table_reads(tmp_path, reference):
+    """The JSON the benchmarks build (their own functions) is what results_table reads."""
+    kaggle = load_script("bench_kaggle_pipeline")
+    outcomes = Counter({("neutrophil", "neutrophil"): 8, ("neutrophil", "unidentified"): 2,
+                        ("eosinophil", "eosinophil"): 9, ("eosinophil", "no cell found"): 1})
+    votes = defaultdict(Counter, {("neutrophil", "1"): Counter(neutrophil=10), ("eosinophil", "2"): Counter(eosinophil=10)})
+    figures = kaggle.figures(outcomes, votes, ["neutrophil", "lymphocyte", "monocyte", "eosinophil"])
+    out = tmp_path / "results"
+    write(out / "kaggle.json", {"model": "models/other", **figures, "limit_per_class": 5})
+    detection = load_script("bench_detection")
+    counts = defaultdict(lambda: defaultdict(int))
+    counts["PBC"].update({"fields": 10, "truth": 10, "detected": 10, "iou": 10, "centre": 10})
+    write(out / "detection.json", {"split": "val", "limit": 0, "txl_pbc": detection.figures(counts)})
+    backbones = load_script("bench_backbones")
+    args = type("Args", (), {"batch": 4, "steps": 1, "invocations": 5, "calibration": 4})()
+    backbones.write_json(out / "backbones.json", [backbone_row("efficientnet_lite0", 30.0, 11.0, 3.9)], args)
+    text = render(out, reference)
+    cell = table_row(text, "EfficientNet-Lite0, reference bundle")[4]
+    assert cell.startswith("85.0% accuracy") and "2 unidentified and 1 with no cell found" in cell
+    assert "2/2 originals" in cell and "model `models/other`" in cell and "5 images per class" in cell
+    assert table_row(text, "TXL-PBC val | PBC")[-1] == "met"
+    assert table_row(text, "EfficientNet-Lite0, grouped")[5:] == ["30.0 / 11.0 ms", "3.90 MB"]
+
+
+# -- cross_validate.py --summary-only ---------------------------------------------------------------
+
+def fake_fold_bundle(out: Path, k: int, acc_f, f1_f, acc_q, f1_q) -> None:
+    write(out / f"fold{k}_bundle" / "bundle.json",
+          {"metrics": {"split": "test", "float": {"accuracy": acc_f, "macro_f1": f1_f},
+                       "int8": {"accuracy": acc_q, "macro_f1": f1_q}}})
+
+
+def test_cross_validate_summary_only(tmp_path, capsys):
+    out = tmp_path / "cv"
+    fake_fold_bundle(out, 0, 0.80, 0.70, 0.78, 0.69)
+    fake_fold_bundle(out, 1, 0.90, 0.80, 0.86, 0.75)
+    args = ["--summary-only", "--out", str(out), "--backbone", "resnet50", "--centres", "segmenter",
+            "--augment", "stain"]
+    assert cv.main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["backbone"], summary["centres"], summary["augment"]) == ("resnet50", "segmenter", "stain")
+    assert [f["fold"] for f in summary["folds"]] == [0, 1]
+    assert summary["folds"][1]["int8"] == {"accuracy": 0.86, "macro_f1": 0.75}
+    assert summary["mean"]["float"]["accuracy"] == pytest.approx(0.85)
+    assert summary["mean"]["int8"]["macro_f1"] == pytest.approx(0.72)
+    assert summary["sd"]["float"]["accuracy"] == pytest.approx(statistics.stdev([0.80, 0.90]))
+    assert summary["sd"]["int8"]["accuracy"] == pytest.approx(0.056568, abs=1e-6)
+    assert (summary["folds_done"], summary["folds_planned"], summary["complete"]) == (2, 5, False)
+    assert "float accuracy: mean 0.8500 sd 0.0707 over 2 folds" in capsys.readouterr().out
+    # The summary is what results_table reads.
+    results = tmp_path / "results"
+    write(results / "cv_resnet50.json", summary)
+    text = render(results, tmp_path / "no_bundle")
+    resnet = table_row(text, "ResNet50")
+    assert resnet[2] == "0.850 ± 0.071 / 0.750 ± 0.071" and "2 of 5 folds finished" in resnet[0]
+
+
+def test_cross_validate_summary_only_settings_from_the_folds(tmp_path):
+    """Backbone and augmentation from the bundles' provenance, centres from the fold's data sources."""
+    out = tmp_path / "cv"
+    fake_fold_bundle(out, 3, 0.8, 0.8, 0.8, 0.8)
+    bundle = json.loads((out / "fold3_bundle" / "bundle.json").read_text())
+    bundle["provenance"] = {"backbone": "efficientnet_lite0", "sources": ["bccd:bccd (segmenter centres)"],
+                            "train_config": {"backbone": "efficientnet_lite0", "augment": "stain"}}
+    write(out / "fold3_bundle" / "bundle.json", bundle)
+    assert cv.main(["--summary-only", "--out", str(out), "--backbone", "resnet50", "--folds", "2"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["backbone"], summary["augment"], summary["centres"]) == ("efficientnet_lite0", "stain", "segmenter")
+    assert summary["sd"]["float"]["accuracy"] == 0.0 and summary["folds_planned"] == 4
+
+
+def test_cross_validate_summary_only_without_folds_fails(tmp_path, capsys):
+    assert cv.main(["--summary-only", "--out", str(tmp_path)]) == 1
+    assert "no finished fold" in capsys.readouterr().err
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_kaggle_note_says_held_out_when_the_bundle_held_out_the_kaggle_fields(tmp_path, results, reference):
+    kaggle = load_script("bench_kaggle_pipeline")
+    bundle = tmp_path / "heldout"
+    write(bundle / "bundle.json", {"name": "hematovision-efficientnet_lite0", "model_sha256": "abc",
+                                   "provenance": {"run": "lite0_kt", "backbone": "efficientnet_lite0",
+                                                  "test_groups": {"source": "kaggle_test_origins.csv",
+                                                                  "groups": ["bccd:00001"]}}})
+    described = kaggle.model_description(bundle)
+    assert described["training"]["test_source"] == "kaggle_test_origins.csv"
+    data = json.loads((results / "kaggle.json").read_text())
+    write(results / "kaggle.json", {**data, **described})
+    text = render(results, reference)
+    assert "were held out of the model's training (kaggle_test_origins.csv)" in text
+    assert "is not held-out" not in text
