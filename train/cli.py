@@ -42,8 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--head-lr", type=float, default=1e-3)
     fit.add_argument("--finetune-lr", type=float, default=1e-4)
     fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
-    fit.add_argument("--augment", default="full", choices=("full", "geometric", "none"),
-                     help="full: geometry and colour/stain; geometric: rotation, zoom, flips only")
+    fit.add_argument("--augment", default="full", choices=("full", "stain", "geometric", "none"),
+                     help="full: geometry and strong colour/stain; stain: geometry and mild stain and exposure; "
+                          "geometric: rotation, zoom, flips only")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     fit.add_argument("--test-fields", type=Path, metavar="CSV",
