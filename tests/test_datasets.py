@@ -1,12 +1,13 @@
 """Training data: loading real fields and folders, grouped splits, and refusing bad input."""
 
+import functools
 import shutil
 from collections import Counter
 
 import pytest
 
 from hematovision.errors import DataError
-from hematovision.train.datasets import bccd_group, load_bccd, load_folders
+from hematovision.train.datasets import BCCD_SAME_CELL, bccd_group, kaggle_origin_groups, load_bccd, load_folders
 from hematovision.train.splits import (SplitPlan, make_manifest, read_manifest, split_counts,
                                        write_manifest)
 
@@ -28,7 +29,30 @@ def test_full_bccd_skips_ambiguous_fields_and_lists_them(shared_data):
 
 def test_re_photographed_fields_share_a_group():
     assert bccd_group("BloodImage_00204") == bccd_group("BloodImage_00277")
-    assert bccd_group("BloodImage_00204") != bccd_group("BloodImage_00205")
+    assert bccd_group("BloodImage_00205") == bccd_group("BloodImage_00277")  # linked through 00276
+    assert bccd_group("BloodImage_00166") == bccd_group("BloodImage_00193")
+    assert bccd_group("BloodImage_00204") != bccd_group("BloodImage_00206")
+    assert bccd_group("BloodImage_00011") == "bccd:00011"
+
+
+def test_linked_fields_really_show_the_same_place(shared_data):
+    from hematovision.train.kaggle_origins import FieldIndex, MatchSettings, features, gray_of
+
+    settings = MatchSettings()
+    images = shared_data / "bccd" / "BCCD" / "JPEGImages"
+
+    def feats(number):
+        return features(gray_of(images / f"BloodImage_{number}.jpg", 0.5), settings, number)
+
+    def inliers(a, b):  # RANSAC is asymmetric: the better direction
+        return max(FieldIndex([feats(b)]).inliers(feats(a), 0, settings),
+                   FieldIndex([feats(a)]).inliers(feats(b), 0, settings))
+
+    feats = functools.lru_cache(maxsize=None)(feats)
+    for link in BCCD_SAME_CELL:
+        for other in link[1:]:
+            assert inliers(link[0], other) >= 15, link
+            assert inliers(link[0], "00011") < 10, link
 
 
 def test_split_keeps_groups_whole_and_every_class_in_every_split(shared_data, tmp_path):
@@ -100,11 +124,24 @@ def _folder_dataset(samples_bccd, root, classes=("neutrophil", "eosinophil")):
     return root
 
 
-def test_class_folders_group_kaggle_augmentations_by_original(samples_bccd, tmp_path):
-    data = load_folders(_folder_dataset(samples_bccd, tmp_path / "TRAIN"))
+def test_class_folders_group_images_by_their_bccd_origin(samples_bccd, tmp_path):
+    root = _folder_dataset(samples_bccd, tmp_path / "TRAIN")
+    names = sorted(p for p in root.rglob("*.jpeg"))
+    known = {("TRAIN", p.parent.name.lower(), p.name): "bccd:00011" for p in names[:3]}
+    data = load_folders(root, origins=known)
     groups = Counter(s.group for s in data.samples)
-    assert len(data.samples) == 8 and set(groups.values()) == {2}
-    assert all(g.startswith("kaggle:TRAIN:") for g in groups)
+    assert len(data.samples) == 8 and groups["bccd:00011"] == 3
+    assert sum(g.startswith("file:TRAIN/") for g in groups) == 5 and set(groups.values()) == {1, 3}
+
+
+def test_kaggle_augmentations_of_one_field_share_its_group_across_train_and_test(shared_data):
+    kaggle = shared_data / "kaggle_blood_cells" / "images"
+    test = load_folders(kaggle / "TEST")
+    known = [s for s in test.samples if s.group.startswith("bccd:")]
+    assert len(known) > 0.97 * len(test.samples) and len({s.group for s in known}) < 80
+    origins = kaggle_origin_groups()
+    train_groups = {g for (split, _, _), g in origins.items() if split == "TRAIN"}
+    assert bccd_group("BloodImage_00204") in train_groups & {s.group for s in known}
 
 
 def test_empty_class_folder_is_an_error_naming_it(samples_bccd, tmp_path):

@@ -64,7 +64,7 @@ def test_committed_test_origins_cover_every_test_image_and_the_71_originals(repo
     assert len(rows) == 2487 and len(confident) >= 0.97 * len(rows)
     fields = Counter(label for label, _ in {(r["label"], r["bccd_field"]) for r in confident})
     assert fields == {"eosinophil": 13, "lymphocyte": 6, "monocyte": 4, "neutrophil": 49}
-    assert len(held_out_groups(repo_root / "train" / "kaggle_test_origins.csv")) == 70
+    assert len(held_out_groups(repo_root / "train" / "kaggle_test_origins.csv")) == 67  # 72 fields, some one cell
 
 
 def test_kaggle_train_shares_only_re_photographed_cells_with_test(repo_root):
@@ -72,7 +72,8 @@ def test_kaggle_train_shares_only_re_photographed_cells_with_test(repo_root):
     test = [r for r in _origins_rows(repo_root) if r["confident"] == "1"]
     assert len(train) >= 0.9 * 9957
     shared = {r["bccd_group"] for r in train} & {r["bccd_group"] for r in test}
-    assert shared == {"bccd:00204", "bccd:00230"}  # BloodImage_00277 / 00230 in TRAIN, 00204 / 00257 in TEST
+    # fields of one cell (or overlapping fields) split across Kaggle's TRAIN and TEST, e.g. 00277 / 00204
+    assert shared == {"bccd:00039", "bccd:00204", "bccd:00223", "bccd:00230", "bccd:00364", "bccd:00365"}
 
 
 @pytest.mark.shared_data

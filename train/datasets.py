@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,14 +19,46 @@ logger = logging.getLogger(__name__)
 # A red cell is about 7.5 um across: the ruler for fields with no known pixel size.
 RED_CELL_DIAMETER_UM = 7.5
 
-# BCCD fields that re-photograph the same cell (../shared/data/README.md): one group each.
+# BCCD fields that re-photograph the same cell, or overlap so far that their cells may be the
+# same: each linked set is one group, so a cell never lands in both training and test. The first
+# six pairs are listed in ../shared/data/README.md; the rest were found by SIFT matching of the
+# fields against each other (`hematovision-train kaggle-origins` uses the same matcher).
 BCCD_SAME_CELL = (
     ("00204", "00277"), ("00230", "00257"), ("00244", "00247"),
     ("00382", "00395"), ("00386", "00391"), ("00243", "00250"),
+    ("00227", "00260"), ("00236", "00253"), ("00381", "00397"), ("00223", "00263"),
+    ("00206", "00278"), ("00231", "00256"), ("00205", "00276"), ("00384", "00393"),
+    ("00228", "00259"), ("00225", "00262"), ("00229", "00258"), ("00232", "00255"),
+    ("00037", "00038"), ("00226", "00261"), ("00237", "00252"), ("00233", "00254"),
+    ("00107", "00108"), ("00364", "00409"), ("00044", "00045"), ("00365", "00408"),
+    ("00165", "00193"), ("00166", "00193"), ("00242", "00248", "00249"), ("00224", "00264"),
+    # overlapping fields whose labelled white cells differ: grouped to be safe
+    ("00204", "00276"), ("00039", "00283"), ("00019", "00020"), ("00223", "00264"),
 )
 
-# Kaggle "Blood Cell Images" names augmentations of one original `_<original>_<n>.jpeg`.
-_KAGGLE_NAME = re.compile(r"^_(\d+)_\d+$")
+
+def _same_cell_groups(links) -> dict[str, str]:
+    """Field number -> group id (the smallest number in its linked set), linking transitively."""
+    parent: dict[str, str] = {}
+
+    def root(n: str) -> str:
+        while parent.setdefault(n, n) != n:
+            n = parent[n]
+        return n
+
+    for link in links:
+        for other in link[1:]:
+            a, b = sorted((root(link[0]), root(other)))
+            parent[b] = a
+    return {n: root(n) for n in parent}
+
+
+_BCCD_GROUP_OF = _same_cell_groups(BCCD_SAME_CELL)
+
+# Where each Kaggle "Blood Cell Images" augmentation came from (`hematovision-train
+# kaggle-origins`): its `_<n>_<id>` name does not say, and TRAIN and TEST share some cells.
+KAGGLE_ORIGINS = (Path(__file__).with_name("kaggle_train_origins.csv"),
+                  Path(__file__).with_name("kaggle_test_origins.csv"))
 
 
 @dataclass(frozen=True)
@@ -68,26 +99,30 @@ class Dataset:
         self.sources += other.sources
 
 
-def load_folders(root: str | Path, classes=DEFAULT_CLASSES) -> Dataset:
+def load_folders(root: str | Path, classes=DEFAULT_CLASSES, origins: dict | None = None) -> Dataset:
     """Images in one sub-folder per class (the Kaggle "Blood Cell Images" layout).
 
+    An image whose BCCD field is known (`origins`: (split, label, file name) -> group; by default
+    the committed Kaggle origins) joins that field's group, so augmentations of one cell, and
+    the BCCD field itself, stay in one split; any other image is its own group.
     Unreadable images are skipped and listed. Raises DataError for a sub-folder that is
     not a known class, or a class folder with no images.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: no such folder; give a folder with one sub-folder per class")
+    origins = kaggle_origin_groups() if origins is None else origins
     data = Dataset(sources=[f"folders:{root.name}"])
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         label = parse_label(sub.name, where=str(sub))
         if label not in classes:
             data.skipped.append(Skipped(str(sub), f"class {label} not in this run's classes"))
             continue
-        data.extend(_load_class_folder(sub, label, root.name))
+        data.extend(_load_class_folder(sub, label, root.name, origins))
     return data
 
 
-def _load_class_folder(folder: Path, label: str, split_name: str) -> Dataset:
+def _load_class_folder(folder: Path, label: str, split_name: str, origins: dict) -> Dataset:
     data = Dataset()
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
@@ -98,16 +133,24 @@ def _load_class_folder(folder: Path, label: str, split_name: str) -> Dataset:
         except ImageUnreadable as err:
             data.skipped.append(Skipped(str(path), str(err)))
             continue
-        data.samples.append(Sample(str(path), label, _folder_group(path, label, split_name)))
+        group = origins.get((split_name.upper(), label, path.name), f"file:{split_name}/{label}/{path.stem}")
+        data.samples.append(Sample(str(path), label, group))
+    unknown = sum(s.group.startswith("file:") for s in data.samples)
+    if unknown:
+        logger.warning("%s: %d of %d images have no known BCCD origin; each is its own group, so "
+                       "augmentations of one cell may straddle splits", folder, unknown, len(data.samples))
     return data
 
 
-def _folder_group(path: Path, label: str, split_name: str) -> str:
-    """Augmentations of one Kaggle original share a group; any other image is its own."""
-    match = _KAGGLE_NAME.match(path.stem)
-    if match:
-        return f"kaggle:{split_name}:{label}:{match.group(1)}"
-    return f"file:{path.parent.name}/{path.stem}"
+def kaggle_origin_groups(paths=KAGGLE_ORIGINS) -> dict[tuple[str, str, str], str]:
+    """(split, label, file name) -> BCCD group, from confident rows of origins CSVs."""
+    out = {}
+    for path in paths:
+        with Path(path).open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                if row["bccd_field"] and row["confident"] != "0":
+                    out[(row["split"].upper(), row["label"], row["image"])] = bccd_group(row["bccd_field"])
+    return out
 
 
 def load_bccd(root: str | Path, classes=DEFAULT_CLASSES, um_per_pixel: float | None = None) -> Dataset:
@@ -170,10 +213,7 @@ def _field_problem(boxes, types, classes) -> str | None:
 def bccd_group(stem: str) -> str:
     """Group id of a BCCD field: fields re-photographing the same cell share one."""
     number = stem.split("_")[-1]
-    for pair in BCCD_SAME_CELL:
-        if number in pair:
-            return f"bccd:{pair[0]}"
-    return f"bccd:{number}"
+    return f"bccd:{_BCCD_GROUP_OF.get(number, number)}"
 
 
 def read_bccd_labels(path: Path) -> dict[int, list[str]]:
