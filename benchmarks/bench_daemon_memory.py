@@ -1,15 +1,19 @@
 """Resident memory of the daemon over a long replay: start, end and trend (target <= 250 MB, no growth).
 
-    python benchmarks/bench_daemon_memory.py --model BUNDLE [--minutes 30] [--fps 2] [--target 100]
+    python benchmarks/bench_daemon_memory.py --model BUNDLE [--minutes 30] [--fps 2] [--target 100] [--json FILE]
 
 Runs `hematovision-edge run` as a subprocess on a looping replay of the committed sample fields
 (specimens finish at the target and the next starts, so reports are built and filed too), reads
 its VmRSS from /proc every few seconds, and prints the figures and a least-squares slope.
+`--json FILE` also writes them as one JSON object: the keys benchmarks/results_table.py reads
+(minutes, start_mb, end_mb, max_mb, first_third_mb, last_third_mb), then the slope, the settings,
+the daemon's work and exit status, and every (seconds, MB) sample.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -71,24 +75,46 @@ def measure(args) -> int:
             rc = proc.wait(60)
         if not samples:
             sys.exit("the daemon stopped before the first sample:\n" + (Path(tmp) / "daemon.log").read_text()[-2000:])
-        report(samples, rc, Path(tmp) / "state" / "state.db", args)
+        result = figures(samples, rc, work_done(Path(tmp) / "state" / "state.db"), args)
+    report(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if rc == 0 else 1
 
 
-def report(samples, rc: int, db: Path, args) -> None:
+def work_done(db: Path) -> dict:
+    """Specimens, frames and counted cells in the daemon's state database."""
     import sqlite3
 
     with sqlite3.connect(db) as conn:
-        specimens, cells = conn.execute("SELECT COUNT(*), SUM(fields) FROM specimens").fetchone()
+        specimens, frames = conn.execute("SELECT COUNT(*), SUM(fields) FROM specimens").fetchone()
         counted = conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+    return {"specimens": specimens, "frames": frames or 0, "cells_counted": counted}
+
+
+def figures(samples: list[tuple[float, float]], rc: int, work: dict, args) -> dict:
+    """The figures as JSON: first the keys results_table.py reads, then the rest."""
     third = max(1, len(samples) // 3)
     first, last = samples[:third], samples[-third:]
-    print(f"daemon RSS over {samples[-1][0] / 60:.1f} min replay at {args.fps:g} fps "
-          f"({len(samples)} samples, every {args.every_s:g} s, after {args.warmup_s:g} s warm-up):")
-    print(f"  start {samples[0][1]:.1f} MB, end {samples[-1][1]:.1f} MB, max {max(r for _, r in samples):.1f} MB")
-    print(f"  mean first third {sum(r for _, r in first) / len(first):.1f} MB, "
-          f"last third {sum(r for _, r in last) / len(last):.1f} MB, slope {slope_mb_per_hour(samples):+.2f} MB/h")
-    print(f"  {cells} frames in {specimens} specimens, {counted} cells counted; exit status after SIGTERM {rc}")
+    return {"minutes": samples[-1][0] / 60, "start_mb": samples[0][1], "end_mb": samples[-1][1],
+            "max_mb": max(r for _, r in samples), "first_third_mb": sum(r for _, r in first) / len(first),
+            "last_third_mb": sum(r for _, r in last) / len(last), "slope_mb_per_hour": slope_mb_per_hour(samples),
+            "settings": {"model": os.path.relpath(args.model.resolve(), REPO), "minutes": args.minutes,
+                         "fps": args.fps, "target": args.target, "threads": args.threads,
+                         "every_s": args.every_s, "warmup_s": args.warmup_s},
+            **work, "exit_status": rc, "samples": [[round(t, 2), round(r, 2)] for t, r in samples]}
+
+
+def report(f: dict) -> None:
+    s = f["settings"]
+    print(f"daemon RSS over {f['minutes']:.1f} min replay at {s['fps']:g} fps "
+          f"({len(f['samples'])} samples, every {s['every_s']:g} s, after {s['warmup_s']:g} s warm-up):")
+    print(f"  start {f['start_mb']:.1f} MB, end {f['end_mb']:.1f} MB, max {f['max_mb']:.1f} MB")
+    print(f"  mean first third {f['first_third_mb']:.1f} MB, last third {f['last_third_mb']:.1f} MB, "
+          f"slope {f['slope_mb_per_hour']:+.2f} MB/h")
+    print(f"  {f['frames']} frames in {f['specimens']} specimens, {f['cells_counted']} cells counted; "
+          f"exit status after SIGTERM {f['exit_status']}")
 
 
 def main(argv=None) -> int:
@@ -100,6 +126,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--every-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     return measure(parser.parse_args(argv))
 
 

@@ -2,18 +2,27 @@
 
     python benchmarks/bench_scan.py                               # 3 scans of 6x5 fields, ../shared/data
     python benchmarks/bench_scan.py --runs 1 --columns 4 --rows 3 --data samples/bccd
+    python benchmarks/bench_scan.py --runs 4 --json runs/results/scan.json  # also the figures as JSON
 
 Each run tiles its own fields (run k takes fields k*n .. k*n+n-1 of the distinct annotated BCCD
 fields, name order) and pans a 640x480 window along a serpentine with defocused frames, fast smeared
 steps and detours (a jump away and a jump back). A counted cell is matched to the annotated
 WBC box holding its centre on the slide. No classifier is involved.
+
+`--json FILE` also writes the totals over all runs as one JSON object, the keys
+benchmarks/results_table.py reads (frames, whole_cells: truth WBCs fully in view in a sharp frame,
+counted_once: those counted, double_counts, jumps, relocalised), then the settings, the full score
+and tracker counters, timings, and the same figures for each run under "per_run".
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -27,7 +36,8 @@ from hematovision.edge.track import CountOnce, TrackCounters, frame_focus
 
 logger = logging.getLogger("bench_scan")
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "bccd"
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data" / "bccd"
 
 
 def run_scan(fields, settings: scansim.ScanSettings) -> dict:
@@ -56,14 +66,15 @@ def run_scan(fields, settings: scansim.ScanSettings) -> dict:
             "feed_ms_max": max(feed_ms), "drift_um": max(drift)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DATA, help="folder holding BCCD/{JPEGImages,Annotations}")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--columns", type=int, default=6)
     parser.add_argument("--rows", type=int, default=5)
     parser.add_argument("--detours", type=int, default=4)
-    args = parser.parse_args()
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
     n = args.columns * args.rows
     fields = scansim.field_paths(args.data, n * args.runs)  # distinct: no place is shown twice
@@ -73,6 +84,28 @@ def main() -> None:
         results.append(run_scan(fields[k * n:(k + 1) * n], settings))
         report(f"run {k}", results[-1])
     report("total", total(results))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(json_result(results, args), indent=2) + "\n")
+    return 0
+
+
+def figures(r: dict) -> dict:
+    """One run's (or the total's) figures as JSON: first the keys results_table.py reads."""
+    s, c = r["score"], r["counters"]
+    return {"frames": r["frames"], "whole_cells": s.in_view, "counted_once": s.matched, "double_counts": s.doubles,
+            "jumps": c.jumps, "relocalised": c.relocalised, "score": asdict(s), "counters": asdict(c),
+            "reg_ms_median": r["reg_ms"], "feed_ms_median": r["feed_ms"], "feed_ms_max": r["feed_ms_max"],
+            "drift_um_max": r["drift_um"]}
+
+
+def json_result(results: list[dict], args) -> dict:
+    """The totals over all runs, the settings (paths relative to the repository) and each run's figures."""
+    data = os.path.relpath(args.data.resolve(), REPO)
+    settings = {"runs": args.runs, "columns": args.columns, "rows": args.rows, "detours": args.detours, "data": data}
+    command = ".venv/bin/python benchmarks/bench_scan.py " + " ".join(f"--{k} {v}" for k, v in settings.items())
+    return {**figures(total(results)), "settings": settings, "command": command,
+            "per_run": [{"run": k, "seed": k, **figures(r)} for k, r in enumerate(results)]}
 
 
 def total(results: list[dict]) -> dict:
@@ -97,4 +130,4 @@ def report(name: str, r: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,11 +12,12 @@ cells instead of an error):
     backbones.json   benchmarks/bench_backbones.py --json         per-crop latency and size per backbone
     pipeline.json    benchmarks/bench_pipeline.py --json          pipeline/classifier time, peak RSS
     cv_*.json        OUT/summary.json of benchmarks/cross_validate.py (one per cross-validation)
-    scan.json        {"frames", "whole_cells", "counted_once", "double_counts", "jumps", "relocalised"}
-    daemon.json      {"minutes", "start_mb", "end_mb", "max_mb", "first_third_mb", "last_third_mb"}
+    scan.json        benchmarks/bench_scan.py --json              count-once totals over the simulated scans
+    daemon.json      benchmarks/bench_daemon_memory.py --json     daemon RSS over a replay
 
-(bench_scan.py and bench_daemon_memory.py write no JSON yet: scan.json and daemon.json are the
-shape this script reads once they do.) More cross-validation summaries can be named with --cv.
+Of scan.json this script reads "frames", "whole_cells", "counted_once", "double_counts", "jumps" and
+"relocalised"; of daemon.json "start_mb", "end_mb", "max_mb", "first_third_mb" and "last_third_mb";
+other keys are ignored. More cross-validation summaries can be named with --cv.
 The reference bundle's bundle.json (--reference, default models/reference) gives the held-out
 float and int8 figures, their top-1 agreement and the int8 model size.
 

@@ -255,6 +255,62 @@ def test_benchmark_writers_match_what_the_table_reads(tmp_path, reference):
     assert table_row(text, "EfficientNet-Lite0, grouped")[5:] == ["30.0 / 11.0 ms", "3.90 MB"]
 
 
+def test_bench_scan_json_on_the_committed_samples(tmp_path, reference):
+    """A tiny real scan (2x2 sample fields, one run; a few seconds): its JSON is what the count-once row shows."""
+    scan = load_script("bench_scan")
+    out = tmp_path / "results"
+    assert scan.main(["--data", str(REPO / "samples" / "bccd"), "--runs", "1", "--columns", "2", "--rows", "2",
+                      "--detours", "1", "--json", str(out / "scan.json")]) == 0
+    data = json.loads((out / "scan.json").read_text())
+    assert data["settings"] == {"runs": 1, "columns": 2, "rows": 2, "detours": 1, "data": "samples/bccd"}
+    assert len(data["per_run"]) == 1
+    run = data["per_run"][0]
+    for key in ("frames", "whole_cells", "counted_once", "double_counts", "jumps", "relocalised"):
+        assert data[key] == run[key]  # one run: the totals are that run
+    assert data["frames"] > 0 and 0 < data["whole_cells"] and data["counted_once"] <= data["whole_cells"]
+    cell = table_row(render(out, reference), "count-once")[2]
+    assert cell == (f"{data['frames']:,} frames: {data['counted_once']} of {data['whole_cells']} whole cells counted "
+                    f"once, {data['double_counts']} double counts; {data['jumps']} jumps, "
+                    f"{data['relocalised']} relocalised")
+
+
+def test_bench_scan_totals_sum_the_runs():
+    scan = load_script("bench_scan")
+    from hematovision.edge.scansim import ScanScore
+    from hematovision.edge.track import TrackCounters
+
+    def run(frames, in_view, matched, doubles, jumps, relocalised):
+        return {"score": ScanScore(in_view=in_view, counted=matched + doubles, matched=matched, doubles=doubles,
+                                   missed=in_view - matched, cut=0, false_positives=0),
+                "counters": TrackCounters(frames=frames, jumps=jumps, relocalised=relocalised), "frames": frames,
+                "reg_ms": 2.0, "feed_ms": 3.0, "feed_ms_max": 9.0, "drift_um": 1.0}
+
+    args = type("Args", (), {"runs": 2, "columns": 6, "rows": 5, "detours": 4, "data": REPO / "samples" / "bccd"})()
+    data = scan.json_result([run(300, 20, 20, 0, 8, 6), run(350, 19, 18, 1, 9, 7)], args)
+    assert {k: data[k] for k in ("frames", "whole_cells", "counted_once", "double_counts", "jumps", "relocalised")} == {
+        "frames": 650, "whole_cells": 39, "counted_once": 38, "double_counts": 1, "jumps": 17, "relocalised": 13}
+    assert [r["frames"] for r in data["per_run"]] == [300, 350]
+    assert data["command"] == (".venv/bin/python benchmarks/bench_scan.py --runs 2 --columns 6 --rows 5 "
+                               "--detours 4 --data samples/bccd")
+
+
+def test_bench_daemon_memory_json_is_what_the_table_reads(tmp_path, reference):
+    """The daemon bench's figures (from RSS samples; no daemon run) as the daemon row shows them."""
+    daemon = load_script("bench_daemon_memory")
+    args = type("Args", (), {"model": REPO / "models" / "reference", "minutes": 30.0, "fps": 5.0, "target": 100,
+                             "threads": 0, "every_s": 5.0, "warmup_s": 5.0})()
+    samples = [(5.0, 106.7), (10.0, 110.1), (15.0, 110.5), (20.0, 112.0), (25.0, 111.0), (30.0, 111.4)]
+    work = {"specimens": 2, "frames": 150, "cells_counted": 120}
+    out = tmp_path / "results"
+    write(out / "daemon.json", daemon.figures(samples, 0, work, args))
+    data = json.loads((out / "daemon.json").read_text())
+    assert data["minutes"] == pytest.approx(0.5) and data["settings"]["model"] == "models/reference"
+    assert data["first_third_mb"] == pytest.approx(108.4) and data["last_third_mb"] == pytest.approx(111.2)
+    assert (data["frames"], data["exit_status"], len(data["samples"])) == (150, 0, 6)
+    assert table_row(render(out, reference), "daemon RSS")[2] == (
+        "106.7 MB at start, 111.4 MB at end, max 112.0; first / last third 108.4 / 111.2 MB")
+
+
 # -- cross_validate.py --summary-only ---------------------------------------------------------------
 
 def fake_fold_bundle(out: Path, k: int, acc_f, f1_f, acc_q, f1_q) -> None:
