@@ -52,14 +52,18 @@ bench: $(STAMP)
 # figures as JSON into $(RESULTS), every finished cross-validation (runs/cv_*/) is summarised
 # without training, and benchmarks/results_table.py replaces the text between the README's
 # results markers. `make reference` comes first (the benchmarks measure models/reference; this
-# target does not retrain it); `make cv` is separate (hours). Needs ../shared/data.
+# target does not retrain it); `make cv` is separate. Needs ../shared/data. The daemon memory
+# replay alone takes DAEMON_MINUTES (30); `make results DAEMON_MINUTES=5` for a quicker pass.
 RESULTS ?= runs/results
+DAEMON_MINUTES ?= 30
 results: $(STAMP)
 	mkdir -p $(RESULTS)
 	$(PY) benchmarks/bench_kaggle_pipeline.py --json $(RESULTS)/kaggle.json
-	$(PY) benchmarks/bench_detection.py --json $(RESULTS)/detection.json
+	$(PY) benchmarks/bench_detection.py --pixel-size lab --json $(RESULTS)/detection.json
 	$(PY) benchmarks/bench_backbones.py --json $(RESULTS)/backbones.json
 	$(PY) benchmarks/bench_pipeline.py --json $(RESULTS)/pipeline.json
+	$(PY) benchmarks/bench_scan.py --runs 4 --json $(RESULTS)/scan.json
+	$(PY) benchmarks/bench_daemon_memory.py --minutes $(DAEMON_MINUTES) --fps 5 --json $(RESULTS)/daemon.json
 	@set -e; for d in runs/cv_*/; do \
 	    if ls $$d/fold*_bundle/bundle.json >/dev/null 2>&1; then \
 	        echo "$(PY) benchmarks/cross_validate.py --summary-only --out $$d"; \

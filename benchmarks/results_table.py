@@ -264,8 +264,8 @@ def targets_table(r: Results) -> list[str]:
     cell = (f"{s['frames']:,} frames: {s['counted_once']} of {s['whole_cells']} whole cells counted once, "
             f"{s['double_counts']} double counts; {s['jumps']} jumps, {s['relocalised']} relocalised"
             if s is not None else not_measured(".venv/bin/python benchmarks/bench_scan.py --runs 4"))
-    lines.append(row("count-once on simulated scans (`benchmarks/bench_scan.py --runs 4`)",
-                     "no double counts, >= 98% counted", cell))
+    scan_cmd = f"`{s['command']}`" if s and s.get("command") else "`benchmarks/bench_scan.py --runs 4`"
+    lines.append(row(f"count-once on simulated scans ({scan_cmd})", "no double counts, >= 98% counted", cell))
     b = r.reference
     lines.append(row("int8 model size", "<= 6 MB", f"{mb(b['model_bytes'] / 1e6)} (`{shown(r.reference_dir)}`)"
                      if b is not None and b.get("model_bytes") else not_measured("make reference")))
@@ -273,8 +273,9 @@ def targets_table(r: Results) -> list[str]:
     cell = (f"{m['start_mb']:.1f} MB at start, {m['end_mb']:.1f} MB at end, max {m['max_mb']:.1f}; "
             f"first / last third {m['first_third_mb']:.1f} / {m['last_third_mb']:.1f} MB"
             if m is not None else not_measured(".venv/bin/python benchmarks/bench_daemon_memory.py --minutes 30 --fps 5"))
-    lines.append(row("daemon RSS over a 30-minute replay (`benchmarks/bench_daemon_memory.py --minutes 30 --fps 5`)",
-                     "<= 250 MB, no growth", cell))
+    settings = (m or {}).get("settings") or {"minutes": 30, "fps": 5}
+    lines.append(row(f"daemon RSS over a {settings['minutes']:g}-minute replay (`benchmarks/bench_daemon_memory.py "
+                     f"--minutes {settings['minutes']:g} --fps {settings['fps']:g}`)", "<= 250 MB, no growth", cell))
     return lines
 
 
