@@ -56,7 +56,11 @@ class SegmentParams:
     platelet_gap_um: float = 1.0  # ... when closer than this (a platelet beside a cell stays out)
     split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum ...
     split_min_radius_um: float = 2.5  # ... in cores at least this thick (thinner ones are lobes)
-    cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box
+    cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box, at least ...
+    max_cell_margin_um: float = 4.0  # ... and at most this far out to the measured cytoplasm edge
+    cytoplasm_absorption: float = 0.3  # cytoplasm absorbs green this far from background to red cells ...
+    cytoplasm_blue: float = 0.75  # ... and blue, relative to green, below this fraction of red cells'
+    cytoplasm_open_um: float = 1.0  # cytoplasm narrower than this (fringes, bridges) is dropped
     edge_margin_um: float = 0.5  # a cell box this close to the frame edge is cut by it
     focus_um_per_pixel: float = 0.25  # crops are resampled to this before the focus measure
     min_image_side_px: int = 32  # smaller frames are refused
@@ -222,7 +226,8 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
     work = _resize(image_rgb, scale)
     work_um = um_per_pixel / scale
     nucleus = nucleus_mask(work, params, work_um)
-    found = [_detection(image_rgb, nucleus, region, scale, um_per_pixel, params)
+    cytoplasm = cytoplasm_mask(work, params)
+    found = [_detection(image_rgb, cytoplasm, region, scale, um_per_pixel, params)
              for region in _cell_regions(nucleus, params, work_um)]
     found = [d for d in found if d is not None]
     logger.debug("%d white cells (%s um per pixel, %s)", len(found), um_per_pixel, source)
@@ -235,17 +240,44 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
 
 def stain_feature(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
     """Nucleus-stain strength per pixel (float32): (B - G) + w * (255 - G) after white balance."""
-    white = np.array([_percentile_u8(image_rgb[:, :, c], params.white_percentile) for c in range(3)])
-    gain = 255.0 / np.maximum(white, 1.0)
-    green = image_rgb[:, :, 1].astype(np.float32) * gain[1]
-    blue = image_rgb[:, :, 2].astype(np.float32) * gain[2]
+    green, blue = _white_balanced(image_rgb, params, (1, 2))
     return (blue - green) + params.green_weight * (255.0 - green)
+
+
+def _white_balanced(image_rgb: np.ndarray, params: SegmentParams, channels) -> list[np.ndarray]:
+    """The given channels (float32) scaled so that the field's white background is 255."""
+    out = []
+    for c in channels:
+        white = _percentile_u8(image_rgb[:, :, c], params.white_percentile)
+        out.append(image_rgb[:, :, c].astype(np.float32) * (255.0 / max(white, 1.0)))
+    return out
 
 
 def _percentile_u8(channel: np.ndarray, q: float) -> float:
     """The q-th percentile (lower value) of a uint8 channel, from its histogram."""
     counts = cv2.calcHist([np.ascontiguousarray(channel)], [0], None, [256], [0, 256]).ravel()
     return float(np.searchsorted(np.cumsum(counts), q / 100.0 * channel.size))
+
+
+def cytoplasm_mask(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
+    """Mask (bool) of pixels that may be white-cell cytoplasm: they absorb green clearly more
+    than the background, but blue less, relative to green, than red cells do (haemoglobin and
+    eosin absorb blue; the pale pink-to-blue cytoplasm hardly does). The ratio of blue to green
+    absorption is a colour, the same in a red cell's thick rim, its pale centre and its blurred
+    edge. Levels are the field's own: Otsu's split of green absorption into background and
+    cells, mostly red cells, gives the background and red-cell absorption and the red cells'
+    ratio (of the medians)."""
+    green, blue = _white_balanced(image_rgb, params, (1, 2))
+    absorb_g = np.clip(255.0 - green, 0, 255).astype(np.uint8)
+    absorb_b = 255.0 - blue
+    t, _ = cv2.threshold(absorb_g, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    cells = absorb_g > t
+    if not cells.any() or cells.all():
+        return np.zeros(absorb_g.shape, bool)
+    background, red = float(np.median(absorb_g[~cells])), float(np.median(absorb_g[cells]))
+    red_ratio = float(np.median(absorb_b[cells])) / max(red, 1.0)
+    return (absorb_g > background + params.cytoplasm_absorption * (red - background)) & (
+        absorb_b < params.cytoplasm_blue * red_ratio * absorb_g)
 
 
 def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
@@ -387,7 +419,35 @@ def _split(group: np.ndarray, nucleus: np.ndarray, params: SegmentParams, um_per
     return [group & (owner == k) for k in thick]
 
 
-def _detection(image_rgb: np.ndarray, nucleus: np.ndarray, region: _Region, scale: float,
+def _cell_box(cytoplasm: np.ndarray, region: _Region, params: SegmentParams,
+              um_per_pixel: float) -> tuple[float, float, float, float]:
+    """Box (x0, y0, x1, y1, working pixels) of a nucleus and the cytoplasm around it.
+
+    The cytoplasm is the part of `cytoplasm` within `max_cell_margin_um` of the nucleus that,
+    opened by a `cytoplasm_open_um` disc, still touches it; the box reaches at least
+    `cell_margin_um` beyond the nucleus on every side (a cytoplasm too pale to be seen).
+    """
+    ys, xs = np.nonzero(region.nucleus)
+    ys, xs = ys + region.y0, xs + region.x0
+    low, high = params.cell_margin_um / um_per_pixel, params.max_cell_margin_um / um_per_pixel
+    box = (xs.min() - low, ys.min() - low, xs.max() + 1 + low, ys.max() + 1 + low)
+    if high <= low:
+        return box
+    pad = int(math.ceil(high)) + 1
+    h, w = cytoplasm.shape
+    wx0, wy0 = max(0, xs.min() - pad), max(0, ys.min() - pad)
+    wx1, wy1 = min(w, xs.max() + 1 + pad), min(h, ys.max() + 1 + pad)
+    nucleus = np.zeros((wy1 - wy0, wx1 - wx0), np.uint8)
+    nucleus[ys - wy0, xs - wx0] = 1
+    near = cv2.distanceTransform(1 - nucleus, cv2.DIST_L2, 3) <= high
+    cell = (cytoplasm[wy0:wy1, wx0:wx1] & near).astype(np.uint8)
+    cell = cv2.morphologyEx(cell, cv2.MORPH_OPEN, _disc(params.cytoplasm_open_um / 2 / um_per_pixel)) | nucleus
+    _, labels = cv2.connectedComponents(cell, connectivity=8)
+    x, y, bw, bh = cv2.boundingRect(np.isin(labels, np.unique(labels[nucleus > 0])).astype(np.uint8))
+    return (min(box[0], wx0 + x), min(box[1], wy0 + y), max(box[2], wx0 + x + bw), max(box[3], wy0 + y + bh))
+
+
+def _detection(image_rgb: np.ndarray, cytoplasm: np.ndarray, region: _Region, scale: float,
                um_per_pixel: float, params: SegmentParams) -> Detection | None:
     """A Detection in full-resolution pixels, or None when the region is not a white cell."""
     work_um = um_per_pixel / scale
@@ -395,10 +455,8 @@ def _detection(image_rgb: np.ndarray, nucleus: np.ndarray, region: _Region, scal
     if not area_um2 or area_um2 > params.max_nucleus_area_um2:
         return None
     ys, xs = np.nonzero(region.nucleus)
-    margin = params.cell_margin_um / um_per_pixel
     h, w = image_rgb.shape[:2]
-    raw = ((region.x0 + xs.min()) / scale - margin, (region.y0 + ys.min()) / scale - margin,
-           (region.x0 + xs.max() + 1) / scale + margin, (region.y0 + ys.max() + 1) / scale + margin)
+    raw = tuple(v / scale for v in _cell_box(cytoplasm, region, params, work_um))
     edge = params.edge_margin_um / um_per_pixel
     touches = raw[0] < edge or raw[1] < edge or raw[2] > w - edge or raw[3] > h - edge
     if area_um2 < (params.min_edge_nucleus_area_um2 if touches else params.min_nucleus_area_um2):
