@@ -42,7 +42,7 @@ def run_fold(fold: int, test_groups: set, data, args) -> dict:
     train(run)
     if not (bundle / "bundle.json").is_file():
         # The gate is opened here: cross-validation reports int8 figures whether or not they pass.
-        export_run(run.root, bundle, ExportOptions(margins=GateMargins(100.0, 100.0)))
+        export_run(run.root, bundle, ExportOptions(margins=GateMargins(100.0, 100.0, 0.0)))
     return fold_result(bundle / "bundle.json")
 
 

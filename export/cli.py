@@ -18,6 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points (default 1)")
     p.add_argument("--max-recall-drop", type=float, default=3.0, help="points, any class (default 3)")
+    p.add_argument("--min-agreement", type=float, default=0.95,
+                   help="least share of test cells where int8 gives float's top-1 class (default 0.95)")
     p.add_argument("--calibration-crops", type=int, default=300, help="at least 200")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight quantization (for comparison)")
     p.add_argument("--threads", type=int, default=None)
@@ -33,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .bundle import ExportOptions, export_run
 
-    options = ExportOptions(GateMargins(args.max_accuracy_drop, args.max_recall_drop),
+    options = ExportOptions(GateMargins(args.max_accuracy_drop, args.max_recall_drop, args.min_agreement),
                             args.calibration_crops, not args.per_tensor, threads=args.threads)
     try:
         export_run(args.run, args.out, options)

@@ -11,10 +11,13 @@ from hematovision.train.evaluate import Metrics
 
 @dataclass(frozen=True)
 class GateMargins:
-    """Largest allowed drops, in percentage points, from float to int8."""
+    """Largest allowed drops, in percentage points, from float to int8, and the least share of
+    test cells on which int8 must give float's top-1 class (equal scores can hide a model that
+    disagrees everywhere when float itself is poor)."""
 
     accuracy_pt: float = 1.0
     recall_pt: float = 3.0
+    min_agreement: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,8 @@ def agreement(float_pred: np.ndarray, int8_pred: np.ndarray, y: np.ndarray, clas
 
 
 def judge(float_m: Metrics, int8_m: Metrics, float_pred, int8_pred, y, margins: GateMargins) -> GateResult:
-    """Pass when int8 accuracy and every class's recall stay within the margins of float."""
+    """Pass when int8 accuracy and every class's recall stay within the margins of float, and int8
+    agrees with float's top-1 class on enough cells."""
     reasons = []
     drop = 100 * (float_m.accuracy - int8_m.accuracy)
     if drop > margins.accuracy_pt:
@@ -50,4 +54,7 @@ def judge(float_m: Metrics, int8_m: Metrics, float_pred, int8_pred, y, margins: 
         if r_drop > margins.recall_pt:
             reasons.append(f"{c} recall drops {r_drop:.1f} points (allowed {margins.recall_pt})")
     overall, per_class = agreement(float_pred, int8_pred, y, float_m.classes)
+    if overall < margins.min_agreement:
+        reasons.append(f"int8 gives float's top-1 class on {100 * overall:.1f}% of test cells "
+                       f"(at least {100 * margins.min_agreement:.0f}% required)")
     return GateResult(not reasons, tuple(reasons), overall, per_class)

@@ -67,7 +67,7 @@ def tiny_bundle(tiny_run, tmp_path_factory):
     from hematovision.export.gate import GateMargins
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    export_run(tiny_run.root, out, ExportOptions(margins=GateMargins(100.0, 100.0), calibration_crops=200))
+    export_run(tiny_run.root, out, ExportOptions(margins=GateMargins(100.0, 100.0, 0.0), calibration_crops=200))
     return out
 
 

@@ -13,16 +13,16 @@ from hematovision.export import bundle as export_bundle
 from hematovision.export.bundle import ExportOptions, export_run
 from hematovision.export.cli import main as export_main
 from hematovision.export.confidence import fit_confidence, rejection_threshold
-from hematovision.export.gate import GateMargins
+from hematovision.export.gate import GateMargins, judge
 from hematovision.train.batches import crops_array
-from hematovision.train.evaluate import predict_logits
+from hematovision.train.evaluate import compute_metrics, predict_logits
 from hematovision.train.runs import load_run_model
 from hematovision.train.recipe import TrainConfig
 from hematovision.train.splits import read_manifest
 
 # The sample run's test split has ten cells, so one flipped cell is ten points: these margins
 # let a sound int8 model through and still stop a broken one.
-LOOSE = GateMargins(accuracy_pt=15.0, recall_pt=55.0)
+LOOSE = GateMargins(accuracy_pt=15.0, recall_pt=55.0, min_agreement=0.75)
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +64,30 @@ def test_device_loader_gives_the_float_models_top1_on_real_crops(bundle_dir, lit
     assert (float_logits.argmax(1) == int8_logits.argmax(1)).mean() >= 0.75
 
 
+def test_gate_refuses_int8_that_disagrees_with_float_even_at_equal_scores():
+    classes = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+    y = np.tile(np.arange(4), 5)
+    float_pred, int8_pred = (y + 1) % 4, (y + 2) % 4  # both always wrong: no accuracy or recall drop
+
+    def judged(pred_int8, margins=GateMargins()):
+        metrics = [compute_metrics(np.eye(4)[p], y, classes) for p in (float_pred, pred_int8)]
+        return judge(*metrics, float_pred, pred_int8, y, margins)
+
+    refused = judged(int8_pred)
+    assert not refused.passed and refused.agreement == 0.0 and "top-1 class on 0.0%" in refused.reasons[0]
+    assert judged(float_pred).passed and judged(float_pred).agreement == 1.0
+    assert judged(int8_pred, GateMargins(min_agreement=0.0)).passed
+
+
 def test_gate_refuses_pixels_calibrated_at_one_255th(lite0_run, tmp_path, monkeypatch, capsys):
     real = export_bundle.calibration_crops
     monkeypatch.setattr(export_bundle, "calibration_crops", lambda *a: real(*a).astype(np.float32) / 255.0)
     out = tmp_path / "bundle"
     code = export_main([str(lite0_run.root), "--out", str(out), "--max-accuracy-drop", str(LOOSE.accuracy_pt),
-                        "--max-recall-drop", str(LOOSE.recall_pt)])
+                        "--max-recall-drop", str(LOOSE.recall_pt), "--min-agreement", str(LOOSE.min_agreement)])
     assert code == 1 and not out.exists() and not list(tmp_path.iterdir())
     err = capsys.readouterr().err
-    assert "refused, no bundle written" in err and "points below float" in err
+    assert "refused, no bundle written" in err and "float's top-1 class on" in err
 
 
 def _broken_copy(bundle_dir, tmp_path, edit):
