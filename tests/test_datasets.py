@@ -4,6 +4,7 @@ import functools
 import shutil
 from collections import Counter
 
+import numpy as np
 import pytest
 
 from hematovision.errors import DataError
@@ -183,8 +184,13 @@ def test_segmenter_centres_move_crops_to_the_devices_detections(samples_bccd):
     boxes = {}
     for s in data.samples:
         boxes.setdefault(s.path, []).append(s.box)
+    from hematovision.edge.segment import segment
+    from hematovision.pixels import read_rgb
+
     for s in moved.samples:
         x, y = s.center
         assert any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes[s.path])
+        centres = [d.center for d in segment(read_rgb(s.path), um_per_pixel=s.um_per_pixel).all_cells]
+        assert min(np.hypot(x - cx, y - cy) for cx, cy in centres) <= 0.75  # where the device cuts its crop
     assert all("segmenter finds no white cell" in k.reason for k in moved.skipped)
     assert moved.sources == ["bccd:bccd (segmenter centres)"]

@@ -20,12 +20,16 @@ def _inside(center, box) -> bool:
 
 
 def device_box(sample: Sample, detections) -> tuple[int, int, int, int] | None:
-    """The box of the detection whose centre lies in the annotated box, nearest its centre."""
+    """The detection whose centre lies in the annotated box, nearest its centre, as a box of the
+    detection's size centred (to half a pixel) where the device centres its crop: the nucleus
+    centroid, not the middle of the cell box."""
     hits = [d for d in detections if _inside(d.center, sample.box)]
     if not hits:
         return None
     best = min(hits, key=lambda d: float(np.hypot(d.center[0] - sample.center[0], d.center[1] - sample.center[1])))
-    return tuple(int(v) for v in best.bbox)
+    w, h = best.bbox[2] - best.bbox[0], best.bbox[3] - best.bbox[1]
+    x0, y0 = round(best.center[0] - w / 2), round(best.center[1] - h / 2)
+    return (x0, y0, x0 + w, y0 + h)
 
 
 def recentre_on_segmenter(data: Dataset, params: SegmentParams = DEFAULT_PARAMS) -> Dataset:
