@@ -225,10 +225,9 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
     scale = min(1.0, um_per_pixel / params.work_um_per_pixel)
     work = _resize(image_rgb, scale)
     work_um = um_per_pixel / scale
-    nucleus = nucleus_mask(work, params, work_um)
-    cytoplasm = cytoplasm_mask(work, params)
-    found = [_detection(image_rgb, cytoplasm, region, scale, um_per_pixel, params)
-             for region in _cell_regions(nucleus, params, work_um)]
+    regions = _cell_regions(nucleus_mask(work, params, work_um), params, work_um)
+    cytoplasm = cytoplasm_mask(work, params) if regions else None  # most scan frames hold no cell
+    found = [_detection(image_rgb, cytoplasm, region, scale, um_per_pixel, params) for region in regions]
     found = [d for d in found if d is not None]
     logger.debug("%d white cells (%s um per pixel, %s)", len(found), um_per_pixel, source)
     return Segmentation(

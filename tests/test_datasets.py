@@ -7,7 +7,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from hematovision.edge.segment import segment
 from hematovision.errors import DataError
+from hematovision.pixels import read_rgb
 from hematovision.train.datasets import BCCD_SAME_CELL, bccd_group, kaggle_origin_groups, load_bccd, load_folders
 from hematovision.train.splits import (SplitPlan, make_manifest, read_manifest, split_counts,
                                        write_manifest)
@@ -184,9 +186,6 @@ def test_segmenter_centres_move_crops_to_the_devices_detections(samples_bccd):
     boxes = {}
     for s in data.samples:
         boxes.setdefault(s.path, []).append(s.box)
-    from hematovision.edge.segment import segment
-    from hematovision.pixels import read_rgb
-
     for s in moved.samples:
         x, y = s.center
         assert any(x0 <= x <= x1 and y0 <= y <= y1 for x0, y0, x1, y1 in boxes[s.path])
