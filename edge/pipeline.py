@@ -69,19 +69,25 @@ class FieldPipeline:
         self.bundle, self.profile, self.params = bundle, profile, params
         self.um_per_pixel = profile.pixel_size.um_per_pixel if profile and profile.pixel_size else None
         self._estimates: list[float] = []
+        self._estimated_um = float("nan")  # median of the latest estimates, updated with them
         self._fields = 0
         if self.um_per_pixel and bundle.um_per_pixel:
             check_against_bundle(profile, bundle.um_per_pixel)
 
     def state(self) -> dict:
         """What the pipeline carries from field to field, for the daemon to persist."""
-        return {"pixel_size_estimates": self._estimates[-ESTIMATE_HISTORY:], "fields": self._fields}
+        return {"pixel_size_estimates": list(self._estimates), "fields": self._fields}
 
     def restore(self, state: dict | None) -> None:
         """Put back a `state()`; None leaves a fresh pipeline as it is."""
         if state:
             self._estimates = [float(v) for v in state["pixel_size_estimates"]]
             self._fields = int(state["fields"])
+            self._update_estimate()
+
+    def _update_estimate(self) -> None:
+        self._estimates = self._estimates[-ESTIMATE_HISTORY:]
+        self._estimated_um = float(np.median(self._estimates)) if self._estimates else float("nan")
 
     def prepare(self, image: np.ndarray, name: str = "frame") -> np.ndarray:
         """Check a frame and correct its illumination (flat field, white balance, exposure).
@@ -108,12 +114,13 @@ class FieldPipeline:
         if len(self._estimates) < SETTLED_ESTIMATES or self._fields % REESTIMATE_EVERY == 0:
             try:
                 self._estimates.append(estimate_um_per_pixel(image, self.params))
+                self._update_estimate()
             except CalibrationError as err:
                 logger.debug("no red-cell estimate from this field: %s", err)
         if not self._estimates:
             logger.info("no pixel size for this field and none measured yet: no cells counted")
             return Segmentation((), (), float("nan"), NO_PIXEL_SIZE)
-        seg = segment(image, self.params, float(np.median(self._estimates[-ESTIMATE_HISTORY:])))
+        seg = segment(image, self.params, self._estimated_um)
         return replace(seg, pixel_size_source=ESTIMATED_SOURCE)
 
     def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:

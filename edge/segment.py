@@ -116,7 +116,9 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     """Resize by `scale` (area averaging when shrinking); scale 1 returns the image itself.
 
     A shrink by more than 2 averages whole k x k blocks first (OpenCV's fast integer path, about
-    twice as fast as a fractional area resize of a 640x480 field) and interpolates the rest.
+    twice as fast as a fractional area resize of a 640x480 field) and interpolates the rest. An
+    even k >= 4 is taken as 2 x 2 blocks (OpenCV's vectorised halving) then k/2 x k/2 blocks:
+    the same averages up to rounding, in half the time of 6 x 6 blocks at once.
     """
     if abs(scale - 1.0) < 1e-3:
         return image
@@ -127,9 +129,15 @@ def _resize(image: np.ndarray, scale: float) -> np.ndarray:
     k = int(1.0 / scale)
     if k < 2 or min(h, w) < 2 * k:
         return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
-    blocks = image[: h - h % k, : w - w % k]
-    blocks = cv2.resize(blocks, (blocks.shape[1] // k, blocks.shape[0] // k), interpolation=cv2.INTER_AREA)
-    return cv2.resize(blocks, size, interpolation=cv2.INTER_LINEAR)
+    while k >= 4 and k % 2 == 0:
+        image, k = _average_blocks(image, 2), k // 2
+    return cv2.resize(_average_blocks(image, k), size, interpolation=cv2.INTER_LINEAR)
+
+
+def _average_blocks(image: np.ndarray, k: int) -> np.ndarray:
+    """Mean of each whole k x k block (the last rows and columns short of a block are dropped)."""
+    h, w = image.shape[:2]
+    return cv2.resize(image[: h - h % k, : w - w % k], (w // k, h // k), interpolation=cv2.INTER_AREA)
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -273,10 +281,19 @@ def cytoplasm_mask(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS
     cells = absorb_g > t
     if not cells.any() or cells.all():
         return np.zeros(absorb_g.shape, bool)
-    background, red = float(np.median(absorb_g[~cells])), float(np.median(absorb_g[cells]))
-    red_ratio = float(np.median(absorb_b[cells])) / max(red, 1.0)
+    background, red = _median(absorb_g[~cells]), _median(absorb_g[cells])
+    red_ratio = _median(absorb_b[cells]) / max(red, 1.0)
     return (absorb_g > background + params.cytoplasm_absorption * (red - background)) & (
         absorb_b < params.cytoplasm_blue * red_ratio * absorb_g)
+
+
+def _median(values: np.ndarray) -> float:
+    """np.median of a non-empty 1-D array by one partial sort, without np.median's set-up cost."""
+    k = values.size // 2
+    if values.size % 2:
+        return float(np.partition(values, k)[k])
+    part = np.partition(values, (k - 1, k))
+    return (float(part[k - 1]) + float(part[k])) / 2.0
 
 
 def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
@@ -287,7 +304,7 @@ def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: flo
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
     count, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
     keep = np.zeros(count, dtype=bool)
-    keep[np.unique(labels[feature > strong])] = True
+    keep[labels[feature > strong]] = True
     keep[stats[:, cv2.CC_STAT_AREA] < params.min_fragment_area_um2 / um_per_pixel**2] = False
     keep[0] = False
     return np.where(keep[labels], 255, 0).astype(np.uint8)
@@ -298,12 +315,23 @@ def _stain_thresholds(feature: np.ndarray, params: SegmentParams) -> tuple[float
     field's red-cell level to its nucleus level. The floor is the absolute threshold, or a fixed
     step above the red-cell level where that is lower (pale stains, where nuclei never reach
     the absolute threshold)."""
-    level, top = np.percentile(feature[:: 2, :: 2], (params.red_cell_percentile, params.nucleus_percentile))
-    level, span = float(level), float(top - level)
+    level, top = _percentiles(feature[:: 2, :: 2], (params.red_cell_percentile, params.nucleus_percentile))
+    span = top - level
     strong = max(min(params.stain_threshold, level + params.stain_above_red_cells), level + params.stain_relative * span)
     weak = max(min(params.stain_threshold_weak, level + params.stain_above_red_cells_weak),
                level + params.stain_relative_weak * span)
     return strong, min(weak, strong)
+
+
+def _percentiles(values: np.ndarray, qs) -> list[float]:
+    """np.percentile's default (linear) percentiles by one partial sort: a tenth of its time on
+    a field's few thousand values, where np.percentile's set-up costs more than the sort."""
+    flat = values.ravel()
+    at = [q / 100.0 * (flat.size - 1) for q in qs]
+    below = [int(math.floor(a)) for a in at]
+    above = [min(b + 1, flat.size - 1) for b in below]
+    part = np.partition(flat, sorted(set(below + above)))
+    return [float(part[b]) + (float(part[c]) - float(part[b])) * (a - b) for a, b, c in zip(at, below, above)]
 
 
 @dataclass(frozen=True)
@@ -442,7 +470,9 @@ def _cell_box(cytoplasm: np.ndarray, region: _Region, params: SegmentParams,
     cell = (cytoplasm[wy0:wy1, wx0:wx1] & near).astype(np.uint8)
     cell = cv2.morphologyEx(cell, cv2.MORPH_OPEN, _disc(params.cytoplasm_open_um / 2 / um_per_pixel)) | nucleus
     _, labels = cv2.connectedComponents(cell, connectivity=8)
-    x, y, bw, bh = cv2.boundingRect(np.isin(labels, np.unique(labels[nucleus > 0])).astype(np.uint8))
+    touching = np.zeros(labels.max() + 1, np.uint8)
+    touching[labels[nucleus > 0]] = 1
+    x, y, bw, bh = cv2.boundingRect(touching[labels])
     return (min(box[0], wx0 + x), min(box[1], wy0 + y), max(box[2], wx0 + x + bw), max(box[3], wy0 + y + bh))
 
 
