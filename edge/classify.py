@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from hematovision.classes import UNIDENTIFIED
-from hematovision.crop import cut_crop
+from hematovision.crop import cut_crops
 
 from .model_bundle import Bundle
 
@@ -51,6 +51,4 @@ def classify_crops(bundle: Bundle, crops: np.ndarray) -> list[Prediction]:
 
 def cut_cells(image: np.ndarray, centers, um_per_pixel: float, bundle: Bundle) -> np.ndarray:
     """Crops of the cells at `centers` with the bundle's crop geometry, stacked (N, S, S, 3)."""
-    size = bundle.geometry.input_size
-    crops = [cut_crop(image, c, um_per_pixel, bundle.geometry) for c in centers]
-    return np.stack(crops) if crops else np.zeros((0, size, size, 3), np.uint8)
+    return cut_crops(image, list(centers), um_per_pixel, bundle.geometry)
