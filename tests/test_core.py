@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from hematovision.classes import DEFAULT_CLASSES, KNOWN_CLASSES, UNIDENTIFIED, parse_label, validate_class_list
-from hematovision.crop import CropGeometry, CropJitter, cut_crop
+from hematovision.crop import NO_JITTER, CropGeometry, CropJitter, crop_matrix, cut_crop, cut_crops
 from hematovision.errors import DataError, ImageUnreadable
 from hematovision.pixels import model_input, read_rgb
 
@@ -47,6 +47,20 @@ def test_read_rgb_refuses_truncated_file_by_name(tmp_path, samples_bccd):
     broken.write_bytes((samples_bccd / FIELD).read_bytes()[:200])
     with pytest.raises(ImageUnreadable, match="broken.jpg"):
         read_rgb(broken)
+
+
+@pytest.mark.parametrize("centre, jitter", [(CENTRE, NO_JITTER), ((8.0, 470.0), NO_JITTER),
+                                             (CENTRE, CropJitter(37.0, 1.1, True, (1.0, -0.5)))])
+def test_crops_are_the_plain_rgb_warp(field, centre, jitter):
+    """The four-channel warp gives exactly OpenCV's three-channel one, mirrored border included."""
+    geometry = CropGeometry(side_um=12.0)  # 167 image pixels to 224: no area step
+    matrix = crop_matrix(centre, UM_PER_PX, geometry, jitter)
+    expected = cv2.warpAffine(field, matrix, (224, 224), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                              borderMode=cv2.BORDER_REFLECT_101)
+    np.testing.assert_array_equal(cut_crop(field, centre, UM_PER_PX, geometry, jitter), expected)
+    many = cut_crops(field, [centre, CENTRE], UM_PER_PX, geometry, jitter)
+    np.testing.assert_array_equal(many[0], expected)
+    assert many.shape == (2, 224, 224, 3) and cut_crops(field, [], UM_PER_PX).shape == (0, 224, 224, 3)
 
 
 def test_crop_has_model_size_and_centre_pixel(field):
