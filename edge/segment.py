@@ -56,10 +56,12 @@ class SegmentParams:
     platelet_gap_um: float = 1.0  # ... when closer than this (a platelet beside a cell stays out)
     split_core_fraction: float = 0.6  # watershed markers: distance > this * group maximum ...
     split_min_radius_um: float = 2.5  # ... in cores at least this thick (thinner ones are lobes)
-    cell_margin_um: float = 1.5  # cytoplasm rim added around the nucleus box, at least ...
+    cell_margin_um: float = 1.5  # rim added around the nucleus box over stained (not background) pixels, at least ...
     max_cell_margin_um: float = 4.0  # ... and at most this far out to the measured cytoplasm edge
+    cell_stain_absorption: float = 0.15  # stained: absorbs green this far from background to red cells
     cytoplasm_absorption: float = 0.3  # cytoplasm absorbs green this far from background to red cells ...
-    cytoplasm_blue: float = 0.75  # ... and blue, relative to green, below this fraction of red cells'
+    cytoplasm_blue: float = 0.75  # ... and blue, relative to green, below this fraction of red cells' ...
+    cytoplasm_pale: float = 0.5  # ... or, whatever its colour, less far than this (pale cytoplasm)
     cytoplasm_open_um: float = 1.0  # cytoplasm narrower than this (fringes, bridges) is dropped
     edge_margin_um: float = 0.5  # a cell box this close to the frame edge is cut by it
     focus_um_per_pixel: float = 0.25  # crops are resampled to this before the focus measure
@@ -233,8 +235,9 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
     scale = min(1.0, um_per_pixel / params.work_um_per_pixel)
     work = _resize(image_rgb, scale)
     work_um = um_per_pixel / scale
-    regions = _cell_regions(nucleus_mask(work, params, work_um), params, work_um)
-    cytoplasm = cytoplasm_mask(work, params) if regions else None  # most scan frames hold no cell
+    nucleus = nucleus_mask(work, params, work_um)
+    regions = _cell_regions(nucleus, params, work_um)
+    cytoplasm = cytoplasm_mask(work, nucleus, params) if regions else None  # most scan frames hold no cell
     found = [_detection(image_rgb, cytoplasm, region, scale, um_per_pixel, params) for region in regions]
     found = [d for d in found if d is not None]
     logger.debug("%d white cells (%s um per pixel, %s)", len(found), um_per_pixel, source)
@@ -266,25 +269,44 @@ def _percentile_u8(channel: np.ndarray, q: float) -> float:
     return float(np.searchsorted(np.cumsum(counts), q / 100.0 * channel.size))
 
 
-def cytoplasm_mask(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
-    """Mask (bool) of pixels that may be white-cell cytoplasm: they absorb green clearly more
-    than the background, but blue less, relative to green, than red cells do (haemoglobin and
-    eosin absorb blue; the pale pink-to-blue cytoplasm hardly does). The ratio of blue to green
+STAINED = 1  # cytoplasm_mask value: absorbs clearly more than the background
+CYTOPLASM = 2  # cytoplasm_mask value: may be white-cell cytoplasm (also stained)
+
+
+def cytoplasm_mask(image_rgb: np.ndarray, nucleus: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
+    """Map (uint8) of the pixels around white cells: CYTOPLASM where a pixel may be white-cell
+    cytoplasm, else STAINED where it absorbs green more than the background
+    (`cell_stain_absorption` of the way to red cells), else 0.
+
+    Cytoplasm absorbs green clearly more than the background (`cytoplasm_absorption` of the way
+    to red cells) but blue less, relative to green, than red cells do (haemoglobin and eosin
+    absorb blue; the pale pink-to-blue cytoplasm hardly does), or it is pale: less than
+    `cytoplasm_pale` of the way (pale monocyte and neutrophil cytoplasm whose colour is the red
+    cells'; thin fringes of red cells are opened away in `_cell_box`). The ratio of blue to green
     absorption is a colour, the same in a red cell's thick rim, its pale centre and its blurred
-    edge. Levels are the field's own: Otsu's split of green absorption into background and
-    cells, mostly red cells, gives the background and red-cell absorption and the red cells'
+    edge. Levels are the field's own: Otsu's split of green absorption outside the `nucleus`
+    mask (`nucleus_mask`; a large nucleus would otherwise make the darker class) into background
+    and cells, mostly red cells, gives the background and red-cell absorption and the red cells'
     ratio (of the medians)."""
     green, blue = _white_balanced(image_rgb, params, (1, 2))
     absorb_g = np.clip(255.0 - green, 0, 255).astype(np.uint8)
     absorb_b = 255.0 - blue
-    t, _ = cv2.threshold(absorb_g, 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
-    cells = absorb_g > t
+    outside = nucleus == 0
+    out = np.zeros(absorb_g.shape, np.uint8)
+    if not outside.any():
+        return out
+    t, _ = cv2.threshold(absorb_g[outside].reshape(1, -1), 0, 255, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    cells = (absorb_g > t) & outside
     if not cells.any() or cells.all():
-        return np.zeros(absorb_g.shape, bool)
+        return out
     background, red = _median(absorb_g[~cells]), _median(absorb_g[cells])
     red_ratio = _median(absorb_b[cells]) / max(red, 1.0)
-    return (absorb_g > background + params.cytoplasm_absorption * (red - background)) & (
-        absorb_b < params.cytoplasm_blue * red_ratio * absorb_g)
+    span = max(red - background, 1.0)  # levels below: fractions of the way from background to red cells
+    out[absorb_g > background + params.cell_stain_absorption * span] = STAINED
+    out[(absorb_g > background + params.cytoplasm_absorption * span) & (
+        (absorb_b < params.cytoplasm_blue * red_ratio * absorb_g)
+        | (absorb_g < background + params.cytoplasm_pale * span))] = CYTOPLASM
+    return out
 
 
 def _median(values: np.ndarray) -> float:
@@ -450,30 +472,34 @@ def _cell_box(cytoplasm: np.ndarray, region: _Region, params: SegmentParams,
               um_per_pixel: float) -> tuple[float, float, float, float]:
     """Box (x0, y0, x1, y1, working pixels) of a nucleus and the cytoplasm around it.
 
-    The cytoplasm is the part of `cytoplasm` within `max_cell_margin_um` of the nucleus that,
-    opened by a `cytoplasm_open_um` disc, still touches it; the box reaches at least
-    `cell_margin_um` beyond the nucleus on every side (a cytoplasm too pale to be seen).
+    `cytoplasm` is `cytoplasm_mask`'s map. The box holds the nucleus, its stained rim (pixels
+    not background within `cell_margin_um`: cytoplasm too pale or too red to be told apart;
+    none where the background comes up to the nucleus, as around many lymphocytes) and the
+    CYTOPLASM pixels within `max_cell_margin_um` that, opened by a `cytoplasm_open_um` disc,
+    still touch it (through each other; a platelet across background stays out).
     """
     ys, xs = np.nonzero(region.nucleus)
     ys, xs = ys + region.y0, xs + region.x0
-    low, high = params.cell_margin_um / um_per_pixel, params.max_cell_margin_um / um_per_pixel
-    box = (xs.min() - low, ys.min() - low, xs.max() + 1 + low, ys.max() + 1 + low)
-    if high <= low:
-        return box
-    pad = int(math.ceil(high)) + 1
+    rim, reach = params.cell_margin_um / um_per_pixel, params.max_cell_margin_um / um_per_pixel
+    pad = int(math.ceil(max(rim, reach))) + 1
     h, w = cytoplasm.shape
     wx0, wy0 = max(0, xs.min() - pad), max(0, ys.min() - pad)
     wx1, wy1 = min(w, xs.max() + 1 + pad), min(h, ys.max() + 1 + pad)
     nucleus = np.zeros((wy1 - wy0, wx1 - wx0), np.uint8)
     nucleus[ys - wy0, xs - wx0] = 1
-    near = cv2.distanceTransform(1 - nucleus, cv2.DIST_L2, 3) <= high
-    cell = (cytoplasm[wy0:wy1, wx0:wx1] & near).astype(np.uint8)
-    cell = cv2.morphologyEx(cell, cv2.MORPH_OPEN, _disc(params.cytoplasm_open_um / 2 / um_per_pixel)) | nucleus
-    _, labels = cv2.connectedComponents(cell, connectivity=8)
-    touching = np.zeros(labels.max() + 1, np.uint8)
-    touching[labels[nucleus > 0]] = 1
-    x, y, bw, bh = cv2.boundingRect(touching[labels])
-    return (min(box[0], wx0 + x), min(box[1], wy0 + y), max(box[2], wx0 + x + bw), max(box[3], wy0 + y + bh))
+    dist = cv2.distanceTransform(1 - nucleus, cv2.DIST_L2, 3)
+    around = cytoplasm[wy0:wy1, wx0:wx1]
+    cell = ((around == CYTOPLASM) & (dist <= reach)).astype(np.uint8)
+    cell = cv2.morphologyEx(cell, cv2.MORPH_OPEN, _disc(params.cytoplasm_open_um / 2 / um_per_pixel))
+    cell |= ((around > 0) & (dist <= rim)) | nucleus
+    _, labels, stats, _ = cv2.connectedComponentsWithStats(cell, connectivity=8)
+    touching = np.zeros(len(stats), bool)
+    touching[labels[nucleus > 0]] = True
+    parts = stats[touching]  # the components holding the nucleus
+    x0, y0 = parts[:, cv2.CC_STAT_LEFT].min(), parts[:, cv2.CC_STAT_TOP].min()
+    x1 = (parts[:, cv2.CC_STAT_LEFT] + parts[:, cv2.CC_STAT_WIDTH]).max()
+    y1 = (parts[:, cv2.CC_STAT_TOP] + parts[:, cv2.CC_STAT_HEIGHT]).max()
+    return (wx0 + x0, wy0 + y0, wx0 + x1, wy0 + y1)
 
 
 def _detection(image_rgb: np.ndarray, cytoplasm: np.ndarray, region: _Region, scale: float,

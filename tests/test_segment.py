@@ -197,14 +197,14 @@ def test_platelet_beside_a_cell_stays_out_of_its_box():
     assert len(cells) == 1 and cells[0].bbox == alone[0].bbox
 
 
-def _cell_field(cytoplasm_radius_px: int, red_cells=()) -> np.ndarray:
+def _cell_field(cytoplasm_radius_px: int, red_cells=(), cytoplasm_rgb=(215, 195, 225)) -> np.ndarray:
     """A pale field with pink red cells (the field's red-cell colour) and one white cell: a
     purple nucleus 8 um across inside pale lilac cytoplasm, centred at (200, 200), 0.1 um/px."""
     image = np.full((400, 400, 3), (238, 228, 232), np.uint8)
     for x, y in ((40, 40), (360, 40), (40, 360), (360, 360), (200, 30), (30, 200), *red_cells):
         cv2.circle(image, (x, y), 37, (220, 150, 165), thickness=-1)
     if cytoplasm_radius_px:
-        cv2.circle(image, (200, 200), cytoplasm_radius_px, (215, 195, 225), thickness=-1)
+        cv2.circle(image, (200, 200), cytoplasm_radius_px, cytoplasm_rgb, thickness=-1)
     cv2.circle(image, (200, 200), 40, (110, 40, 150), thickness=-1)
     return image
 
@@ -213,9 +213,16 @@ def test_cell_box_reaches_the_cytoplasm_edge():
     # cytoplasm 3 um beyond the nucleus: more than the fixed rim, less than the largest
     x0, y0, x1, y1 = segment(_cell_field(70), um_per_pixel=0.1).cells[0].bbox
     assert (x0, y0, x1, y1) == pytest.approx((130, 130, 270, 270), abs=6)
-    # without cytoplasm the box is the nucleus and the fixed rim
+    # with the background coming up to the nucleus the box is the nucleus (no rim is assumed)
     bare = segment(_cell_field(0), um_per_pixel=0.1).cells[0].bbox
-    assert bare == pytest.approx((145, 145, 255, 255), abs=6)
+    assert bare == pytest.approx((160, 160, 240, 240), abs=6)
+
+
+def test_cell_box_reaches_pale_cytoplasm_of_the_red_cells_colour():
+    # cytoplasm 3 um beyond the nucleus, the red cells' pink but half as dark (pale monocyte
+    # cytoplasm): it fails the colour test, and counts as cytoplasm for being pale
+    x0, y0, x1, y1 = segment(_cell_field(70, cytoplasm_rgb=(229, 189, 199)), um_per_pixel=0.1).cells[0].bbox
+    assert (x0, y0, x1, y1) == pytest.approx((130, 130, 270, 270), abs=6)
 
 
 def test_red_cell_touching_the_cytoplasm_stays_out_of_the_box():
