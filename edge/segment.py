@@ -310,12 +310,8 @@ def cytoplasm_mask(image_rgb: np.ndarray, nucleus: np.ndarray, params: SegmentPa
 
 
 def _median(values: np.ndarray) -> float:
-    """np.median of a non-empty 1-D array by one partial sort, without np.median's set-up cost."""
-    k = values.size // 2
-    if values.size % 2:
-        return float(np.partition(values, k)[k])
-    part = np.partition(values, (k - 1, k))
-    return (float(part[k - 1]) + float(part[k])) / 2.0
+    """np.median of a non-empty array, by `_percentiles`."""
+    return _percentiles(values, (50.0,))[0]
 
 
 def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
