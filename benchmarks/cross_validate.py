@@ -30,7 +30,7 @@ RECIPE = dict(head_lr=5e-3, head_epochs=15, finetune_lr=3e-4, finetune_epochs=60
 
 def run_fold(fold: int, test_groups: set, data, args) -> dict:
     from hematovision.export.bundle import ExportOptions, export_run
-    from hematovision.export.gate import GateMargins
+    from hematovision.export.gate import OPEN
     from hematovision.train.recipe import RunPaths, TrainConfig, prepare_run, train
 
     run = RunPaths(args.out / f"fold{fold}")
@@ -42,7 +42,7 @@ def run_fold(fold: int, test_groups: set, data, args) -> dict:
     train(run)
     if not (bundle / "bundle.json").is_file():
         # The gate is opened here: cross-validation reports int8 figures whether or not they pass.
-        export_run(run.root, bundle, ExportOptions(margins=GateMargins(100.0, 100.0, 0.0)))
+        export_run(run.root, bundle, ExportOptions(margins=OPEN))
     return fold_result(bundle / "bundle.json")
 
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from hematovision.classes import UNIDENTIFIED
 from hematovision.crop import cut_crops
+from hematovision.stain import standardise_crops
 
 from .model_bundle import Bundle
 
@@ -45,8 +46,8 @@ def predictions_from_logits(logits: np.ndarray, bundle: Bundle) -> list[Predicti
 
 
 def classify_crops(bundle: Bundle, crops: np.ndarray) -> list[Prediction]:
-    """Classify (N, S, S, 3) RGB uint8 crops in one batch."""
-    return predictions_from_logits(bundle.model.logits(crops), bundle)
+    """Classify (N, S, S, 3) RGB uint8 crops in one batch, after the bundle's colour standardisation."""
+    return predictions_from_logits(bundle.model.logits(standardise_crops(crops, bundle.colour)), bundle)
 
 
 def cut_cells(image: np.ndarray, centers, um_per_pixel: float, bundle: Bundle) -> np.ndarray:

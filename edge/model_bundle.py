@@ -14,6 +14,7 @@ import numpy as np
 from hematovision.classes import validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
+from hematovision.stain import NO_STANDARD, ColourStandard
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class Bundle:
     temperature: float
     threshold: float
     model: Int8Model
+    colour: ColourStandard = NO_STANDARD  # applied to every crop before the model
 
     @property
     def um_per_pixel(self) -> float | None:
@@ -143,7 +145,8 @@ def load_bundle(path: str | Path, threads: int | None = None) -> Bundle:
     geometry = CropGeometry.from_dict(meta["crop_geometry"])
     _check_shapes(path, meta, model, classes, geometry)
     conf = meta["confidence"]
-    return Bundle(path, meta, classes, geometry, float(conf["temperature"]), float(conf["threshold"]), model)
+    colour = ColourStandard.from_dict(meta.get("colour"), str(path / META_FILE))
+    return Bundle(path, meta, classes, geometry, float(conf["temperature"]), float(conf["threshold"]), model, colour)
 
 
 def _read_meta(path: Path) -> dict:

@@ -23,6 +23,7 @@ from hematovision.train.batches import crops_array, sample_crop
 from hematovision.train.evaluate import compute_metrics, predict_logits, softmax
 from hematovision.train.recipe import RunPaths, TrainConfig
 from hematovision.train.runs import load_run_model
+from hematovision.train.datasets import lab_of
 from hematovision.train.splits import manifest_hash, read_manifest, samples_of
 
 from .confidence import fit_confidence
@@ -61,28 +62,43 @@ def calibration_crops(samples, config: TrainConfig, n: int) -> np.ndarray:
     Every training cell once as the device sees it, then augmented copies (the stain and
     colour range the device will meet) until there are `n`.
     """
-    crops = list(crops_array(samples, config.geometry))
+    crops = list(crops_array(samples, config.geometry, config.colour_standard))
     rng = np.random.default_rng(config.seed)
     while len(crops) < n:
-        crops.append(sample_crop(samples[len(crops) % len(samples)], config.geometry, rng, AugmentParams()))
+        crops.append(sample_crop(samples[len(crops) % len(samples)], config.geometry, rng, AugmentParams(),
+                                 config.colour_standard))
     return np.stack(crops)
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Float and int8 outputs on one split."""
+    """Float and int8 outputs on one split, and each cell's laboratory."""
 
     y: np.ndarray
     float_logits: np.ndarray
     int8_logits: np.ndarray
+    labs: np.ndarray
+
+    def of_lab(self, lab: str) -> "Evaluation":
+        keep = self.labs == lab
+        return Evaluation(self.y[keep], self.float_logits[keep], self.int8_logits[keep], self.labs[keep])
 
 
-def _evaluate_split(keras_model, int8: Int8Model, samples, config) -> Evaluation:
+def evaluate_split(keras_model, int8: Int8Model, samples, config) -> Evaluation:
+    """Float and int8 logits of un-augmented crops, cut and standardised as the device does."""
     y = np.array([config.classes.index(s.label) for s in samples])
-    float_logits = predict_logits(keras_model, samples, config.geometry)
-    int8_logits = np.concatenate([int8.logits(crops_array(samples[i:i + 32], config.geometry))
+    colour = config.colour_standard
+    float_logits = predict_logits(keras_model, samples, config.geometry, colour=colour)
+    int8_logits = np.concatenate([int8.logits(crops_array(samples[i:i + 32], config.geometry, colour))
                                   for i in range(0, len(samples), 32)])
-    return Evaluation(y, float_logits, int8_logits)
+    return Evaluation(y, float_logits, int8_logits, np.array([lab_of(s) for s in samples]))
+
+
+def metrics_by_lab(test: Evaluation, classes) -> dict:
+    """Float and int8 metrics of each laboratory in a split: a figure of one lab never stands for another."""
+    return {lab: {kind: compute_metrics(softmax(getattr(test.of_lab(lab), f"{kind}_logits")),
+                                        test.of_lab(lab).y, classes).to_dict() for kind in ("float", "int8")}
+            for lab in sorted(set(test.labs))}
 
 
 def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
@@ -98,12 +114,12 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     tflite = convert_int8(keras_model, calibration_crops(train_s, config, options.calibration_crops),
                           options.per_channel)
     int8 = Int8Model(tflite, options.threads)
-    test = _evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
-    val = _evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
+    test = evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
+    val = evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
     meta = _metadata(run, config, rows, tflite, int8, test, val, options)
     _log_figures(meta)
     if not meta["gate"]["passed"]:
-        raise GateRefused("int8 model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
+        raise GateRefused("model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
     write_bundle(Path(out_dir), tflite, meta)
     return meta
 
@@ -124,6 +140,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
         "classes": list(config.classes),
         "input": {"size": config.input_size, "dtype": int8.input_q.dtype, "color_order": "RGB"},
         "preprocessing": PREPROCESSING,
+        "colour": config.colour_standard.to_dict(),
         "crop_geometry": {**config.geometry.to_dict(),
                           "trained_um_per_pixel": float(np.median(train_um)) if train_um else None},
         "quantization": {"input": int8.input_q.__dict__, "output": int8.output_q.__dict__,
@@ -132,10 +149,13 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
         "confidence": {**confidence.to_dict(),
                        "ece_test_before": int8_m.ece,
                        "ece_test_after": compute_metrics(test_probs, test.y, config.classes).ece},
-        "metrics": {"split": "test", "float": float_m.to_dict(), "int8": int8_m.to_dict()},
+        "metrics": {"split": "test", "float": float_m.to_dict(), "int8": int8_m.to_dict(),
+                    "by_lab": metrics_by_lab(test, config.classes)},
         "gate": {"max_accuracy_drop_pt": options.margins.accuracy_pt,
                  "max_recall_drop_pt": options.margins.recall_pt,
-                 "min_top1_agreement": options.margins.min_agreement, **gate.to_dict()},
+                 "min_top1_agreement": options.margins.min_agreement,
+                 "min_macro_f1": options.margins.min_macro_f1, "min_recall": options.margins.min_recall,
+                 **gate.to_dict()},
         "provenance": {"run": run.root.name, "backbone": config.backbone, "weights": config.weights,
                        "manifest_sha256": manifest_hash(run.manifest),
                        "sources": data["sources"], "train_config": asdict(config),

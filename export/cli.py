@@ -20,6 +20,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-recall-drop", type=float, default=3.0, help="points, any class (default 3)")
     p.add_argument("--min-agreement", type=float, default=0.95,
                    help="least share of test cells where int8 gives float's top-1 class (default 0.95)")
+    p.add_argument("--min-macro-f1", type=float, default=0.80,
+                   help="floor: least int8 macro-F1 on the held-out cells (default 0.80)")
+    p.add_argument("--min-recall", type=float, default=0.50,
+                   help="floor: least int8 recall of every class on the held-out cells (default 0.50)")
     p.add_argument("--calibration-crops", type=int, default=300, help="at least 200")
     p.add_argument("--per-tensor", action="store_true", help="per-tensor weight quantization (for comparison)")
     p.add_argument("--threads", type=int, default=None)
@@ -35,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from .bundle import ExportOptions, export_run
 
-    options = ExportOptions(GateMargins(args.max_accuracy_drop, args.max_recall_drop, args.min_agreement),
+    options = ExportOptions(GateMargins(args.max_accuracy_drop, args.max_recall_drop, args.min_agreement,
+                                        args.min_macro_f1, args.min_recall),
                             args.calibration_crops, not args.per_tensor, threads=args.threads)
     try:
         export_run(args.run, args.out, options)

@@ -1,4 +1,4 @@
-"""The float-versus-int8 gate: quantization must not cost accuracy or any class's recall."""
+"""The export gate: an absolute floor on held-out cells, and quantization must not cost accuracy or recall."""
 
 from __future__ import annotations
 
@@ -11,13 +11,19 @@ from hematovision.train.evaluate import Metrics
 
 @dataclass(frozen=True)
 class GateMargins:
-    """Largest allowed drops, in percentage points, from float to int8, and the least share of
-    test cells on which int8 must give float's top-1 class (equal scores can hide a model that
-    disagrees everywhere when float itself is poor)."""
+    """Largest allowed drops, in percentage points, from float to int8; the least share of test
+    cells on which int8 must give float's top-1 class (equal scores can hide a model that
+    disagrees everywhere when float itself is poor); and the floor the int8 model must reach on
+    its own (a model can agree with a poor float model and still be useless)."""
 
     accuracy_pt: float = 1.0
     recall_pt: float = 3.0
     min_agreement: float = 0.95
+    min_macro_f1: float = 0.80
+    min_recall: float = 0.50  # every class with held-out cells
+
+
+OPEN = GateMargins(100.0, 100.0, 0.0, 0.0, 0.0)  # measure only: cross-validation folds, cross-lab runs
 
 
 @dataclass(frozen=True)
@@ -40,8 +46,8 @@ def agreement(float_pred: np.ndarray, int8_pred: np.ndarray, y: np.ndarray, clas
 
 
 def judge(float_m: Metrics, int8_m: Metrics, float_pred, int8_pred, y, margins: GateMargins) -> GateResult:
-    """Pass when int8 accuracy and every class's recall stay within the margins of float, and int8
-    agrees with float's top-1 class on enough cells."""
+    """Pass when int8 accuracy and every class's recall stay within the margins of float, int8
+    agrees with float's top-1 class on enough cells, and int8 reaches the absolute floor."""
     reasons = []
     drop = 100 * (float_m.accuracy - int8_m.accuracy)
     if drop > margins.accuracy_pt:
@@ -57,4 +63,18 @@ def judge(float_m: Metrics, int8_m: Metrics, float_pred, int8_pred, y, margins: 
     if overall < margins.min_agreement:
         reasons.append(f"int8 gives float's top-1 class on {100 * overall:.1f}% of test cells "
                        f"(at least {100 * margins.min_agreement:.0f}% required)")
+    reasons += floor_reasons(int8_m, margins)
     return GateResult(not reasons, tuple(reasons), overall, per_class)
+
+
+def floor_reasons(m: Metrics, margins: GateMargins) -> list[str]:
+    """Why the int8 model falls below the absolute floor on the held-out cells, if it does."""
+    reasons = []
+    if m.macro_f1 < margins.min_macro_f1:
+        reasons.append(f"int8 macro-F1 {m.macro_f1:.3f} is below the floor {margins.min_macro_f1:.2f} "
+                       "(--min-macro-f1): train longer or on more cells")
+    weak = [f"{c} {m.per_class[c]['recall']:.2f}" for c in m.classes
+            if m.per_class[c]["support"] and m.per_class[c]["recall"] < margins.min_recall]
+    if weak:
+        reasons.append(f"recall below {margins.min_recall:.2f} (--min-recall) for {', '.join(weak)}")
+    return reasons

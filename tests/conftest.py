@@ -64,10 +64,10 @@ def lite0_run(tmp_path_factory):
 def tiny_bundle(tiny_run, tmp_path_factory):
     """A device bundle of the tiny run (gate opened wide: it proves plumbing, not accuracy)."""
     from hematovision.export.bundle import ExportOptions, export_run
-    from hematovision.export.gate import GateMargins
+    from hematovision.export.gate import OPEN
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    export_run(tiny_run.root, out, ExportOptions(margins=GateMargins(100.0, 100.0, 0.0), calibration_crops=200))
+    export_run(tiny_run.root, out, ExportOptions(margins=OPEN, calibration_crops=200))
     return out
 
 

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pytest
 
-from hematovision.classes import DEFAULT_CLASSES, KNOWN_CLASSES, UNIDENTIFIED, parse_label, validate_class_list
+from hematovision.classes import (DEFAULT_CLASSES, KNOWN_CLASSES, PER_100_WBC, REJECT, UNIDENTIFIED,
+                                  differential_classes, parse_label, role, validate_class_list)
 from hematovision.crop import NO_JITTER, CropGeometry, CropJitter, crop_matrix, cut_crop, cut_crops
 from hematovision.errors import DataError, ImageUnreadable
 from hematovision.pixels import model_input, read_rgb
@@ -22,11 +23,21 @@ def field(samples_bccd):
     return read_rgb(samples_bccd / FIELD)
 
 
-def test_class_list_is_lower_case_with_basophil_ready():
+def test_class_list_is_lower_case_with_the_second_lab_classes():
     assert DEFAULT_CLASSES == ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
-    assert KNOWN_CLASSES[-1] == "basophil" and UNIDENTIFIED not in KNOWN_CLASSES
+    assert {"basophil", "ig", "erythroblast", "platelet"} <= set(KNOWN_CLASSES)
+    assert UNIDENTIFIED not in KNOWN_CLASSES
     assert parse_label("NEUTROPHIL", "x") == "neutrophil"
     assert parse_label(" Eosinophils ", "x") == "eosinophil"
+    assert parse_label("IG", "x") == "ig" and parse_label("NRBC", "x") == "erythroblast"
+
+
+def test_nucleated_red_cells_and_platelets_stay_out_of_the_differential():
+    classes = ("neutrophil", "erythroblast", "lymphocyte", "ig", "platelet")
+    assert differential_classes(classes) == ("neutrophil", "lymphocyte", "ig")
+    assert role("erythroblast") == PER_100_WBC and role("platelet") == REJECT
+    with pytest.raises(DataError, match="two white-cell classes"):
+        validate_class_list(["neutrophil", "erythroblast", "platelet"], "bundle.json")
 
 
 def test_unknown_label_error_names_where():

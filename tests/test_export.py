@@ -22,7 +22,8 @@ from hematovision.train.splits import read_manifest
 
 # The sample run's test split has ten cells, so one flipped cell is ten points: these margins
 # let a sound int8 model through and still stop a broken one.
-LOOSE = GateMargins(accuracy_pt=15.0, recall_pt=55.0, min_agreement=0.75)
+# The tiny model is near chance, so the absolute floor is opened too.
+LOOSE = GateMargins(accuracy_pt=15.0, recall_pt=55.0, min_agreement=0.75, min_macro_f1=0.0, min_recall=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +48,8 @@ def test_bundle_holds_a_full_integer_model_and_its_description(bundle_dir):
     assert meta["classes"] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil"]
     assert meta["crop_geometry"]["side_um"] == 24.0 and 0.06 < meta["crop_geometry"]["trained_um_per_pixel"] < 0.085
     assert meta["confidence"]["temperature"] > 0 and 0 < meta["confidence"]["threshold"] < 1
-    assert set(meta["metrics"]) == {"split", "float", "int8"} and meta["gate"]["passed"]
+    assert set(meta["metrics"]) == {"split", "float", "int8", "by_lab"} and meta["gate"]["passed"]
+    assert set(meta["metrics"]["by_lab"]) == {"bccd"} and meta["colour"]["method"] == "none"
     assert len(meta["provenance"]["manifest_sha256"]) == 64
     assert 50 < meta["stain_stats"]["lab_mean"][0] < 100 and meta["stain_stats"]["images"] >= 10
 
@@ -69,14 +71,28 @@ def test_gate_refuses_int8_that_disagrees_with_float_even_at_equal_scores():
     y = np.tile(np.arange(4), 5)
     float_pred, int8_pred = (y + 1) % 4, (y + 2) % 4  # both always wrong: no accuracy or recall drop
 
-    def judged(pred_int8, margins=GateMargins()):
+    no_floor = GateMargins(min_macro_f1=0.0, min_recall=0.0)
+
+    def judged(pred_int8, margins=no_floor):
         metrics = [compute_metrics(np.eye(4)[p], y, classes) for p in (float_pred, pred_int8)]
         return judge(*metrics, float_pred, pred_int8, y, margins)
 
     refused = judged(int8_pred)
     assert not refused.passed and refused.agreement == 0.0 and "top-1 class on 0.0%" in refused.reasons[0]
     assert judged(float_pred).passed and judged(float_pred).agreement == 1.0
-    assert judged(int8_pred, GateMargins(min_agreement=0.0)).passed
+    assert judged(int8_pred, GateMargins(min_agreement=0.0, min_macro_f1=0.0, min_recall=0.0)).passed
+
+
+def test_gate_refuses_a_poor_model_whose_int8_copy_agrees_with_it():
+    classes = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+    y = np.tile(np.arange(4), 10)
+    pred = np.where(y == 3, 0, y)  # eosinophils never found; the rest right: macro-F1 0.70
+    metrics = compute_metrics(np.eye(4)[pred], y, classes)
+    refused = judge(metrics, metrics, pred, pred, y, GateMargins())
+    assert not refused.passed and refused.agreement == 1.0
+    assert any("macro-F1 0.700 is below the floor 0.80" in r for r in refused.reasons)
+    assert any("eosinophil 0.00" in r for r in refused.reasons)
+    assert judge(metrics, metrics, pred, pred, y, GateMargins(min_macro_f1=0.6, min_recall=0.0)).passed
 
 
 def test_gate_refuses_pixels_calibrated_at_one_255th(lite0_run, tmp_path, monkeypatch, capsys):
@@ -84,7 +100,8 @@ def test_gate_refuses_pixels_calibrated_at_one_255th(lite0_run, tmp_path, monkey
     monkeypatch.setattr(export_bundle, "calibration_crops", lambda *a: real(*a).astype(np.float32) / 255.0)
     out = tmp_path / "bundle"
     code = export_main([str(lite0_run.root), "--out", str(out), "--max-accuracy-drop", str(LOOSE.accuracy_pt),
-                        "--max-recall-drop", str(LOOSE.recall_pt), "--min-agreement", str(LOOSE.min_agreement)])
+                        "--max-recall-drop", str(LOOSE.recall_pt), "--min-agreement", str(LOOSE.min_agreement),
+                        "--min-macro-f1", "0", "--min-recall", "0"])
     assert code == 1 and not out.exists() and not list(tmp_path.iterdir())
     err = capsys.readouterr().err
     assert "refused, no bundle written" in err and "float's top-1 class on" in err

@@ -29,6 +29,10 @@ class AugmentParams:
     hue_deg: float = 8.0
     saturation: float = 0.15
     blur_prob: float = 0.2  # slight defocus now and then
+    blur_max_px: float = 1.2  # ... of up to this Gaussian sigma, in crop pixels
+    sharpen_prob: float = 0.0  # unsharp masking now and then (a sharper camera than the training lab's)
+    jpeg_prob: float = 0.0  # JPEG compression now and then, at quality 40..90 (a cheaper camera)
+    noise_sd: float = 0.0  # sensor noise: Gaussian, up to this standard deviation in 8-bit levels
 
 
 NO_AUGMENT = AugmentParams(0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -39,7 +43,14 @@ GEOMETRIC = AugmentParams(stain_scale=0, stain_shift=0, brightness=0, contrast=0
 # to the training stain statistics first, so only the differences left after that are simulated.
 MILD_STAIN = AugmentParams(stain_scale=0.08, stain_shift=0.02, brightness=0.08, contrast=0.08, hue_deg=0.0,
                            saturation=0.08, blur_prob=0.2)
-AUGMENT_MODES = {"full": AugmentParams(), "stain": MILD_STAIN, "geometric": GEOMETRIC, "none": None}
+# Another laboratory: stronger stain, hue and exposure changes, wider zoom (pixel-size estimates
+# differ by about 10% between labs), defocus and sharpening, JPEG and sensor noise. For models that
+# must hold on microscopes they were not trained on.
+CROSS_LAB = AugmentParams(zoom=0.2, stain_scale=0.3, stain_shift=0.06, brightness=0.15, contrast=0.25,
+                          hue_deg=12.0, saturation=0.3, blur_prob=0.3, blur_max_px=2.0, sharpen_prob=0.2,
+                          jpeg_prob=0.3, noise_sd=4.0)
+AUGMENT_MODES = {"full": AugmentParams(), "stain": MILD_STAIN, "geometric": GEOMETRIC, "crosslab": CROSS_LAB,
+                 "none": None}
 
 
 def random_jitter(rng: np.random.Generator, params: AugmentParams) -> CropJitter:
@@ -61,9 +72,23 @@ def jitter_colour(crop: np.ndarray, rng: np.random.Generator, params: AugmentPar
     out = _stain_jitter(crop, rng, params)
     out = _hsv_jitter(out, rng, params)
     out = _brightness_contrast(out, rng, params)
+    return _camera(out, rng, params)
+
+
+def _camera(crop: np.ndarray, rng, params: AugmentParams) -> np.ndarray:
+    """Optics and sensor: defocus or sharpening, noise, JPEG compression."""
     if rng.random() < params.blur_prob:
-        out = cv2.GaussianBlur(out, (0, 0), float(rng.uniform(0.5, 1.2)))
-    return out
+        crop = cv2.GaussianBlur(crop, (0, 0), float(rng.uniform(0.5, max(params.blur_max_px, 0.5))))
+    elif params.sharpen_prob and rng.random() < params.sharpen_prob:
+        amount = float(rng.uniform(0.3, 1.0))
+        crop = cv2.addWeighted(crop, 1.0 + amount, cv2.GaussianBlur(crop, (0, 0), 1.5), -amount, 0)
+    if params.noise_sd > 0:
+        noise = rng.normal(0.0, float(rng.uniform(0, params.noise_sd)), crop.shape)
+        crop = np.clip(crop + noise, 0, 255).astype(np.uint8)
+    if params.jpeg_prob and rng.random() < params.jpeg_prob:
+        ok, data = cv2.imencode(".jpg", crop, [cv2.IMWRITE_JPEG_QUALITY, int(rng.integers(40, 91))])
+        crop = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    return crop
 
 
 def _stain_jitter(crop: np.ndarray, rng, params: AugmentParams) -> np.ndarray:

@@ -9,6 +9,7 @@ import numpy as np
 
 from hematovision.crop import NO_JITTER, CropGeometry, cut_crop
 from hematovision.pixels import model_input, read_rgb
+from hematovision.stain import NO_STANDARD, ColourStandard, standardise_crops
 
 from .augment import NO_AUGMENT, AugmentParams, jitter_colour, random_jitter
 from .datasets import Sample
@@ -22,8 +23,9 @@ def _field(path: str) -> np.ndarray:
 
 
 def sample_crop(sample: Sample, geometry: CropGeometry, rng: np.random.Generator | None = None,
-                params: AugmentParams = NO_AUGMENT) -> np.ndarray:
-    """The RGB uint8 crop the model sees for a sample: the device's own crop geometry.
+                params: AugmentParams = NO_AUGMENT, colour: ColourStandard = NO_STANDARD) -> np.ndarray:
+    """The RGB uint8 crop the model sees for a sample: the device's own crop geometry and colour
+    standardisation, after any augmentation (as on the device, after the camera).
 
     A field sample is cut around its box centre at the field's pixel size; a whole-image
     sample (class folders) is taken as its central square.
@@ -36,12 +38,14 @@ def sample_crop(sample: Sample, geometry: CropGeometry, rng: np.random.Generator
         h, w = image.shape[:2]
         um = geometry.side_um / min(h, w)
         crop = cut_crop(image, ((w - 1) / 2.0, (h - 1) / 2.0), um, geometry, jitter)
-    return jitter_colour(crop, rng, params) if rng is not None else crop
+    if rng is not None:
+        crop = jitter_colour(crop, rng, params)
+    return standardise_crops(crop, colour)
 
 
-def crops_array(samples: list[Sample], geometry: CropGeometry) -> np.ndarray:
-    """Un-augmented crops of samples, stacked (N, S, S, 3) uint8."""
-    return np.stack([sample_crop(s, geometry) for s in samples])
+def crops_array(samples: list[Sample], geometry: CropGeometry, colour: ColourStandard = NO_STANDARD) -> np.ndarray:
+    """Un-augmented crops of samples as the model sees them, stacked (N, S, S, 3) uint8."""
+    return np.stack([sample_crop(s, geometry, colour=colour) for s in samples])
 
 
 def one_hot(samples: list[Sample], classes: tuple[str, ...]) -> np.ndarray:
@@ -59,7 +63,8 @@ def class_weights(samples: list[Sample], classes: tuple[str, ...]) -> dict[int, 
     return {i: float(w) for i, w in enumerate(weights)}
 
 
-def make_sequence(samples, classes, geometry, batch_size, augment: AugmentParams | None, seed: int):
+def make_sequence(samples, classes, geometry, batch_size, augment: AugmentParams | None, seed: int,
+                  colour: ColourStandard = NO_STANDARD):
     """A keras PyDataset of (pixels, one-hot) batches; augmented anew every epoch when asked."""
     import keras
 
@@ -77,7 +82,7 @@ def make_sequence(samples, classes, geometry, batch_size, augment: AugmentParams
             idx = self.order[index * batch_size:(index + 1) * batch_size]
             rng = np.random.default_rng((seed, self.epoch, index)) if augment else None
             params = augment or NO_AUGMENT
-            x = np.stack([sample_crop(samples[i], geometry, rng, params) for i in idx])
+            x = np.stack([sample_crop(samples[i], geometry, rng, params, colour) for i in idx])
             return model_input(x), self.y[idx]
 
         def on_epoch_end(self):

@@ -18,7 +18,10 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bccd", action="append", default=[], type=Path, metavar="DIR",
                    help="annotated fields: DIR/BCCD/{Annotations,JPEGImages} and DIR/labels.csv")
     p.add_argument("--folders", action="append", default=[], type=Path, metavar="DIR",
-                   help="one sub-folder of images per class (the Kaggle layout)")
+                   help="one sub-folder of images per class (the Kaggle layout), taken whole")
+    p.add_argument("--cells", action="append", default=[], type=Path, metavar="DIR",
+                   help="one sub-folder of single-cell images per class (the PBC layout): each image is "
+                        "segmented, its scale measured from its red cells and its centre cell cut as the device does")
     p.add_argument("--classes", default=",".join(DEFAULT_CLASSES), help="comma-separated class list")
     p.add_argument("--centres", default="boxes", choices=("boxes", "segmenter"),
                    help="crop field cells at the annotated box centre, or where the device's segmenter finds them")
@@ -42,9 +45,12 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--head-lr", type=float, default=1e-3)
     fit.add_argument("--finetune-lr", type=float, default=1e-4)
     fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
-    fit.add_argument("--augment", default="full", choices=("full", "stain", "geometric", "none"),
+    fit.add_argument("--augment", default="full", choices=("full", "stain", "crosslab", "geometric", "none"),
                      help="full: geometry and strong colour/stain; stain: geometry and mild stain and exposure; "
+                          "crosslab: wider zoom, stronger stain, defocus, sharpening, JPEG and noise; "
                           "geometric: rotation, zoom, flips only")
+    fit.add_argument("--colour", default="none", choices=("none", "reinhard"),
+                     help="colour standardisation of every crop, in training and on the device (default none)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     fit.add_argument("--test-fields", type=Path, metavar="CSV",
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load_data(args):
-    from .datasets import Dataset, load_bccd, load_folders
+    from .datasets import Dataset, load_bccd, load_cell_images, load_folders
 
     classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
     data = Dataset()
@@ -95,6 +101,8 @@ def _load_data(args):
         data.extend(load_bccd(root, classes))
     for root in args.folders:
         data.extend(load_folders(root, classes))
+    for root in args.cells:
+        data.extend(load_cell_images(root, classes))
     if args.centres == "segmenter":
         from .device_crops import recentre_on_segmenter
 
@@ -112,13 +120,13 @@ def _fit(args) -> int:
     else:
         data, classes = _load_data(args)
         if not data.samples:
-            raise DataError("no training data: give --bccd DIR and/or --folders DIR")
+            raise DataError("no training data: give --bccd DIR, --cells DIR and/or --folders DIR")
         config = TrainConfig(
             backbone=args.backbone, weights=args.weights, classes=classes, input_size=args.input_size,
             crop_side_um=args.crop_um, batch_size=args.batch_size, head_epochs=args.head_epochs,
             finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
             head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
-            augment=args.augment, seed=args.seed, strategy=args.strategy).validate()
+            augment=args.augment, colour=args.colour, seed=args.seed, strategy=args.strategy).validate()
         test_groups = held_out_groups(args.test_fields) if args.test_fields else None
         prepare_run(run, config, data, test_groups, args.test_fields and args.test_fields.name)
     print(train(run))
@@ -128,7 +136,7 @@ def _fit(args) -> int:
 def _evaluate(args) -> int:
     from .runs import evaluate_run
 
-    data = _load_data(args)[0] if (args.bccd or args.folders) else None
+    data = _load_data(args)[0] if (args.bccd or args.folders or args.cells) else None
     folder = evaluate_run(args.run, data, args.split, args.out)
     print(json.dumps(json.loads((folder / "metrics.json").read_text()), indent=2))
     return 0

@@ -142,6 +142,53 @@ def _load_class_folder(folder: Path, label: str, split_name: str, origins: dict)
     return data
 
 
+def load_cell_images(root: str | Path, classes=DEFAULT_CLASSES, um_per_pixel: float | None = None) -> Dataset:
+    """Single-cell images in one sub-folder per class (the PBC layout), cut as the device cuts them.
+
+    Each image goes through the device's own path (`hematovision.edge.locate`): segmented, its pixel
+    size measured from its red cells (or `um_per_pixel`), and the white cell at its centre taken,
+    so the crop has the bundle's geometry in micrometres. Each image is its own group (no donor
+    ids). Images with no white cell at the centre, or unreadable, are skipped and listed.
+    Raises DataError for a sub-folder that is not a known class.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give a folder with one sub-folder of single-cell images per class")
+    data = Dataset(sources=[f"cells:{root.name}"])
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = parse_label(sub.name, where=str(sub))
+        if label not in classes:
+            data.skipped.append(Skipped(str(sub), f"class {label} not in this run's classes"))
+            continue
+        for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            data.extend(_cell_image_sample(path, label, f"{root.name.lower()}:{label}/{path.stem}", um_per_pixel))
+    logger.info("%s: %d cells located, %d images skipped", root, len(data.samples), len(data.skipped))
+    return data
+
+
+def _cell_image_sample(path: Path, label: str, group: str, um_per_pixel: float | None) -> Dataset:
+    from hematovision.edge.locate import locate_cell
+
+    try:
+        cell = locate_cell(read_rgb(path), um_per_pixel, name=str(path))
+    except (ImageUnreadable, DataError) as err:
+        return Dataset(skipped=[Skipped(str(path), str(err))])
+    return Dataset(samples=[Sample(str(path), label, group, box_centred_on(cell.detection), cell.um_per_pixel)])
+
+
+def box_centred_on(detection) -> tuple[int, int, int, int]:
+    """A box of the detection's size centred (to half a pixel) where the device centres its crop:
+    the nucleus centroid, not the middle of the cell box."""
+    w, h = detection.bbox[2] - detection.bbox[0], detection.bbox[3] - detection.bbox[1]
+    x0, y0 = round(detection.center[0] - w / 2), round(detection.center[1] - h / 2)
+    return (x0, y0, x0 + w, y0 + h)
+
+
+def lab_of(sample: Sample) -> str:
+    """The laboratory (data source) of a sample: the prefix of its group ("bccd", "pbc", ...)."""
+    return sample.group.split(":", 1)[0]
+
+
 def kaggle_origin_groups(paths=KAGGLE_ORIGINS) -> dict[tuple[str, str, str], str]:
     """(split, label, file name) -> BCCD group, from confident rows of origins CSVs."""
     out = {}

@@ -10,7 +10,7 @@ import numpy as np
 from hematovision.edge.segment import DEFAULT_PARAMS, SegmentParams, segment
 from hematovision.pixels import read_rgb
 
-from .datasets import Dataset, Sample, Skipped
+from .datasets import Dataset, Sample, Skipped, box_centred_on
 
 logger = logging.getLogger(__name__)
 
@@ -27,9 +27,7 @@ def device_box(sample: Sample, detections) -> tuple[int, int, int, int] | None:
     if not hits:
         return None
     best = min(hits, key=lambda d: float(np.hypot(d.center[0] - sample.center[0], d.center[1] - sample.center[1])))
-    w, h = best.bbox[2] - best.bbox[0], best.bbox[3] - best.bbox[1]
-    x0, y0 = round(best.center[0] - w / 2), round(best.center[1] - h / 2)
-    return (x0, y0, x0 + w, y0 + h)
+    return box_centred_on(best)
 
 
 def recentre_on_segmenter(data: Dataset, params: SegmentParams = DEFAULT_PARAMS) -> Dataset:

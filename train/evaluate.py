@@ -13,6 +13,7 @@ import numpy as np
 from hematovision.crop import CropGeometry
 from hematovision.edge.classify import temperature_softmax
 from hematovision.pixels import model_input
+from hematovision.stain import NO_STANDARD, ColourStandard
 
 from .batches import crops_array
 from .datasets import Sample
@@ -25,11 +26,12 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return temperature_softmax(logits, temperature)
 
 
-def predict_logits(model, samples: list[Sample], geometry: CropGeometry, batch: int = 32) -> np.ndarray:
+def predict_logits(model, samples: list[Sample], geometry: CropGeometry, batch: int = 32,
+                   colour: ColourStandard = NO_STANDARD) -> np.ndarray:
     """Logits of a Keras classifier for un-augmented crops of the samples."""
     out = []
     for i in range(0, len(samples), batch):
-        x = model_input(crops_array(samples[i:i + batch], geometry))
+        x = model_input(crops_array(samples[i:i + batch], geometry, colour))
         out.append(np.asarray(model(x, training=False)))
     return np.concatenate(out) if out else np.zeros((0, 0))
 

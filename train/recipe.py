@@ -13,6 +13,8 @@ import keras
 from hematovision.classes import DEFAULT_CLASSES, validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
+from hematovision.stain import METHODS as COLOUR_METHODS
+from hematovision.stain import ColourStandard
 
 from .augment import AUGMENT_MODES
 from .batches import class_weights, make_sequence
@@ -43,7 +45,8 @@ class TrainConfig:
     label_smoothing: float = 0.05
     dropout: float = 0.3
     patience: int = 5
-    augment: str = "full"  # full, geometric (no colour changes) or none
+    augment: str = "full"  # a mode of AUGMENT_MODES (train/augment.py)
+    colour: str = "none"  # colour standardisation of every crop (hematovision/stain.py): none or reinhard
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -53,12 +56,16 @@ class TrainConfig:
     def geometry(self) -> CropGeometry:
         return CropGeometry(self.crop_side_um, self.input_size)
 
+    @property
+    def colour_standard(self) -> ColourStandard:
+        return ColourStandard(self.colour)
+
     def validate(self) -> "TrainConfig":
         """Raises DataError naming the setting that is out of range."""
         validate_class_list(self.classes, "--classes")
         checks = {"input_size": self.input_size >= 32, "batch_size": self.batch_size >= 1,
                   "crop_side_um": self.crop_side_um > 0, "strategy": self.strategy in STRATEGIES,
-                  "augment": self.augment in AUGMENT_MODES,
+                  "augment": self.augment in AUGMENT_MODES, "colour": self.colour in COLOUR_METHODS,
                   "finetune_fraction": 0 <= self.finetune_fraction <= 1,
                   "head_epochs": self.head_epochs >= 1, "finetune_epochs": self.finetune_epochs >= 0}
         for key, ok in checks.items():
@@ -151,8 +158,10 @@ def train(run: RunPaths) -> Path:
     if not val_s:
         raise DataError("the validation split is empty; give more groups per class")
     augment = AUGMENT_MODES[config.augment]
-    train_seq = make_sequence(train_s, config.classes, config.geometry, config.batch_size, augment, config.seed)
-    val_seq = make_sequence(val_s, config.classes, config.geometry, config.batch_size, None, config.seed)
+    train_seq = make_sequence(train_s, config.classes, config.geometry, config.batch_size, augment, config.seed,
+                              config.colour_standard)
+    val_seq = make_sequence(val_s, config.classes, config.geometry, config.batch_size, None, config.seed,
+                            config.colour_standard)
     weights = class_weights(train_s, config.classes)
     strategy = make_strategy(config.strategy)
     with strategy.scope():

@@ -41,7 +41,7 @@ def evaluate_run(root: Path, data: Dataset | None, split: str, out: Path | None)
     if not samples:
         raise DataError(f"no cells of classes {list(config.classes)} to evaluate on")
     model = load_run_model(run)
-    probs = softmax(predict_logits(model, samples, config.geometry))
+    probs = softmax(predict_logits(model, samples, config.geometry, colour=config.colour_standard))
     y = np.array([config.classes.index(s.label) for s in samples])
     metrics = compute_metrics(probs, y, config.classes)
     folder = out or run.root / "eval" / name.replace(":", "_").replace("/", "_")
