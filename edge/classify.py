@@ -10,6 +10,7 @@ from hematovision.classes import UNIDENTIFIED
 from hematovision.crop import cut_crops
 from hematovision.stain import standardise_crops
 
+from .locate import LocatedCell, locate_cell
 from .model_bundle import Bundle
 
 
@@ -53,3 +54,14 @@ def classify_crops(bundle: Bundle, crops: np.ndarray) -> list[Prediction]:
 def cut_cells(image: np.ndarray, centers, um_per_pixel: float, bundle: Bundle) -> np.ndarray:
     """Crops of the cells at `centers` with the bundle's crop geometry, stacked (N, S, S, 3)."""
     return cut_crops(image, list(centers), um_per_pixel, bundle.geometry)
+
+
+def classify_cell_image(bundle: Bundle, image: np.ndarray, um_per_pixel: float | None = None,
+                        name: str = "image") -> tuple[LocatedCell, Prediction]:
+    """Classify the white cell an image was taken of (`locate_cell`), cut as the device cuts it.
+
+    Raises NoCellFound when no white cell covers the image centre, DataError for an unreadable frame.
+    """
+    cell = locate_cell(image, um_per_pixel, name=name)
+    crop = cut_cells(image, [cell.detection.center], cell.um_per_pixel, bundle)
+    return cell, classify_crops(bundle, crop)[0]

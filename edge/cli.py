@@ -9,7 +9,6 @@ import os
 import sys
 from pathlib import Path
 
-import cv2
 
 from hematovision.errors import HematovisionError
 from hematovision.pixels import read_rgb
@@ -24,12 +23,25 @@ def default_model() -> Path:
     return Path(os.environ.get("HEMATOVISION_MODEL", REFERENCE_BUNDLE))
 
 
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hematovision-edge", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
-    cl = sub.add_parser("classify", help="classify cell crops (one cell per image)")
-    cl.add_argument("images", nargs="+")
+    cl = sub.add_parser("classify", help="classify single-cell images (the white cell at each image's centre)")
+    cl.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
+    cl.add_argument("--um-per-pixel", type=_positive_float, default=None,
+                    help="pixel size of the images; default: measured from the red cells in view, else "
+                         "assumed from the cell's size (the output says which)")
     cn = sub.add_parser("count", help="find, classify and count the white cells of fields")
     cn.add_argument("inputs", nargs="+", metavar="FIELD_OR_FOLDER")
     cn.add_argument("--calibration", type=Path, help="calibration profile (hematovision-calibrate)")
@@ -99,25 +111,31 @@ def _bundle(args):
 
 
 def _classify(args) -> int:
-    from .classify import classify_crops
+    from .classify import classify_cell_image
+    from .count import expand_inputs
 
     bundle = _bundle(args)
-    size = bundle.geometry.input_size
+    paths = expand_inputs(args.images)
     failed = 0
-    for path in args.images:
+    for path in paths:
         try:
-            crop = cv2.resize(read_rgb(path), (size, size), interpolation=cv2.INTER_AREA)
+            cell, p = classify_cell_image(bundle, read_rgb(path), args.um_per_pixel, str(path))
         except HematovisionError as err:
-            print(f"hematovision-edge: skipped: {err}", file=sys.stderr)
             failed += 1
+            print(f"hematovision-edge: skipped: {err}", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"path": str(path), "error": str(err)}), flush=True)
             continue
-        p = classify_crops(bundle, crop[None])[0]
         if args.json:
             print(json.dumps({"path": str(path), "label": p.label, "confidence": round(p.confidence, 4),
-                              "probabilities": {k: round(v, 4) for k, v in p.probabilities.items()}}))
+                              "probabilities": {k: round(v, 4) for k, v in p.probabilities.items()},
+                              "cell": cell.to_json()}), flush=True)
         else:
-            print(f"{path}\t{p.label}\t{p.confidence:.3f}")
-    return 1 if failed == len(args.images) else 0
+            print(f"{path}\t{p.label}\t{p.confidence:.3f}\t({cell.scale_source} scale)")
+    if failed:
+        print(f"hematovision-edge: {len(paths) - failed} of {len(paths)} images classified, {failed} skipped",
+              file=sys.stderr)
+    return 1 if failed == len(paths) else 0
 
 
 def _count(args) -> int:

@@ -20,8 +20,9 @@ SCALE_ASSUMED = "assumed"
 # of one white cell whose box is this wide: a typical white cell. Cell size then no longer tells
 # classes apart, so the JSON output says the scale was assumed.
 ASSUMED_CELL_UM = 12.0
-# A tight crop is first segmented as if the cell filled this share of the image's shorter side.
-_TIGHT_FILL = 0.8
+# A crop with no red cells is first segmented as if the cell filled this share of its shorter side
+# (a small guess would shrink the nucleus below the segmenter's least area).
+_GUESS_FILL = 0.5
 
 
 class NoCellFound(DataError):
@@ -45,21 +46,23 @@ def locate_cell(image: np.ndarray, um_per_pixel: float | None = None,
                 params: SegmentParams = DEFAULT_PARAMS, name: str = "image") -> LocatedCell:
     """The white cell an image was taken of: the detection nearest its centre whose box holds the centre.
 
-    The scale is `um_per_pixel` when given, else measured from the red cells in view, else assumed
-    (`ASSUMED_CELL_UM`). Raises NoCellFound naming `name` when no white cell covers the centre, and
-    DataError for an image the segmenter cannot read.
+    The scale is `um_per_pixel` when given, else measured from the red cells in view, else (too few
+    red cells, or a measure at which no cell is found: a tight crop's cut red cells mislead it)
+    assumed (`ASSUMED_CELL_UM`). Raises NoCellFound naming `name` when no white cell covers the
+    centre, and DataError for an image the segmenter cannot read.
     """
     if um_per_pixel is not None:
         return LocatedCell(_centre_cell(image, um_per_pixel, params, name), um_per_pixel, SCALE_GIVEN)
     try:
         measured = estimate_um_per_pixel(image, params)
-    except CalibrationError:
-        return _assume_scale(image, params, name)
-    return LocatedCell(_centre_cell(image, measured, params, name), measured, SCALE_RED_CELLS)
+        return LocatedCell(_centre_cell(image, measured, params, name), measured, SCALE_RED_CELLS)
+    except (CalibrationError, NoCellFound) as err:
+        logger.debug("%s: %s; assuming the scale from the cell's size", name, err)
+    return _assume_scale(image, params, name)
 
 
 def _assume_scale(image: np.ndarray, params: SegmentParams, name: str) -> LocatedCell:
-    guess = ASSUMED_CELL_UM / (_TIGHT_FILL * min(image.shape[:2]))
+    guess = ASSUMED_CELL_UM / (_GUESS_FILL * min(image.shape[:2]))
     cell = _centre_cell(image, guess, params, name)
     x0, y0, x1, y1 = cell.bbox
     um = ASSUMED_CELL_UM / max(x1 - x0, y1 - y0)

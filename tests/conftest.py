@@ -8,6 +8,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd"
+SAMPLES_PBC = REPO / "samples" / "pbc"
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 
@@ -20,6 +21,12 @@ def repo_root() -> Path:
 def samples_bccd() -> Path:
     """The committed sample BCCD fields (always present)."""
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def samples_pbc() -> Path:
+    """The committed sample PBC cells (always present): two single-cell images per class."""
+    return SAMPLES_PBC
 
 
 @pytest.fixture(scope="session")

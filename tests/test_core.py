@@ -7,10 +7,13 @@ import cv2
 import numpy as np
 import pytest
 
+from hematovision.calibration.colour import stain_stats
 from hematovision.classes import (DEFAULT_CLASSES, KNOWN_CLASSES, PER_100_WBC, REJECT, UNIDENTIFIED,
                                   differential_classes, parse_label, role, validate_class_list)
-from hematovision.crop import NO_JITTER, CropGeometry, CropJitter, crop_matrix, cut_crop, cut_crops
-from hematovision.errors import DataError, ImageUnreadable
+from hematovision.crop import DEFAULT_GEOMETRY, NO_JITTER, CropGeometry, CropJitter, crop_matrix, cut_crop, cut_crops
+from hematovision.edge.locate import SCALE_RED_CELLS, NoCellFound, locate_cell
+from hematovision.errors import DataError, ImageUnreadable, ModelInvalid
+from hematovision.stain import NO_STANDARD, REINHARD, ColourStandard, standardise_crops
 from hematovision.pixels import model_input, read_rgb
 
 FIELD = "BCCD/JPEGImages/BloodImage_00000.jpg"
@@ -127,3 +130,51 @@ def test_device_side_never_imports_tensorflow(module):
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_colour_standard_maps_two_stainings_of_one_cell_to_one_look(field):
+    crop = cut_crop(field, CENTRE, UM_PER_PX)
+    lab = cv2.cvtColor(crop, cv2.COLOR_RGB2Lab).astype(np.float32)
+    lab[..., 0] = lab[..., 0] * 0.8 + 30  # paler and redder: another lab's stain and lamp
+    lab[..., 1] += 12
+    other = cv2.cvtColor(np.clip(lab, 0, 255).astype(np.uint8), cv2.COLOR_Lab2RGB)
+    before = np.abs(crop.astype(int) - other).mean()
+    a, b = standardise_crops(np.stack([crop, other]), REINHARD)
+    assert np.abs(a.astype(int) - b).mean() < before / 4
+    stats = stain_stats([a])
+    np.testing.assert_allclose(stats.lab_mean, REINHARD.target_mean, atol=1.5)
+    np.testing.assert_allclose(stats.lab_std, REINHARD.target_std, rtol=0.1)
+    np.testing.assert_array_equal(standardise_crops(crop, NO_STANDARD), crop)
+
+
+def test_training_and_device_standardise_a_crop_identically(field, samples_bccd):
+    from hematovision.train.batches import sample_crop
+    from hematovision.train.datasets import Sample
+
+    sample = Sample(str(samples_bccd / FIELD), "neutrophil", "g", (370, 270, 381, 283), UM_PER_PX)
+    device = standardise_crops(cut_crops(field, [sample.center], UM_PER_PX), REINHARD)[0]
+    np.testing.assert_array_equal(sample_crop(sample, DEFAULT_GEOMETRY, colour=REINHARD), device)
+
+
+def test_unknown_colour_method_in_a_bundle_is_refused_by_name():
+    with pytest.raises(ModelInvalid, match="bundle.json: colour method 'grey' is unknown"):
+        ColourStandard.from_dict({"method": "grey", "target_mean": [1, 2, 3], "target_std": [1, 1, 1]}, "bundle.json")
+    assert ColourStandard.from_dict(None) == NO_STANDARD  # a bundle made before standardisation
+
+
+def test_locate_cell_takes_the_white_cell_at_the_centre(field):
+    x, y = (int(v) for v in CENTRE)
+    window = field[y - 200:y + 200, x - 260:x + 240]  # the cell near the centre, red cells around
+    cell = locate_cell(window, UM_PER_PX)
+    assert cell.scale_source == "given" and cell.um_per_pixel == UM_PER_PX
+    cx, cy = cell.detection.center
+    assert abs(cx - 260) < 25 and abs(cy - 200) < 25
+    assert locate_cell(window).scale_source in (SCALE_RED_CELLS, "assumed")
+    with pytest.raises(NoCellFound, match="corner: no white cell found at the image centre"):
+        locate_cell(field[:240, :260], name="corner")
+
+
+def test_locate_cell_measures_a_second_labs_scale_from_its_red_cells(samples_pbc):
+    for path in sorted(samples_pbc.glob("[lmn]*/*.jpg")):
+        cell = locate_cell(read_rgb(path), name=path.name)
+        assert cell.scale_source == SCALE_RED_CELLS and 0.08 < cell.um_per_pixel < 0.12, path.name

@@ -3,6 +3,7 @@
 import functools
 import shutil
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,10 @@ import pytest
 from hematovision.edge.segment import segment
 from hematovision.errors import DataError
 from hematovision.pixels import read_rgb
-from hematovision.train.datasets import BCCD_SAME_CELL, bccd_group, kaggle_origin_groups, load_bccd, load_folders
+from hematovision.classes import KNOWN_CLASSES
+from hematovision.train.datasets import (BCCD_SAME_CELL, bccd_group, kaggle_origin_groups, lab_of, load_bccd,
+                                         load_cell_images, load_folders)
+from hematovision.train.holdout import draw_held_out, read_held_out, write_held_out
 from hematovision.train.splits import (SplitPlan, make_manifest, read_manifest, split_counts,
                                        write_manifest)
 
@@ -193,3 +197,40 @@ def test_segmenter_centres_move_crops_to_the_devices_detections(samples_bccd):
         assert min(np.hypot(x - cx, y - cy) for cx, cy in centres) <= 0.75  # where the device cuts its crop
     assert all("segmenter finds no white cell" in k.reason for k in moved.skipped)
     assert moved.sources == ["bccd:bccd (segmenter centres)"]
+
+
+def test_single_cell_images_are_cut_where_the_device_finds_the_centre_cell(samples_pbc):
+    data = load_cell_images(samples_pbc, KNOWN_CLASSES)
+    found = Counter(s.label for s in data.samples)
+    assert all(found[c] == 2 for c in KNOWN_CLASSES if c != "platelet")  # every white cell and NRBC found
+    for s in data.samples:
+        image = read_rgb(s.path)
+        h, w = image.shape[:2]
+        x0, y0, x1, y1 = s.box
+        assert abs(s.center[0] - w / 2) < 60 and abs(s.center[1] - h / 2) < 60  # the labelled cell, at the centre
+        assert 0.08 < s.um_per_pixel < 0.12  # PBC: a red cell is some 70 px across
+        assert lab_of(s) == "pbc" and s.group == f"pbc:{s.label}/{Path(s.path).stem}"
+    assert all("no white cell" in k.reason or "platelet" in k.path for k in data.skipped)
+
+
+def test_unreadable_single_cell_image_is_skipped_and_listed(samples_pbc, tmp_path):
+    shutil.copytree(samples_pbc / "lymphocyte", tmp_path / "cells" / "lymphocyte")
+    (tmp_path / "cells" / "lymphocyte" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    data = load_cell_images(tmp_path / "cells", KNOWN_CLASSES)
+    assert len(data.samples) == 2 and [Path(k.path).name for k in data.skipped] == ["broken.jpg"]
+    assert "not a readable image" in data.skipped[0].reason
+
+
+def test_held_out_file_names_groups_that_become_the_test_split(samples_pbc, samples_bccd, tmp_path):
+    cells = load_cell_images(samples_pbc, KNOWN_CLASSES).samples
+    drawn = draw_held_out(cells, 0.5, seed=3)
+    assert Counter(label for _, label in drawn) == Counter({c: 1 for c in {s.label for s in cells}})
+    write_held_out(drawn, tmp_path / "test_cells.csv")
+    assert read_held_out([tmp_path / "test_cells.csv"]) == {g for g, _ in drawn}
+    origins = tmp_path / "fields.csv"
+    origins.write_text("bccd_field,confident\nBloodImage_00204,1\n")
+    both = read_held_out([tmp_path / "test_cells.csv", origins])
+    assert {"bccd:00204"} | {g for g, _ in drawn} == both  # 00204's partner 00277 shares its group
+    (tmp_path / "bad.csv").write_text("image\nx\n")
+    with pytest.raises(DataError, match="bad.csv:1: no bccd_field column"):
+        read_held_out([tmp_path / "bad.csv"])

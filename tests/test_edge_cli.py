@@ -37,9 +37,39 @@ def test_classify_json_gives_one_object_per_crop(tiny_bundle, crops, capsys):
     rows = _lines(capsys)
     assert [r["path"] for r in rows] == [str(p) for p in crops]
     for r in rows:
-        assert set(r) == {"path", "label", "confidence", "probabilities"}
+        assert set(r) == {"path", "label", "confidence", "probabilities", "cell"}
         assert r["label"] in set(r["probabilities"]) | {UNIDENTIFIED} and r["label"] == r["label"].lower()
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-3 and 0 <= r["confidence"] <= 1
+        assert r["cell"]["scale_source"] in ("red cells", "assumed") and r["cell"]["um_per_pixel"] > 0
+
+
+def test_classify_takes_the_given_pixel_size_and_says_so(tiny_bundle, crops, capsys):
+    um = DEFAULT_GEOMETRY.side_um / DEFAULT_GEOMETRY.input_size  # the crops were cut at this scale
+    assert edge_main(["classify", "--model", str(tiny_bundle), "--json", "--um-per-pixel", str(um), str(crops[0])]) == 0
+    cell = _lines(capsys)[0]["cell"]
+    assert cell["scale_source"] == "given" and cell["um_per_pixel"] == pytest.approx(um, rel=1e-4)
+    x0, y0, x1, y1 = cell["bbox"]
+    assert x0 < 112 < x1 and y0 < 112 < y1  # the cell the crop was cut around
+
+
+def test_classify_reports_an_image_without_a_white_cell_and_goes_on(tiny_bundle, crops, samples_bccd, tmp_path, capsys):
+    empty = tmp_path / "no_cell.png"  # a corner of a real field, away from its one white cell
+    cv2.imwrite(str(empty), cv2.imread(str(samples_bccd / FIELDS / "BloodImage_00000.jpg"))[:240, :260])
+    assert edge_main(["classify", "--model", str(tiny_bundle), "--json", str(empty), str(crops[0])]) == 0
+    captured = capsys.readouterr()
+    rows = [json.loads(line) for line in captured.out.splitlines()]
+    assert rows[0] == {"path": str(empty), "error": rows[0]["error"]} and "no white cell found" in rows[0]["error"]
+    assert rows[1]["path"] == str(crops[0]) and "label" in rows[1]
+    assert "1 of 2 images classified, 1 skipped" in captured.err
+    assert edge_main(["classify", "--model", str(tiny_bundle), str(empty)]) == 1
+
+
+@pytest.mark.shared_data
+def test_classify_measures_a_second_labs_scale_from_its_red_cells(tiny_bundle, shared_data, capsys):
+    images = sorted((shared_data / "pbc" / "lymphocyte").glob("*.jpg"))[:3]
+    assert edge_main(["classify", "--model", str(tiny_bundle), "--json", *map(str, images)]) == 0
+    for row in _lines(capsys):
+        assert row["cell"]["scale_source"] == "red cells" and 0.08 < row["cell"]["um_per_pixel"] < 0.12
 
 
 def test_count_json_lists_cells_per_field_then_a_summary(tiny_bundle, samples_bccd, capsys):

@@ -53,9 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="colour standardisation of every crop, in training and on the device (default none)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
-    fit.add_argument("--test-fields", type=Path, metavar="CSV",
-                     help="hold out these BCCD fields (bccd_field column, e.g. train/kaggle_test_origins.csv) "
-                          "and their re-photographed partners as the test split")
+    fit.add_argument("--test-fields", type=Path, metavar="CSV", action="append", default=[],
+                     help="hold these out as the test split (repeatable): a CSV with a bccd_field column (BCCD "
+                          "fields and their re-photographed partners, e.g. train/kaggle_test_origins.csv) or a "
+                          "group column (e.g. train/pbc_test_cells.csv, made by hold-out)")
     ev = sub.add_parser("evaluate", help="metrics.json and report.md of a run on a labelled set")
     ev.add_argument("run", type=Path)
     _data_args(ev)
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--input-size", type=int, default=224)
     probe.add_argument("--seed", type=int, default=0)
     _origins_args(sub.add_parser("kaggle-origins", help="match Kaggle images to the BCCD fields they were made from"))
+    hold = sub.add_parser("hold-out", help="draw a seeded, class-stratified test set of groups and write it as a CSV")
+    _data_args(hold)
+    hold.add_argument("--fraction", type=float, default=0.15, help="share of each class's groups (default 0.15)")
+    hold.add_argument("--seed", type=int, default=0, help="default 0")
+    hold.add_argument("--out", required=True, type=Path, help="CSV to write (group, label)")
     return parser
 
 
@@ -85,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
-        commands = {"fit": _fit, "evaluate": _evaluate, "probe": _probe, "kaggle-origins": _kaggle_origins}
+        commands = {"fit": _fit, "evaluate": _evaluate, "probe": _probe, "kaggle-origins": _kaggle_origins,
+                    "hold-out": _hold_out}
         return commands[args.command](args)
     except HematovisionError as err:
         print(f"hematovision-train: error: {err}", file=sys.stderr)
@@ -111,7 +118,7 @@ def _load_data(args):
 
 
 def _fit(args) -> int:
-    from .kaggle_origins import held_out_groups
+    from .holdout import read_held_out
     from .recipe import RunPaths, TrainConfig, prepare_run, train
 
     run = RunPaths(args.out)
@@ -127,8 +134,8 @@ def _fit(args) -> int:
             finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
             head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
             augment=args.augment, colour=args.colour, seed=args.seed, strategy=args.strategy).validate()
-        test_groups = held_out_groups(args.test_fields) if args.test_fields else None
-        prepare_run(run, config, data, test_groups, args.test_fields and args.test_fields.name)
+        test_groups = read_held_out(args.test_fields) if args.test_fields else None
+        prepare_run(run, config, data, test_groups, "+".join(p.name for p in args.test_fields) or None)
     print(train(run))
     return 0
 
@@ -139,6 +146,16 @@ def _evaluate(args) -> int:
     data = _load_data(args)[0] if (args.bccd or args.folders or args.cells) else None
     folder = evaluate_run(args.run, data, args.split, args.out)
     print(json.dumps(json.loads((folder / "metrics.json").read_text()), indent=2))
+    return 0
+
+
+def _hold_out(args) -> int:
+    from .holdout import draw_held_out, write_held_out
+
+    data, _ = _load_data(args)
+    rows = draw_held_out(data.samples, args.fraction, args.seed)
+    write_held_out(rows, args.out)
+    print(f"{len(rows)} groups held out, written to {args.out}")
     return 0
 
 

@@ -67,6 +67,12 @@ class Metrics:
                 "macro_f1": self.macro_f1, "per_class": self.per_class,
                 "confusion_matrix": self.confusion, "roc_auc_ovr": self.roc_auc, "ece": self.ece}
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "Metrics":
+        """The inverse of `to_dict` (a bundle's stored metrics)."""
+        return cls(tuple(d["classes"]), d["n"], d["accuracy"], d["macro_f1"], d["per_class"],
+                   d["confusion_matrix"], d["roc_auc_ovr"], d["ece"])
+
 
 def compute_metrics(probs: np.ndarray, y_true: np.ndarray, classes: tuple[str, ...]) -> Metrics:
     """Metrics from class probabilities (N, K) and true class indices (N,)."""
