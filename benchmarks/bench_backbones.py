@@ -4,8 +4,11 @@ Prints figures; not a test. Run from the repository root:
     .venv/bin/python benchmarks/bench_backbones.py [--backbones efficientnet_lite0,resnet50] [--invocations 200] [--json FILE]
 Weights are random for every backbone here (speed does not depend on them), so no download is needed.
 Per-crop latencies are medians over --invocations single-crop calls; int8 and float TFLite are
-measured in the same run so their ratio is meaningful on a shared, noisy machine. `--json FILE` also
-writes the printed rows as one JSON object, keyed by backbone (read by benchmarks/results_table.py).
+measured in the same run so their ratio is meaningful on a shared, noisy machine. The device's whole
+per-crop classification with the reference bundle (`--bundle`: its colour standardisation, the
+int8 model, the calibrated softmax) is timed in the same run, beside the plain int8 Lite0 model.
+`--json FILE` also writes the printed rows as one JSON object, keyed by backbone (read by
+benchmarks/results_table.py).
 """
 
 from __future__ import annotations
@@ -83,6 +86,31 @@ def tflite_latency_ms(content: bytes, crop, threads: int, n: int) -> float:
     return 1000 * statistics.median(times)
 
 
+def bundle_latency_ms(path: Path, crop, threads: int, n: int) -> float:
+    """Median time of the device's `classify_crops` on one crop with a bundle."""
+    from hematovision.edge.classify import classify_crops
+    from hematovision.edge.model_bundle import load_bundle
+
+    bundle = load_bundle(path, threads)
+    classify_crops(bundle, crop[None])
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        classify_crops(bundle, crop[None])
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def bench_bundle(path: Path, crops: np.ndarray, plain: dict | None, args) -> dict:
+    """The bundle's per-crop device time, and its ratio to the plain int8 Lite0 of the same run."""
+    out = {"bundle": str(path)}
+    for threads in (1, 2):
+        out[f"device_ms_{threads}t"] = bundle_latency_ms(path, crops[0], threads, args.invocations)
+        if plain:
+            out[f"ratio_to_plain_int8_{threads}t"] = out[f"device_ms_{threads}t"] / plain[f"int8_ms_{threads}t"]
+    return out
+
+
 def float_tflite(model) -> bytes:
     import tempfile
 
@@ -122,6 +150,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--invocations", type=int, default=200)
     parser.add_argument("--calibration", type=int, default=64)
+    parser.add_argument("--bundle", type=Path, default=REPO / "models" / "reference",
+                        help="bundle whose whole per-crop device classification is timed (default models/reference)")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     args = parser.parse_args()
     crops = real_crops(max(args.batch, args.calibration), 224)
@@ -131,16 +161,20 @@ def main() -> int:
     print("\t".join(keys))
     for row in rows:
         print("\t".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys))
+    device = bench_bundle(args.bundle, crops, next((r for r in rows if r["backbone"] == "efficientnet_lite0"), None), args)
+    print("device per-crop classification: " + ", ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}"
+                                                          for k, v in device.items()))
     if args.json:
-        write_json(args.json, rows, args)
+        write_json(args.json, rows, device, args)
     return 0
 
 
-def write_json(path: Path, rows: list[dict], args) -> None:
-    """The printed rows as one JSON object: the run's settings and {"backbones": {name: row}}."""
+def write_json(path: Path, rows: list[dict], device: dict, args) -> None:
+    """The printed rows as one JSON object: the run's settings, {"backbones": {name: row}} and the
+    bundle's per-crop device time ("device")."""
     result = {"machine_cores": os.cpu_count(), "batch": args.batch, "steps": args.steps,
               "invocations": args.invocations, "calibration": args.calibration, "weights": "random",
-              "input_size": 224, "backbones": {row["backbone"]: row for row in rows}}
+              "input_size": 224, "backbones": {row["backbone"]: row for row in rows}, "device": device}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
 

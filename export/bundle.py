@@ -23,7 +23,7 @@ from hematovision.train.batches import crops_array, sample_crop
 from hematovision.train.evaluate import compute_metrics, predict_logits, softmax
 from hematovision.train.recipe import RunPaths, TrainConfig
 from hematovision.train.runs import load_run_model
-from hematovision.train.datasets import lab_of
+from hematovision.train.datasets import lab_of, licences_of
 from hematovision.train.splits import manifest_hash, read_manifest, samples_of
 
 from .confidence import fit_confidence
@@ -159,6 +159,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
         "provenance": {"run": run.root.name, "backbone": config.backbone, "weights": config.weights,
                        "manifest_sha256": manifest_hash(run.manifest),
                        "sources": data["sources"], "train_config": asdict(config),
+                       "data_licences": licences_of([r.sample for r in rows]),
                        "test_groups": data.get("test_groups")},  # held-out groups, when fixed (--test-fields)
         "stain_stats": training_stain_stats(samples_of(rows, "train")),
         "model_sha256": hashlib.sha256(tflite).hexdigest(),

@@ -50,6 +50,7 @@ def test_bundle_holds_a_full_integer_model_and_its_description(bundle_dir):
     assert meta["confidence"]["temperature"] > 0 and 0 < meta["confidence"]["threshold"] < 1
     assert set(meta["metrics"]) == {"split", "float", "int8", "by_lab"} and meta["gate"]["passed"]
     assert set(meta["metrics"]["by_lab"]) == {"bccd"} and meta["colour"]["method"] == "none"
+    assert "MIT" in meta["provenance"]["data_licences"]["bccd"]
     assert len(meta["provenance"]["manifest_sha256"]) == 64
     assert 50 < meta["stain_stats"]["lab_mean"][0] < 100 and meta["stain_stats"]["images"] >= 10
 

@@ -184,6 +184,23 @@ def box_centred_on(detection) -> tuple[int, int, int, int]:
     return (x0, y0, x0 + w, y0 + h)
 
 
+# Licence and attribution of each known data source (by the lab prefix of its groups). They travel
+# with whatever is trained on the data: the bundle's provenance repeats them.
+LICENCES = {
+    "bccd": "BCCD Dataset (github.com/Shenggan/BCCD_Dataset), MIT licence, Copyright (c) 2017 shenggan",
+    "pbc": "PBC dataset, CC BY 4.0: A. Acevedo, A. Merino, S. Alferez, A. Molina, L. Boldu, J. Rodellar, "
+           "\"A dataset of microscopic peripheral blood cell images for development of automatic recognition "
+           "systems\", Data in Brief 30 (2020) 105474, doi:10.1016/j.dib.2020.105474",
+    "file": "images from a class-folder set (--folders): licence as given by its source",
+}
+
+
+def licences_of(samples) -> dict[str, str]:
+    """Licence and attribution of the data sources behind `samples`, by lab."""
+    return {lab: LICENCES.get(lab, "unknown source: record its licence before shipping a model trained on it")
+            for lab in sorted({lab_of(s) for s in samples})}
+
+
 def lab_of(sample: Sample) -> str:
     """The laboratory (data source) of a sample: the prefix of its group ("bccd", "pbc", ...)."""
     return sample.group.split(":", 1)[0]
