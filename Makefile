@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 SHARED ?= ../shared/data
 TRAIN := $(VENV)/bin/hematovision-train
 
-.PHONY: test demo venv clean bench reference
+.PHONY: test demo venv clean bench reference crosslab
 
 venv: $(STAMP)
 
@@ -28,18 +28,25 @@ demo: $(STAMP)
 	$(VENV)/bin/hematovision-edge count samples/bccd/BCCD/JPEGImages --specimen-id demo-samples --report out/demo
 	@echo "reports written to out/demo"
 
-# Reproduce the reference bundle from scratch (needs ../shared/data; about 15 minutes on 2 cores):
-# crops where the device's segmenter finds the cells, mild stain augmentation, and the BCCD fields
-# behind Kaggle's TEST images held out as the test split (so the Kaggle pipeline figure is unseen).
-# The recipe won on the validation split (48 cells) against fine-tuning half the backbone for 30
-# epochs (0.875 / 0.913 accuracy / macro-F1) and geometric-only augmentation (0.896 / 0.926): 0.917 / 0.942.
+# Reproduce the reference bundle from scratch (needs ../shared/data; about an hour on 2 cores): both
+# labs' cells (BCCD fields where the device's segmenter finds each cell; PBC single-cell images located
+# the same way), eight classes (platelet as the reject class), cross-lab augmentation and per-crop
+# colour standardisation (the leave-one-lab-out winners, `make crosslab`). Held out as the test split:
+# the BCCD fields behind Kaggle's TEST images, and a seeded 15% of PBC's cells (train/pbc_test_cells.csv).
+ALL_CLASSES := neutrophil,lymphocyte,monocyte,eosinophil,basophil,ig,erythroblast,platelet
 reference: $(STAMP)
-	$(TRAIN) fit --bccd $(SHARED)/bccd --centres segmenter --test-fields train/kaggle_test_origins.csv \
-	    --backbone efficientnet_lite0 --weights imagenet --augment stain \
-	    --head-lr 5e-3 --head-epochs 15 --finetune-lr 3e-4 --finetune-epochs 60 \
-	    --finetune-fraction 1.0 --patience 15 --out runs/reference
+	$(TRAIN) fit --bccd $(SHARED)/bccd --cells $(SHARED)/pbc --centres segmenter --classes $(ALL_CLASSES) \
+	    --test-fields train/kaggle_test_origins.csv --test-fields train/pbc_test_cells.csv \
+	    --backbone efficientnet_lite0 --weights imagenet --augment crosslab --colour reinhard \
+	    --head-lr 3e-3 --head-epochs 4 --finetune-lr 2e-4 --finetune-epochs 20 \
+	    --finetune-fraction 1.0 --patience 5 --out runs/reference
 	$(TRAIN) evaluate runs/reference
 	$(VENV)/bin/hematovision-export runs/reference --out models/reference
+
+# Cross-lab figures (needs ../shared/data; resumable): leave-one-lab-out in both directions, the
+# reference bundle per lab, TXL-PBC class shares; written to benchmarks/results/crosslab.json.
+crosslab: $(STAMP)
+	$(PY) benchmarks/crosslab.py --out runs/crosslab --json benchmarks/results/crosslab.json
 
 # Benchmarks print their figures (not tests); they need a bundle and, for some, ../shared/data.
 bench: $(STAMP)

@@ -1,4 +1,4 @@
-"""Colour standardisation of cell crops: the one function training and the device both apply."""
+"""Colour and sharpness standardisation of cell crops: the one function training and the device both apply."""
 
 from __future__ import annotations
 
@@ -20,12 +20,15 @@ class ColourStandard:
 
     "reinhard": each crop's CIE Lab channels are shifted and scaled to `target_mean` / `target_std`
     (L 0..100, a and b about -128..127), so the model meets one colour distribution whatever the
-    lab's stain and camera white balance. "none": the crop as cut.
+    lab's stain and camera white balance. "none": the crop as cut. `blur_px` (model-input pixels,
+    0 for none) then softens every crop by a Gaussian of that sigma, so a sharp camera's fine
+    texture does not look like granules to a model trained on a softer one.
     """
 
     method: str = "none"
     target_mean: tuple[float, float, float] = (72.0, 9.0, 2.0)
     target_std: tuple[float, float, float] = (12.0, 10.0, 13.0)
+    blur_px: float = 0.0
 
     def validate(self, where: str = "colour standard") -> "ColourStandard":
         """Raises ModelInvalid naming `where` for an unknown method or a non-positive spread."""
@@ -34,10 +37,13 @@ class ColourStandard:
         if len(self.target_mean) != 3 or len(self.target_std) != 3 or min(self.target_std) <= 0 \
                 or not np.all(np.isfinite(self.target_mean + self.target_std)):
             raise ModelInvalid(f"{where}: target_mean and target_std must be three finite numbers, spreads > 0")
+        if not 0 <= self.blur_px <= 5:
+            raise ModelInvalid(f"{where}: blur_px {self.blur_px} is out of range (0 to 5 pixels)")
         return self
 
     def to_dict(self) -> dict:
-        return {"method": self.method, "target_mean": list(self.target_mean), "target_std": list(self.target_std)}
+        return {"method": self.method, "target_mean": list(self.target_mean), "target_std": list(self.target_std),
+                "blur_px": self.blur_px}
 
     @classmethod
     def from_dict(cls, d: dict | None, where: str = "colour standard") -> "ColourStandard":
@@ -46,13 +52,15 @@ class ColourStandard:
             return NO_STANDARD
         try:
             return cls(str(d["method"]), tuple(float(v) for v in d["target_mean"]),
-                       tuple(float(v) for v in d["target_std"])).validate(where)
+                       tuple(float(v) for v in d["target_std"]), float(d.get("blur_px", 0.0))).validate(where)
         except (KeyError, TypeError, ValueError) as err:
             raise ModelInvalid(f"{where}: needs method, target_mean and target_std ({err!r}); re-export the bundle") from err
 
 
 NO_STANDARD = ColourStandard()
 REINHARD = ColourStandard("reinhard")
+# The standards a training run can name (`hematovision-train fit --colour`).
+STANDARDS = {"none": NO_STANDARD, "reinhard": REINHARD, "reinhard+blur": ColourStandard("reinhard", blur_px=1.5)}
 
 
 def standardise_crops(crops: np.ndarray, standard: ColourStandard) -> np.ndarray:
@@ -63,11 +71,16 @@ def standardise_crops(crops: np.ndarray, standard: ColourStandard) -> np.ndarray
     crops = np.asarray(crops)
     if crops.dtype != np.uint8 or crops.shape[-1] != 3 or crops.ndim not in (3, 4):
         raise DataError(f"colour standardisation needs RGB uint8 crops, got {crops.shape} {crops.dtype}")
-    if standard.method == "none":
+    if standard == NO_STANDARD:
         return crops
     if crops.ndim == 3:
-        return _reinhard(crops, standard)
-    return np.stack([_reinhard(c, standard) for c in crops]) if len(crops) else crops
+        return _standardise(crops, standard)
+    return np.stack([_standardise(c, standard) for c in crops]) if len(crops) else crops
+
+
+def _standardise(crop: np.ndarray, standard: ColourStandard) -> np.ndarray:
+    out = _reinhard(crop, standard) if standard.method == "reinhard" else crop
+    return cv2.GaussianBlur(out, (0, 0), standard.blur_px) if standard.blur_px > 0 else out
 
 
 def _target_8bit(standard: ColourStandard) -> tuple[np.ndarray, np.ndarray]:

@@ -49,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="full: geometry and strong colour/stain; stain: geometry and mild stain and exposure; "
                           "crosslab: wider zoom, stronger stain, defocus, sharpening, JPEG and noise; "
                           "geometric: rotation, zoom, flips only")
-    fit.add_argument("--colour", default="none", choices=("none", "reinhard"),
-                     help="colour standardisation of every crop, in training and on the device (default none)")
+    fit.add_argument("--colour", default="none", choices=("none", "reinhard", "reinhard+blur"),
+                     help="standardisation of every crop, in training and on the device: Reinhard colour "
+                          "transfer to fixed Lab statistics, and a slight blur (default none)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     fit.add_argument("--test-fields", type=Path, metavar="CSV", action="append", default=[],

@@ -13,8 +13,7 @@ import keras
 from hematovision.classes import DEFAULT_CLASSES, validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
-from hematovision.stain import METHODS as COLOUR_METHODS
-from hematovision.stain import ColourStandard
+from hematovision.stain import STANDARDS, ColourStandard
 
 from .augment import AUGMENT_MODES
 from .batches import class_weights, make_sequence
@@ -46,7 +45,7 @@ class TrainConfig:
     dropout: float = 0.3
     patience: int = 5
     augment: str = "full"  # a mode of AUGMENT_MODES (train/augment.py)
-    colour: str = "none"  # colour standardisation of every crop (hematovision/stain.py): none or reinhard
+    colour: str = "none"  # standardisation of every crop: a name of hematovision.stain.STANDARDS
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -58,14 +57,14 @@ class TrainConfig:
 
     @property
     def colour_standard(self) -> ColourStandard:
-        return ColourStandard(self.colour)
+        return STANDARDS[self.colour]
 
     def validate(self) -> "TrainConfig":
         """Raises DataError naming the setting that is out of range."""
         validate_class_list(self.classes, "--classes")
         checks = {"input_size": self.input_size >= 32, "batch_size": self.batch_size >= 1,
                   "crop_side_um": self.crop_side_um > 0, "strategy": self.strategy in STRATEGIES,
-                  "augment": self.augment in AUGMENT_MODES, "colour": self.colour in COLOUR_METHODS,
+                  "augment": self.augment in AUGMENT_MODES, "colour": self.colour in STANDARDS,
                   "finetune_fraction": 0 <= self.finetune_fraction <= 1,
                   "head_epochs": self.head_epochs >= 1, "finetune_epochs": self.finetune_epochs >= 0}
         for key, ok in checks.items():
