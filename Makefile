@@ -63,7 +63,7 @@ bench: $(STAMP)
 # results markers. `make reference` comes first (the benchmarks measure models/reference; this
 # target does not retrain it); `make cv` is separate. Needs ../shared/data. The daemon memory
 # replay alone takes DAEMON_MINUTES (30); `make results DAEMON_MINUTES=5` for a quicker pass.
-RESULTS ?= runs/results
+RESULTS ?= benchmarks/results
 DAEMON_MINUTES ?= 30
 results: $(STAMP)
 	mkdir -p $(RESULTS)

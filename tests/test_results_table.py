@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import statistics
+import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -17,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 def load_script(name: str):
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -246,7 +248,8 @@ def test_benchmark_writers_match_what_the_table_reads(tmp_path, reference):
     write(out / "detection.json", {"split": "val", "limit": 0, "txl_pbc": detection.figures(counts)})
     backbones = load_script("bench_backbones")
     args = type("Args", (), {"batch": 4, "steps": 1, "invocations": 5, "calibration": 4})()
-    backbones.write_json(out / "backbones.json", [backbone_row("efficientnet_lite0", 30.0, 11.0, 3.9)], args)
+    device = {"bundle": "models/reference", "device_ms_1t": 31.0, "ratio_to_plain_int8_1t": 31.0 / 30.0}
+    backbones.write_json(out / "backbones.json", [backbone_row("efficientnet_lite0", 30.0, 11.0, 3.9)], device, args)
     text = render(out, reference)
     cell = table_row(text, "EfficientNet-Lite0, reference bundle")[4]
     assert cell.startswith("85.0% accuracy") and "2 unidentified and 1 with no cell found" in cell
@@ -378,3 +381,31 @@ def test_kaggle_note_says_held_out_when_the_bundle_held_out_the_kaggle_fields(tm
     text = render(results, reference)
     assert "were held out of the model's training (kaggle_test_origins.csv)" in text
     assert "is not held-out" not in text
+
+
+def test_crosslab_figures_are_what_the_table_shows(tmp_path, reference):
+    """Leave-one-lab-out and reference figures per lab, as benchmarks/crosslab.py builds them."""
+    import numpy as np
+
+    from hematovision.train.evaluate import compute_metrics
+
+    crosslab = load_script("crosslab")
+    classes = ("neutrophil", "lymphocyte", "monocyte", "eosinophil")
+    y = np.repeat(np.arange(4), 10)
+    pred = np.where(y == 2, 3, y)  # monocytes all called eosinophils: eosinophils take twice their share
+    metrics = {k: compute_metrics(np.eye(4)[pred], y, classes).to_dict() for k in ("float", "int8")}
+    figures = crosslab.lab_figures(metrics, tmp_path / "png", "bccd_to_pbc on pbc")
+    assert (tmp_path / "png" / "int8" / "confusion.png").is_file()
+    assert figures["int8"]["max_share_ratio"] == 2.0 and figures["int8"]["recall"]["monocyte"] == 0.0
+    for kind in ("float", "int8"):
+        figures[kind]["shared_macro_f1"] = crosslab.shared_macro_f1(metrics[kind])
+    shares = {"PBC": {"fields": 3, "cells": 40, "unidentified": 2, "other": {},
+                      "shares": {"neutrophil": 0.25, "lymphocyte": 0.25, "monocyte": 0.0, "eosinophil": 0.5}}}
+    out = tmp_path / "results"
+    write(out / "crosslab.json", {"commit": "abc1234", "date": "2026-11-30", "reference_intervals": crosslab.REFERENCE_INTERVALS,
+                                  "directions": {"bccd_to_pbc": {"by_lab": {"pbc": figures}}},
+                                  "txl_shares": {"bccd_to_pbc": shares}})
+    text = render(out, reference)
+    cells = table_row(text, "BCCD only | every PBC cell")
+    assert cells[2:] == ["40", "0.667", "0.667", "0.750", "2.00", "macro-F1 >= 0.85: not met"]
+    assert table_row(text, "bccd_to_pbc | PBC")[2:5] == ["40", "25%", "25%"]
