@@ -299,10 +299,10 @@ class AstmReceiver:
 
 DEFAULT_PERCENT_CODES = MappingProxyType({
     "neutrophil": "NEUT%", "lymphocyte": "LYMPH%", "monocyte": "MONO%",
-    "eosinophil": "EO%", "basophil": "BASO%"})
+    "eosinophil": "EO%", "basophil": "BASO%", "ig": "IG%"})
 DEFAULT_ABSOLUTE_CODES = MappingProxyType({
     "neutrophil": "NEUT#", "lymphocyte": "LYMPH#", "monocyte": "MONO#",
-    "eosinophil": "EO#", "basophil": "BASO#"})
+    "eosinophil": "EO#", "basophil": "BASO#", "ig": "IG#"})
 _ESCAPES = {"&": "&E&", "|": "&F&", "\\": "&R&", "^": "&S&"}
 _UNESCAPES = {"E": "&", "F": "|", "R": "\\", "S": "^"}
 _PATIENT_FIELDS = (3, 4, 5)
@@ -314,8 +314,10 @@ class RecordSettings:
 
     percent_codes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_PERCENT_CODES)
     absolute_codes: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ABSOLUTE_CODES)
+    nrbc_code: str = "NRBC"  # nucleated red cells per 100 white cells
+    nrbc_units: str = "/100 WBC"
     unidentified_code: str = "UNIDCNT"
-    counted_code: str = "CELLCNT"
+    counted_code: str = "CELLCNT"  # white cells counted: identified plus unidentified
     order_test_id: str = "DIFF"
     patient_id_field: int = 3  # P.3 practice-assigned, P.4 laboratory-assigned, P.5 id no. 3
     absolute_units: str = "10^9/L"
@@ -349,6 +351,9 @@ def astm_time(iso: str | datetime) -> str:
 def report_records(report: Report, settings: RecordSettings, now: datetime,
                    wbc_10e9_per_l: float | None = None) -> list[str]:
     """H, P, O, C (one per quality flag), R (one per result) and L records of one report.
+
+    The results: each differential class in percent (and absolute when `wbc_10e9_per_l` is
+    given), NRBC per 100 WBC where the report has it, unidentified and counted white cells.
 
     Raises ConfigError when a class has no result code in `settings`.
     """
@@ -394,8 +399,13 @@ def _results(report: Report, s: RecordSettings, wbc: float | None) -> list[tuple
     if wbc is not None:
         out += [(_code(s.absolute_codes, c.name, "absolute"),
                  f"{wbc * c.percent / 100:.2f}", s.absolute_units) for c in report.classes]
+    if report.nrbc is not None and report.nrbc.per_100_wbc is not None:
+        out.append((s.nrbc_code, f"{report.nrbc.per_100_wbc:.1f}", s.nrbc_units))
+    # Rejected detections (e.g. platelets) are not sent: they are the model's false white-cell
+    # detections, not a platelet count or estimate, and a receiver has no test to file them
+    # under; they stay in the report files and gallery for the person who verifies it.
     out.append((s.unidentified_code, str(report.unidentified), "cells"))
-    out.append((s.counted_code, str(report.total), "cells"))
+    out.append((s.counted_code, str(report.white_cells), "cells"))
     return out
 
 

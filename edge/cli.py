@@ -179,7 +179,7 @@ def _write_reports(args, bundle, profile, run) -> None:
 
 
 def format_table(summary: dict) -> str:
-    """The differential as a readable table."""
+    """The differential as a readable table, NRBC and rejected cells on lines of their own below it."""
     reached = "reached" if summary["target_reached"] else "not reached"
     lines = [f"Differential: {summary['identified']} cells identified, {summary['unidentified']} unidentified "
              f"(target {summary['target']}: {reached}); {summary['fields']} fields",
@@ -188,9 +188,24 @@ def format_table(summary: dict) -> str:
         lo, hi = c["ci95"]
         lines.append(f"{c['name']:<13}{c['count']:>6}{c['percent']:>8.1f}   {lo:5.1f} - {hi:5.1f}")
     lines.append(f"{'unidentified':<13}{summary['unidentified']:>6}")
+    lines += _beside_lines(summary)
     for skipped in summary["skipped_files"]:
         lines.append(f"skipped {skipped['path']}: {skipped['reason']}")
     return "\n".join(lines)
+
+
+def _beside_lines(summary: dict) -> list[str]:
+    """NRBC per 100 WBC and rejected detections: counted beside the differential, not in its 100%."""
+    lines = []
+    if "nrbc" in summary:
+        nrbc = summary["nrbc"]
+        per = "n/a" if nrbc["per_100_wbc"] is None else f"{nrbc['per_100_wbc']:.1f}"
+        lines.append(f"{'NRBC':<13}{nrbc['count']:>6}   {per} per 100 WBC "
+                     "(nucleated red cells, not in the 100%)")
+    if "rejected" in summary:
+        counts = ", ".join(f"{r['name']} {r['count']}" for r in summary["rejected"])
+        lines.append(f"not white cells (rejected): {counts}")
+    return lines
 
 
 COMMANDS = {"classify": _classify, "count": _count, "send": _send, "run": _run,

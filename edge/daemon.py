@@ -12,7 +12,7 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-from hematovision.classes import UNIDENTIFIED
+from hematovision.classes import REJECT, ROLES, UNIDENTIFIED, differential_classes
 from hematovision.errors import (CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable,
                                  LinkFailed)
 
@@ -23,6 +23,7 @@ from .segment import Detection
 from .select import CellSelector, make_selector
 from .sources import Frame, FrameSource, open_source, source_key
 from .state import FrameRecord, NewCell, Specimen, StateError, Store, StorageFull
+from .tally import NRBC_CLASS
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class Daemon:
         self.link, self.report_dir = link, config.report_dir()
         self.key, self.replay = source_key(config), config.source.kind == "replay"
         self.classes = pipeline.bundle.classes
+        self.wbc_classes = differential_classes(self.classes)  # what the target counts
+        self.reject_classes = tuple(c for c in self.classes if ROLES.get(c) == REJECT)
         self.backoff = Backoff(config.source.retry_initial_s, config.source.retry_max_s)
         self.specimen: Specimen | None = None
         self.selector: CellSelector | None = None
@@ -166,13 +169,19 @@ class Daemon:
 
     @property
     def identified(self) -> int:
-        return sum(self.counts.get(c, 0) for c in self.classes)
+        """White cells of the differential counted so far (NRBC, rejected and unidentified apart)."""
+        return sum(self.counts.get(c, 0) for c in self.wbc_classes)
 
     def status_text(self) -> str:
         if self.specimen is None:
             return "no specimen open"
-        return (f"specimen {self.specimen.specimen_id}: {self.identified}/{self.specimen.target} cells, "
+        text = (f"specimen {self.specimen.specimen_id}: {self.identified}/{self.specimen.target} cells, "
                 f"{self.counts.get(UNIDENTIFIED, 0)} unidentified")
+        if NRBC_CLASS in self.classes:
+            text += f", {self.counts.get(NRBC_CLASS, 0)} NRBC"
+        if self.reject_classes:
+            text += f", {sum(self.counts.get(c, 0) for c in self.reject_classes)} rejected"
+        return text
 
     def auto_start(self) -> Specimen | None:
         if not self.config.specimen.auto_start:

@@ -8,16 +8,16 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from .report_schema import SCHEMA_ID, ReportInvalid, validate_report_dict
-from .tally import ClassCount, clopper_pearson
+from .tally import NRBC_CLASS, ClassCount, NrbcCount, RejectedCount, clopper_pearson, per_100_wbc
 
 PRELIMINARY = "preliminary: not verified"
 # How far a stored percent may sit from count / identified (the values are rounded to 0.01).
 PERCENT_TOLERANCE = 0.011
 
 __all__ = [
-    "PRELIMINARY", "SCHEMA_ID", "ReportInvalid", "ModelInfo", "ClassCount", "FrameStats",
-    "CellRecord", "Report", "clopper_pearson", "build_classes", "verification_text",
-    "commissioning_report",
+    "PRELIMINARY", "SCHEMA_ID", "ReportInvalid", "ModelInfo", "ClassCount", "NrbcCount",
+    "RejectedCount", "FrameStats", "CellRecord", "Report", "clopper_pearson", "build_classes",
+    "build_nrbc", "verification_text", "commissioning_report",
 ]
 
 
@@ -52,7 +52,12 @@ class CellRecord:
 
 @dataclass(frozen=True)
 class Report:
-    """A differential count report (schema hematovision.report/1)."""
+    """A differential count report (schema hematovision.report/1).
+
+    `classes` is the differential (the 100%). Nucleated red cells (`nrbc`, None when the model
+    has no such class) and rejected detections (`rejected`, empty when the model has no reject
+    class) are counted beside it; `total` is every counted cell, each one in `cells`.
+    """
 
     specimen_id: str
     device_id: str
@@ -69,11 +74,22 @@ class Report:
     quality_flags: tuple[str, ...]
     verification: str
     cells: tuple[CellRecord, ...]
+    nrbc: NrbcCount | None = None
+    rejected: tuple[RejectedCount, ...] = ()
 
     @property
     def identified(self) -> int:
-        """Cells given a class (the denominator of every percent)."""
+        """Cells given a differential class (the denominator of every percent and of NRBC)."""
         return sum(c.count for c in self.classes)
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(r.count for r in self.rejected)
+
+    @property
+    def white_cells(self) -> int:
+        """Cells counted for the differential: identified plus unidentified."""
+        return self.identified + self.unidentified
 
     @property
     def verified(self) -> bool:
@@ -94,11 +110,22 @@ class Report:
             "model": vars(self.model).copy(),
             "calibration_profile_id": self.calibration_profile_id,
             "classes": [_class_dict(c) for c in self.classes],
+            **self._beside_dict(),
             "unidentified": self.unidentified, "total": self.total, "target": self.target,
             "target_reached": self.target_reached, "frames": vars(self.frames).copy(),
             "quality_flags": list(self.quality_flags), "verification": self.verification,
             "cells": [_cell_dict(c) for c in self.cells],
         }
+
+    def _beside_dict(self) -> dict:
+        """The keys nrbc and rejected, only where the model has those classes (so a report of a
+        four-class model is as before)."""
+        out = {}
+        if self.nrbc is not None:
+            out["nrbc"] = self.nrbc.to_dict()
+        if self.rejected:
+            out["rejected"] = [r.to_dict() for r in self.rejected]
+        return out
 
     @classmethod
     def from_dict(cls, data: object) -> Report:
@@ -117,6 +144,8 @@ class Report:
             target_reached=data["target_reached"], frames=FrameStats(**data["frames"]),
             quality_flags=tuple(data["quality_flags"]), verification=data["verification"],
             cells=tuple(_cell_from(c) for c in data["cells"]),
+            nrbc=_nrbc_from(data.get("nrbc")),
+            rejected=tuple(RejectedCount(r["name"], r["count"]) for r in data.get("rejected", ())),
         )
         check_consistency(report)
         return report
@@ -136,6 +165,13 @@ def _class_from(d: dict) -> ClassCount:
                       (float(d["ci95"][0]), float(d["ci95"][1])))
 
 
+def _nrbc_from(d: dict | None) -> NrbcCount | None:
+    if d is None:
+        return None
+    per = d["per_100_wbc"]
+    return NrbcCount(d["count"], None if per is None else float(per))
+
+
 def _cell_from(d: dict) -> CellRecord:
     x, y = d["slide_xy_um"]
     return CellRecord(d["id"], d["label"], float(d["confidence"]), d["thumbnail"],
@@ -147,17 +183,36 @@ def check_consistency(report: Report) -> None:
 
     Raises ReportInvalid naming the field.
     """
-    names = [c.name for c in report.classes]
+    names = [c.name for c in report.classes] + [NRBC_CLASS] * (report.nrbc is not None) + \
+        [r.name for r in report.rejected]
     if len(set(names)) != len(names):
-        raise ReportInvalid(f"report classes repeat a name: {names}")
-    if report.total != report.identified + report.unidentified:
-        raise ReportInvalid(
-            f"report total {report.total} is not the class counts ({report.identified}) "
-            f"plus unidentified ({report.unidentified})")
+        raise ReportInvalid(f"report classes, nrbc and rejected repeat a name: {names}")
+    _check_total(report)
     for c in report.classes:
         _check_class(c, report.identified)
+    if report.nrbc is not None:
+        _check_nrbc(report.nrbc, report.identified)
     _check_times(report)
     _check_cells(report, set(names))
+
+
+def _check_total(report: Report) -> None:
+    nrbc = report.nrbc.count if report.nrbc else 0
+    expected = report.identified + report.unidentified + nrbc + report.rejected_total
+    if report.total != expected:
+        raise ReportInvalid(
+            f"report total {report.total} is not the class counts ({report.identified}) plus "
+            f"unidentified ({report.unidentified}), nrbc ({nrbc}) and rejected ({report.rejected_total})")
+
+
+def _check_nrbc(nrbc: NrbcCount, identified: int) -> None:
+    expected = per_100_wbc(nrbc.count, identified)
+    if (expected is None) != (nrbc.per_100_wbc is None):
+        raise ReportInvalid(f"nrbc per_100_wbc {nrbc.per_100_wbc} must be null exactly when no "
+                            f"white cell is identified ({identified} identified)")
+    if expected is not None and abs(nrbc.per_100_wbc - expected) > PERCENT_TOLERANCE:
+        raise ReportInvalid(f"nrbc per_100_wbc {nrbc.per_100_wbc} is not {nrbc.count} per 100 of "
+                            f"{identified} identified cells ({expected:.2f})")
 
 
 def _check_class(c: ClassCount, identified: int) -> None:
@@ -191,7 +246,7 @@ def _check_cells(report: Report, names: set[str]) -> None:
         raise ReportInvalid("report cells repeat an id")
     unknown = {c.label for c in report.cells} - names - {"unidentified"}
     if unknown:
-        raise ReportInvalid(f"report cells have labels that are not report classes: "
+        raise ReportInvalid(f"report cells have labels that are not report classes, nrbc or rejected: "
                             f"{sorted(unknown)}")
 
 
@@ -216,6 +271,12 @@ def build_classes(counts: Mapping[str, int], level: float = 0.95) -> tuple[Class
         ci = (math.floor(lo * 10000) / 100, math.ceil(hi * 10000) / 100)
         out.append(ClassCount(name, count, percent, (min(ci[0], percent), max(ci[1], percent))))
     return tuple(out)
+
+
+def build_nrbc(count: int, identified: int) -> NrbcCount:
+    """Nucleated red cells per 100 identified white cells, rounded to 0.01 (None with none)."""
+    per = per_100_wbc(count, identified)
+    return NrbcCount(count, None if per is None else round(per, 2))
 
 
 def commissioning_report(specimen_id: str = "TEST-LINK-0001", device_id: str = "hv-test",

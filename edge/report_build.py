@@ -12,14 +12,14 @@ from datetime import datetime
 from hematovision.calibration.profile import CalibrationProfile, profile_to_dict
 
 from .model_bundle import Bundle
-from .report import PRELIMINARY, CellRecord, FrameStats, ModelInfo, Report, build_classes
+from .report import PRELIMINARY, CellRecord, FrameStats, ModelInfo, Report, build_classes, build_nrbc
 
 
 @dataclass(frozen=True)
 class QualityLimits:
     """When a report carries a quality flag."""
 
-    max_unidentified_fraction: float = 0.10
+    max_unidentified_fraction: float = 0.10  # of the counted cells other than rejected ones
     min_used_frame_fraction: float = 0.5  # below: "low_focus" (most frames were too blurred)
 
 
@@ -33,7 +33,8 @@ def profile_id(profile: CalibrationProfile | None) -> str | None:
 
 def quality_flags(tally, frames: FrameStats, limits: QualityLimits) -> tuple[str, ...]:
     flags = []
-    if tally.total and tally.unidentified / tally.total > limits.max_unidentified_fraction:
+    cells = tally.total - tally.rejected_total  # rejected detections must not dilute the fraction
+    if cells and tally.unidentified / cells > limits.max_unidentified_fraction:
         flags.append("too_many_unidentified")
     seen = frames.used + frames.skipped_blur + frames.skipped_motion
     if seen and frames.used / seen < limits.min_used_frame_fraction and frames.skipped_blur:
@@ -51,7 +52,9 @@ def cell_record(index: int, cell, slide_xy_um) -> CellRecord:
 
 def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
                     limits: QualityLimits = QualityLimits()) -> Report:
-    """The specimen report of a `count` run (preliminary until a person verifies it)."""
+    """The specimen report of a `count` run (preliminary until a person verifies it): the
+    differential, with nucleated red cells and rejected detections beside it where the model
+    has those classes."""
     tally = run.counter.tally()
     frames = FrameStats(run.fields, run.skipped_blur, run.skipped_motion)
     cells = tuple(cell_record(i + 1, c, xy) for i, (c, xy) in enumerate(zip(run.cells, run.slide_xy_um)))
@@ -62,6 +65,8 @@ def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
                         bundle.meta["model_sha256"]),
         calibration_profile_id=profile_id(profile),
         classes=build_classes({c.name: c.count for c in tally.classes}),
+        nrbc=None if tally.nrbc is None else build_nrbc(tally.nrbc.count, tally.identified),
+        rejected=tally.rejected,
         unidentified=tally.unidentified, total=tally.total, target=tally.target,
         target_reached=tally.target_reached, frames=frames,
         quality_flags=quality_flags(tally, frames, limits), verification=PRELIMINARY, cells=cells)

@@ -19,7 +19,10 @@ from pathlib import Path
 
 from hematovision.errors import LinkFailed
 
+from hematovision.classes import DIFFERENTIAL, PER_100_WBC, REJECT
+
 from .report import Report, ReportInvalid
+from .tally import NRBC_CLASS
 from .report_html import render_html
 
 logger = logging.getLogger(__name__)
@@ -30,8 +33,11 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# "role": differential (in the 100%), per_100_wbc (NRBC, beside it), reject (not a white cell),
+# unidentified or total; the last two columns were added after the first seven, which keep
+# their places.
 CSV_HEADER = ["specimen_id", "class", "count", "percent_of_identified",
-              "ci95_low_percent", "ci95_high_percent", "verification"]
+              "ci95_low_percent", "ci95_high_percent", "verification", "role", "per_100_wbc"]
 
 
 def safe_file_stem(specimen_id: str) -> str:
@@ -77,17 +83,31 @@ def report_json(report: Report) -> bytes:
 
 
 def report_csv(report: Report) -> bytes:
-    """One row per class, then unidentified and total; UTF-8 with a BOM for spreadsheets."""
-    specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification)
-    rows = [[specimen, c.name, c.count, f"{c.percent:.2f}", f"{c.ci95[0]:.2f}",
-             f"{c.ci95[1]:.2f}", verification] for c in report.classes]
-    rows.append([specimen, "unidentified", report.unidentified, "", "", "", verification])
-    rows.append([specimen, "total", report.total, "", "", "", verification])
+    """One row per differential class, then unidentified, NRBC (per 100 WBC), each rejected class
+    and total; UTF-8 with a BOM for spreadsheets.
+    """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(CSV_HEADER)
-    writer.writerows(rows)
+    writer.writerows(_csv_rows(report))
     return buffer.getvalue().encode("utf-8-sig")
+
+
+def _csv_rows(report: Report) -> list[list]:
+    specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification)
+
+    def row(name, count, role, percent=("", "", ""), per=""):
+        return [specimen, name, count, *percent, verification, role, per]
+
+    rows = [row(c.name, c.count, DIFFERENTIAL, (f"{c.percent:.2f}", f"{c.ci95[0]:.2f}", f"{c.ci95[1]:.2f}"))
+            for c in report.classes]
+    rows.append(row("unidentified", report.unidentified, "unidentified"))
+    if report.nrbc is not None:
+        per = "" if report.nrbc.per_100_wbc is None else f"{report.nrbc.per_100_wbc:.2f}"
+        rows.append(row(NRBC_CLASS, report.nrbc.count, PER_100_WBC, per=per))
+    rows += [row(r.name, r.count, REJECT) for r in report.rejected]
+    rows.append(row("total", report.total, "total"))
+    return rows
 
 
 def _csv_text(value: str) -> str:

@@ -1,10 +1,11 @@
-"""A report as one self-contained HTML page: table, bar chart, flags, verification, gallery."""
+"""A report as one self-contained HTML page: table, NRBC and rejected cells, chart, flags, gallery."""
 
 from __future__ import annotations
 
 from html import escape
 
 from .report import CellRecord, ClassCount, Report
+from .tally import NRBC_CLASS
 
 # No network, no scripts: the page may only use its own inline styles and data: images.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -41,6 +42,7 @@ def render_html(report: Report) -> str:
         _run_table(report),
         _flags_section(report),
         _results_table(report),
+        _beside_table(report),
         _bar_chart(report.classes),
         _gallery(report),
         "</body></html>\n",
@@ -91,8 +93,26 @@ def _results_table(report: Report) -> str:
             for c in report.classes]
     rows.append(f'<tr><td>unidentified</td><td class="n">{report.unidentified}</td>'
                 '<td></td><td></td></tr>')
-    rows.append(f'<tr><th>total</th><td class="n">{report.total}</td><td></td><td></td></tr>')
+    total = "total" if report.nrbc is None and not report.rejected else "total (with the cells below)"
+    rows.append(f'<tr><th>{total}</th><td class="n">{report.total}</td><td></td><td></td></tr>')
     return f"<h2>Differential</h2><table id=\"results\">{head}{''.join(rows)}</table>"
+
+
+def _beside_table(report: Report) -> str:
+    """Nucleated red cells per 100 WBC and rejected detections, apart from the 100%."""
+    rows = []
+    if report.nrbc is not None:
+        per = "n/a (no white cell identified)" if report.nrbc.per_100_wbc is None \
+            else f"{report.nrbc.per_100_wbc:.1f} per 100 WBC"
+        rows.append(f'<tr id="nrbc"><td>NRBC (nucleated red cells, {NRBC_CLASS})</td>'
+                    f'<td class="n">{report.nrbc.count}</td><td>{_e(per)}</td></tr>')
+    rows += [f'<tr class="rejected-row"><td>{_e(r.name)}: not white cells (rejected)</td>'
+             f'<td class="n">{r.count}</td><td>not counted in any result</td></tr>' for r in report.rejected]
+    if not rows:
+        return ""
+    head = "<tr><th>Cells</th><th>Count</th><th>Reported as</th></tr>"
+    return (f'<h2>Counted beside the differential (not in the 100 %)</h2>'
+            f'<table id="beside">{head}{"".join(rows)}</table>')
 
 
 def _bar_chart(classes: tuple[ClassCount, ...]) -> str:
@@ -119,15 +139,24 @@ def _bar(index: int, c: ClassCount) -> str:
             f'{c.percent:.1f} %</text>')
 
 
+def _gallery_groups(report: Report) -> list[tuple[str, str]]:
+    """(label, heading) of every group of counted cells, in report order."""
+    groups = [(c.name, c.name) for c in report.classes]
+    if report.nrbc is not None:
+        groups.append((NRBC_CLASS, f"{NRBC_CLASS}: NRBC, not in the differential"))
+    groups += [(r.name, f"{r.name}: not a white cell (rejected)") for r in report.rejected]
+    return groups + [("unidentified", "unidentified")]
+
+
 def _gallery(report: Report) -> str:
-    names = [c.name for c in report.classes] + ["unidentified"]
+    """Every counted cell, grouped by class (NRBC and rejected ones too, for verification)."""
     sections = ["<h2>Counted cells (lowest confidence first)</h2>"]
-    for name in names:
+    for name, heading in _gallery_groups(report):
         cells = sorted((c for c in report.cells if c.label == name),
                        key=lambda c: (c.confidence, c.id))
         if cells:
             figures = "".join(_figure(c) for c in cells)
-            sections.append(f'<h3>{_e(name)} ({len(cells)})</h3>'
+            sections.append(f'<h3>{_e(heading)} ({len(cells)})</h3>'
                             f'<div class="gallery" data-class="{_e(name)}">{figures}</div>')
     if len(sections) == 1:
         sections.append('<p class="none">no cell images in this report</p>')

@@ -25,6 +25,14 @@ _JSON_TYPES = {
 }
 
 
+# The keywords first_problem checks, and annotations that carry no rule. A schema using any other
+# keyword (or additionalProperties as a schema) would let through values nothing checks.
+CHECKED_KEYWORDS = frozenset({
+    "type", "const", "enum", "minLength", "maxLength", "pattern", "minimum", "maximum",
+    "required", "properties", "additionalProperties", "minItems", "maxItems", "items"})
+ANNOTATIONS = frozenset({"$schema", "$id", "title", "description"})
+
+
 class ReportInvalid(DataError):
     """A report dict does not follow hematovision.report/1."""
 
@@ -34,6 +42,18 @@ def report_schema() -> dict:
     """The report JSON Schema shipped beside this module."""
     text = resources.files("hematovision.edge").joinpath(SCHEMA_FILE).read_text("utf-8")
     return json.loads(text)
+
+
+def unchecked_keywords(schema: dict, path: str = "$") -> list[str]:
+    """Where `schema` uses a keyword this validator would silently ignore (none for the shipped one)."""
+    out = [f"{path}.{key}" for key in schema if key not in CHECKED_KEYWORDS | ANNOTATIONS]
+    if schema.get("additionalProperties", False) is not False:
+        out.append(f"{path}.additionalProperties (only false is checked)")
+    for key, sub in schema.get("properties", {}).items():
+        out += unchecked_keywords(sub, f"{path}.{key}")
+    if "items" in schema:
+        out += unchecked_keywords(schema["items"], f"{path}[]")
+    return out
 
 
 def validate_report_dict(data: object) -> None:

@@ -1,11 +1,15 @@
-"""Tally stage: a specimen's differential with exact binomial (Clopper-Pearson) 95% intervals."""
+"""Tally stage: a specimen's differential with exact 95% intervals, NRBC and rejected cells beside it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-from hematovision.classes import UNIDENTIFIED
+from hematovision.classes import PER_100_WBC, REJECT, ROLES, UNIDENTIFIED, differential_classes
+
+# The class reported per 100 white cells (role PER_100_WBC): nucleated red cells. The unpacking
+# fails at import if classes.py ever gives that role to a second class, which reports would need.
+(NRBC_CLASS,) = (name for name, r in ROLES.items() if r == PER_100_WBC)
 
 
 def _binom_cdf(k: int, n: int, p: float) -> float:
@@ -51,6 +55,8 @@ def clopper_pearson(k: int, n: int, confidence: float = 0.95) -> tuple[float, fl
 
 @dataclass(frozen=True)
 class ClassCount:
+    """One class of the differential: its count and percent of the identified white cells."""
+
     name: str
     count: int
     percent: float
@@ -58,27 +64,70 @@ class ClassCount:
 
 
 @dataclass(frozen=True)
+class NrbcCount:
+    """Nucleated red cells, counted beside the differential and never inside its 100%."""
+
+    count: int
+    per_100_wbc: float | None  # count * 100 / differential cells; None while none is identified
+
+    def to_dict(self) -> dict:
+        per = None if self.per_100_wbc is None else round(self.per_100_wbc, 2)
+        return {"count": self.count, "per_100_wbc": per}
+
+
+@dataclass(frozen=True)
+class RejectedCount:
+    """Detections of a reject class (not white cells): listed, never counted in any result."""
+
+    name: str
+    count: int
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "count": self.count}
+
+
+def per_100_wbc(count: int, identified: int) -> float | None:
+    """Cells per 100 white cells of the differential; None when no white cell was identified."""
+    return 100.0 * count / identified if identified else None
+
+
+@dataclass(frozen=True)
 class Tally:
-    """A differential: counts of identified cells per class, unidentified cells apart."""
+    """A differential (identified white cells per class) with unidentified cells, nucleated red
+    cells (None when the model has no such class) and rejected detections kept apart."""
 
     classes: tuple[ClassCount, ...]
     unidentified: int
     identified: int
     target: int
+    nrbc: NrbcCount | None = None
+    rejected: tuple[RejectedCount, ...] = ()  # empty when the model has no reject class
+
+    @property
+    def rejected_total(self) -> int:
+        return sum(r.count for r in self.rejected)
 
     @property
     def total(self) -> int:
-        return self.identified + self.unidentified
+        """Every cell counted: identified, unidentified, nucleated red cells and rejected ones."""
+        nrbc = self.nrbc.count if self.nrbc else 0
+        return self.identified + self.unidentified + nrbc + self.rejected_total
 
     @property
     def target_reached(self) -> bool:
         return self.identified >= self.target
 
     def to_dict(self) -> dict:
-        return {"classes": [{"name": c.name, "count": c.count, "percent": round(c.percent, 2),
-                             "ci95": [round(c.ci95[0], 2), round(c.ci95[1], 2)]} for c in self.classes],
-                "unidentified": self.unidentified, "identified": self.identified, "total": self.total,
-                "target": self.target, "target_reached": self.target_reached}
+        """The summary keys; "nrbc" and "rejected" only where the model has those classes."""
+        out = {"classes": [{"name": c.name, "count": c.count, "percent": round(c.percent, 2),
+                            "ci95": [round(c.ci95[0], 2), round(c.ci95[1], 2)]} for c in self.classes],
+               "unidentified": self.unidentified, "identified": self.identified, "total": self.total,
+               "target": self.target, "target_reached": self.target_reached}
+        if self.nrbc is not None:
+            out["nrbc"] = self.nrbc.to_dict()
+        if self.rejected:
+            out["rejected"] = [r.to_dict() for r in self.rejected]
+        return out
 
 
 @dataclass
@@ -97,12 +146,22 @@ class Counter:
 
 
 def make_tally(counts: dict[str, int], class_names, target: int) -> Tally:
-    """Percentages of identified cells with exact 95% intervals; unidentified cells are kept apart."""
-    identified = sum(counts.get(c, 0) for c in class_names)
-    rows = []
-    for name in class_names:
-        k = counts.get(name, 0)
-        lo, hi = clopper_pearson(k, identified)
-        pct = 100.0 * k / identified if identified else 0.0
-        rows.append(ClassCount(name, k, pct, (100.0 * lo, 100.0 * hi)))
-    return Tally(tuple(rows), counts.get(UNIDENTIFIED, 0), identified, target)
+    """Percentages of the differential classes' cells with exact 95% intervals; nucleated red cells
+    per 100 of those cells; rejected and unidentified cells kept apart. The target counts
+    differential cells only."""
+    names = tuple(class_names)
+    wbc = differential_classes(names)
+    identified = sum(counts.get(c, 0) for c in wbc)
+    rows = tuple(_class_count(name, counts.get(name, 0), identified) for name in wbc)
+    nrbc = None
+    if NRBC_CLASS in names:
+        k = counts.get(NRBC_CLASS, 0)
+        nrbc = NrbcCount(k, per_100_wbc(k, identified))
+    rejected = tuple(RejectedCount(c, counts.get(c, 0)) for c in names if ROLES.get(c) == REJECT)
+    return Tally(rows, counts.get(UNIDENTIFIED, 0), identified, target, nrbc, rejected)
+
+
+def _class_count(name: str, k: int, identified: int) -> ClassCount:
+    lo, hi = clopper_pearson(k, identified)
+    pct = 100.0 * k / identified if identified else 0.0
+    return ClassCount(name, k, pct, (100.0 * lo, 100.0 * hi))

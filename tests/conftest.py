@@ -78,6 +78,27 @@ def tiny_bundle(tiny_run, tmp_path_factory):
     return out
 
 
+# The class list of nrbc_bundle: two white-cell classes, nucleated red cells and a reject class.
+NRBC_BUNDLE_CLASSES = ("neutrophil", "lymphocyte", "erythroblast", "platelet")
+
+
+@pytest.fixture(scope="session")
+def nrbc_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle with its last two outputs named erythroblast and platelet: a real model
+    whose bundle names nucleated red cells and a reject class (its sha256 covers model.tflite,
+    not the class names; the count of outputs still has to match).
+    """
+    import json
+    import shutil
+
+    out = tmp_path_factory.mktemp("nrbc_bundle") / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    meta = json.loads((out / "bundle.json").read_text())
+    meta["classes"] = list(NRBC_BUNDLE_CLASSES)
+    (out / "bundle.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
 # --- the daemon (edge/daemon.py): a configuration writer and the command that runs it ---------
 
 DAEMON_COMMAND = ["-c", "import sys; from hematovision.edge.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]

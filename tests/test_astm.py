@@ -25,6 +25,7 @@ from hematovision.edge.report import commissioning_report
 from hematovision.edge.report_send import SendSettings, send_report
 from hematovision.edge.serial_port import SerialSettings, open_serial
 from hematovision.errors import ConfigError, LinkFailed
+from test_report import eight_class_report
 
 FAST = AstmTiming(reply_timeout_s=0.5, busy_wait_s=0.05, contention_wait_s=0.2,
                   receive_timeout_s=1.0)
@@ -287,6 +288,34 @@ def test_result_codes_are_configurable_and_a_missing_code_is_a_config_error():
 
 
 # --- framing and the pure state machines ----------------------------------------------
+
+def test_nrbc_is_its_own_result_per_100_wbc_and_rejected_cells_are_not_sent():
+    report = eight_class_report()
+    records = report_records(report, RecordSettings(), WHEN)
+    results = parse_message(records).results
+    assert results["NRBC"] == astm.ReceivedResult("7.0", "/100 WBC", "P")
+    assert [code for code in results] == ["NEUT%", "LYMPH%", "MONO%", "EO%", "BASO%", "IG%", "NRBC",
+                                          "UNIDCNT", "CELLCNT"]
+    assert results["NEUT%"].value == "50.0" and results["IG%"].value == "0.0"
+    assert results["CELLCNT"].value == "102"  # white cells: 100 identified + 2 unidentified
+    assert not any("platelet" in r or "PLT" in r for r in records)
+    with_wbc = parse_message(report_records(report, RecordSettings(), WHEN, wbc_10e9_per_l=8.0)).results
+    assert with_wbc["NEUT#"].value == "4.00" and with_wbc["NRBC"].value == "7.0"
+
+
+def test_nrbc_result_code_and_units_are_configurable():
+    settings = RecordSettings(nrbc_code="NRBC%", nrbc_units="/100WBC")
+    results = parse_message(report_records(eight_class_report(), settings, WHEN)).results
+    assert results["NRBC%"] == astm.ReceivedResult("7.0", "/100WBC", "P") and "NRBC" not in results
+
+
+def test_an_eight_class_report_reaches_the_receiver_with_its_nrbc_record():
+    report = eight_class_report()
+    with PtyHost() as host:
+        _send(host, report)
+    (message,) = host.receiver.messages
+    assert parse_message(message).results["NRBC"].value == "7.0"
+
 
 def test_checksum_is_the_byte_sum_mod_256_in_upper_case_hex():
     assert checksum(b"1L|1|N\r\x03") == b"04"

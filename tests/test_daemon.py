@@ -23,7 +23,7 @@ from conftest import DAEMON_COMMAND, NotifyListener, toml_text
 from hematovision.edge.config import load_config
 from hematovision.edge.daemon import STATE_FILE, Daemon, open_pipeline, run_main, serve
 from hematovision.edge.report import Report
-from hematovision.edge.sources import FolderReplay, VideoReplay, open_source
+from hematovision.edge.sources import FolderReplay, VideoReplay, open_source, source_key
 from hematovision.edge.state import FrameRecord, NewCell, Store, StorageFull
 from hematovision.errors import CameraUnavailable
 
@@ -470,6 +470,69 @@ def test_scan_mode_stopped_and_resumed_counts_what_an_uninterrupted_scan_counts(
 
     monkeypatch.setattr(daemon_module, "open_source", stopping_every_seven)
     for _ in range(100):
+        run_daemon(resumed)
+        if snapshot(tmp_path / "resumed" / "state")["specimens"][0][1] == "finished":
+            break
+    assert snapshot(tmp_path / "resumed" / "state") == expected
+
+
+# Committed before any restart: one frame of a specimen counted with a bundle that names nucleated red
+# cells and platelets (conftest's nrbc_bundle).
+BEFORE_RESTART = ["neutrophil", "lymphocyte"] + ["erythroblast"] * 7 + ["platelet"] * 3 + ["unidentified"]
+NRBC_TARGET = 6
+
+
+def nrbc_specimen_config(folder: Path, bundle: Path, frames: Path) -> Path:
+    """A configuration whose open specimen has the replay's frame 0 committed with BEFORE_RESTART's cells."""
+    config = write_config(folder, bundle, frames, specimen={"auto_start": False, "target": NRBC_TARGET})
+    cfg = load_config(config)
+    thumbnail = cv2.imencode(".jpg", np.full((8, 8, 3), 128, np.uint8))[1].tobytes()
+    cells = tuple(NewCell(10.0 * i, 5.0, label, 0.9, (0, 0, 8, 8), thumbnail)
+                  for i, label in enumerate(BEFORE_RESTART))
+    with Store(cfg.state_dir() / STATE_FILE) as store:
+        specimen = store.start_specimen("S-NRBC", NRBC_TARGET)
+        store.record_frame(FrameRecord(specimen, source_key(cfg), 0, "used", cells, 0, None))
+    return config
+
+
+def test_nrbc_and_rejected_counts_survive_restarts_and_stay_out_of_the_target(
+        tmp_path, nrbc_bundle, samples_bccd, monkeypatch):
+    frames = samples_bccd / "BCCD" / "JPEGImages"
+    daemon = run_daemon(nrbc_specimen_config(tmp_path / "whole", nrbc_bundle, frames))
+    assert daemon.notifier.statuses[0] == "READY specimen S-NRBC: 2/6 cells, 1 unidentified, 7 NRBC, 3 rejected"
+    expected = snapshot(tmp_path / "whole" / "state")
+    (_, status, reason, *_), = expected["specimens"]
+    assert (status, reason) == ("finished", "target reached")
+    labels = [c[5] for c in expected["cells"]]
+    last_frame = [c[5] for c in expected["cells"] if c[1] == expected["cells"][-1][1]]
+    wbc = labels.count("neutrophil") + labels.count("lymphocyte")
+    assert wbc - last_frame.count("neutrophil") - last_frame.count("lymphocyte") < NRBC_TARGET <= wbc
+    report = expected["reports"][0]
+    assert sum(c["count"] for c in report["classes"]) == wbc and report["target_reached"]
+    assert report["nrbc"] == {"count": labels.count("erythroblast"),
+                              "per_100_wbc": round(100 * labels.count("erythroblast") / wbc, 2)}
+    assert labels.count("erythroblast") >= 7 and labels.count("platelet") >= 3
+    assert report["rejected"] == [{"name": "platelet", "count": labels.count("platelet")}]
+    assert report["total"] == len(labels) == len(report["cells"])
+
+    resumed = nrbc_specimen_config(tmp_path / "resumed", nrbc_bundle, frames)
+    real_open = open_source
+
+    @contextlib.contextmanager
+    def stopping_every_three(config, position, profile=None):
+        with real_open(config, position, profile) as source:
+            inner, started = source.next_frame, source.position
+
+            def next_frame(stop):
+                if source.position - started == 3:
+                    stop.set()  # as SIGTERM: this session ends, the next run resumes
+                return inner(stop)
+
+            source.next_frame = next_frame
+            yield source
+
+    monkeypatch.setattr(daemon_module, "open_source", stopping_every_three)
+    for _ in range(30):
         run_daemon(resumed)
         if snapshot(tmp_path / "resumed" / "state")["specimens"][0][1] == "finished":
             break

@@ -7,9 +7,12 @@ import cv2
 import numpy as np
 import pytest
 
-from hematovision.classes import UNIDENTIFIED
+from hematovision.classes import KNOWN_CLASSES, UNIDENTIFIED
 from hematovision.crop import DEFAULT_GEOMETRY
+from hematovision.edge.cli import format_table
 from hematovision.edge.cli import main as edge_main
+from hematovision.edge.report import Report
+from hematovision.edge.tally import Counter
 
 FIELDS = "BCCD/JPEGImages"
 
@@ -86,6 +89,7 @@ def test_count_json_lists_cells_per_field_then_a_summary(tiny_bundle, samples_bc
     counted = sum(len(r["cells"]) for r in rows[:-1])
     assert summary["total"] == counted >= 2 and summary["fields"] == 6
     assert sum(c["count"] for c in summary["classes"]) + summary["unidentified"] == counted
+    assert "nrbc" not in summary and "rejected" not in summary  # a four-class bundle: as before
 
 
 def test_count_table_and_reports_from_the_sample_folder(tiny_bundle, samples_bccd, tmp_path, capsys):
@@ -97,6 +101,42 @@ def test_count_table_and_reports_from_the_sample_folder(tiny_bundle, samples_bcc
     assert report["specimen_id"] == "S-001" and report["verification"] == "preliminary: not verified"
     assert len(report["cells"]) == report["total"] > 20
     assert (tmp_path / "rep" / "S-001.html").read_text().count("data:image/jpeg;base64,") == report["total"]
+
+
+def test_table_shows_nrbc_per_100_wbc_and_rejected_cells_below_the_differential():
+    counter = Counter(KNOWN_CLASSES)
+    for label, n in (("neutrophil", 50), ("lymphocyte", 50), ("erythroblast", 7), ("platelet", 3),
+                     (UNIDENTIFIED, 2)):
+        for _ in range(n):
+            counter.add(label)
+    lines = format_table({**counter.tally().to_dict(), "fields": 3, "skipped_files": []}).splitlines()
+    assert lines[0] == "Differential: 100 cells identified, 2 unidentified (target 100: reached); 3 fields"
+    assert lines[2].split() == ["neutrophil", "50", "50.0", "39.8", "-", "60.2"]
+    assert [line.split()[0] for line in lines[2:8]] == list(KNOWN_CLASSES[:6])
+    assert lines[8].split() == ["unidentified", "2"]
+    assert lines[9].startswith("NRBC") and "7   7.0 per 100 WBC" in lines[9] and "not in the 100%" in lines[9]
+    assert lines[10] == "not white cells (rejected): platelet 3"
+
+
+def test_count_with_a_bundle_naming_erythroblast_and_platelet_keeps_them_out_of_the_differential(
+        nrbc_bundle, samples_bccd, tmp_path, capsys):
+    args = ["count", "--model", str(nrbc_bundle), str(samples_bccd / FIELDS), "--specimen-id", "S-8"]
+    assert edge_main([*args, "--json", "--report", str(tmp_path / "rep")]) == 0
+    rows = _lines(capsys)
+    labels = [c["label"] for r in rows[:-1] for c in r["cells"]]
+    summary = rows[-1]["summary"]
+    assert [c["name"] for c in summary["classes"]] == ["neutrophil", "lymphocyte"]
+    assert summary["identified"] == labels.count("neutrophil") + labels.count("lymphocyte") > 0
+    assert summary["nrbc"]["count"] == labels.count("erythroblast")
+    assert summary["nrbc"]["per_100_wbc"] == round(100 * labels.count("erythroblast") / summary["identified"], 2)
+    assert summary["rejected"] == [{"name": "platelet", "count": labels.count("platelet")}]
+    assert summary["total"] == len(labels)
+    report = Report.from_dict(json.loads((tmp_path / "rep" / "S-8.json").read_text()))
+    assert report.nrbc.count == summary["nrbc"]["count"] and report.rejected[0].name == "platelet"
+    assert 'id="beside"' in (tmp_path / "rep" / "S-8.html").read_text()
+    assert edge_main(args) == 0
+    table = capsys.readouterr().out
+    assert "\nNRBC " in table and "not white cells (rejected): platelet" in table
 
 
 def test_unreadable_field_is_skipped_and_listed(tiny_bundle, samples_bccd, tmp_path, capsys):

@@ -18,13 +18,17 @@ import cv2
 import numpy as np
 import pytest
 
+from hematovision.classes import KNOWN_CLASSES
+from hematovision.edge.cli import format_table
 from hematovision.edge.link_usb import (UsbReportLink, UsbSettings, choose_drive, parse_mounts,
                                         write_report_to_usb)
-from hematovision.edge.report import (PRELIMINARY, CellRecord, Report, ReportInvalid,
-                                      build_classes, clopper_pearson, commissioning_report)
+from hematovision.edge.report import (PRELIMINARY, CellRecord, NrbcCount, RejectedCount, Report,
+                                      ReportInvalid, build_classes, build_nrbc, clopper_pearson,
+                                      commissioning_report)
 from hematovision.edge.report_files import safe_file_stem, write_report_files
 from hematovision.edge.report_html import render_html
-from hematovision.edge.report_schema import report_schema, validate_report_dict
+from hematovision.edge.report_schema import report_schema, unchecked_keywords, validate_report_dict
+from hematovision.edge.tally import Counter
 from hematovision.errors import ConfigError, LinkFailed
 
 HOSTILE_ID = '<script>alert("x")</script>&\'"/../../etc/x'
@@ -47,6 +51,30 @@ def sample_report(specimen_id: str = "S-2024-0001") -> Report:
              CellRecord(4, "lymphocyte", 0.88, _thumbnail(210), (40.0, 20.0)),
              CellRecord(5, "unidentified", 0.30, _thumbnail(200), (50.0, 60.0)))
     return replace(base, cells=cells, quality_flags=("too_many_unidentified", "low_focus"))
+
+
+# 50 neutrophils, 50 lymphocytes, 7 nucleated red cells, 3 platelets and 2 unidentified cells.
+EIGHT_CLASS_LABELS = (["neutrophil"] * 50 + ["lymphocyte"] * 50 + ["erythroblast"] * 7 + ["platelet"] * 3
+                      + ["unidentified"] * 2)
+
+
+def eight_class_counter(labels=EIGHT_CLASS_LABELS) -> Counter:
+    counter = Counter(KNOWN_CLASSES, target=100)
+    for label in labels:
+        counter.add(label)
+    return counter
+
+
+def eight_class_report(specimen_id: str = "S-2024-0002") -> Report:
+    """The report of eight_class_counter() as report_build makes it, one gallery cell per count."""
+    tally = eight_class_counter().tally()
+    cells = tuple(CellRecord(i + 1, label, 0.9 - 0.001 * i, _thumbnail(200 + i % 50), (float(i), 5.0))
+                  for i, label in enumerate(EIGHT_CLASS_LABELS))
+    base = commissioning_report(specimen_id, "hv-pi-07", datetime(2024, 5, 6, 9, 30, tzinfo=timezone.utc))
+    return replace(base, classes=build_classes({c.name: c.count for c in tally.classes}),
+                   nrbc=build_nrbc(tally.nrbc.count, tally.identified), rejected=tally.rejected,
+                   unidentified=tally.unidentified, total=tally.total, target_reached=tally.target_reached,
+                   quality_flags=(), cells=cells)
 
 
 def test_report_round_trips_through_its_dict():
@@ -90,6 +118,48 @@ def test_from_dict_refuses_a_report_that_breaks_the_schema_or_its_sums(change, w
         Report.from_dict(data)
 
 
+def test_eight_class_report_validates_against_the_schema_and_round_trips(tmp_path):
+    report = eight_class_report()
+    data = json.loads(write_report_files(report, tmp_path)[0].read_text("utf-8"))
+    validate_report_dict(data)
+    assert data["nrbc"] == {"count": 7, "per_100_wbc": 7.0}
+    assert data["rejected"] == [{"name": "platelet", "count": 3}]
+    assert [c["name"] for c in data["classes"]] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil",
+                                                    "basophil", "ig"]
+    assert data["total"] == 112 == len(data["cells"]) and data["target_reached"]
+    assert Report.from_dict(data) == report
+    jsonschema = pytest.importorskip("jsonschema", reason="jsonschema is an optional check")
+    jsonschema.validate(data, report_schema())
+
+
+def test_a_report_without_nrbc_or_rejected_keys_still_loads():
+    data = sample_report().to_dict()  # a four-class report, exactly as written before NRBC existed
+    assert "nrbc" not in data and "rejected" not in data
+    report = Report.from_dict(data)
+    assert report.nrbc is None and report.rejected == () and report.to_dict() == data
+
+
+def test_schema_uses_only_keywords_the_validator_checks():
+    assert unchecked_keywords(report_schema()) == []
+    assert unchecked_keywords({"properties": {"a": {"patternProperties": {}}}}) == ["$.a.patternProperties"]
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["nrbc"].update(per_100_wbc=70.0), "per_100_wbc 70.0 is not 7 per 100"),
+    (lambda d: d["nrbc"].update(per_100_wbc=None), "null exactly when"),
+    (lambda d: d["nrbc"].update(count=8), "nrbc (8)"),
+    (lambda d: d["rejected"][0].update(count=-1), "minimum"),
+    (lambda d: d["rejected"][0].update(name="neutrophil"), "repeat a name"),
+    (lambda d: (d.pop("nrbc"), d.update(total=105)), "erythroblast"),  # cells left without a count
+    (lambda d: d.update(nrbc={"count": 7}), "missing per_100_wbc"),
+])
+def test_from_dict_refuses_nrbc_or_rejected_counts_that_break_the_schema_or_the_sums(change, words):
+    data = eight_class_report().to_dict()
+    change(data)
+    with pytest.raises(ReportInvalid, match=re.escape(words)):
+        Report.from_dict(data)
+
+
 def test_clopper_pearson_gives_the_exact_binomial_interval():
     assert clopper_pearson(0, 10) == (0.0, pytest.approx(0.308497, abs=1e-6))
     lo, hi = clopper_pearson(5, 10)
@@ -112,6 +182,53 @@ def test_build_classes_gives_percent_of_identified_inside_its_interval():
     assert [c.percent for c in classes] == [60.0, 40.0, 0.0]
     assert all(c.ci95[0] <= c.percent <= c.ci95[1] for c in classes)
     assert classes[2].ci95[0] == 0.0
+
+
+def test_counter_keeps_nrbc_and_rejected_cells_out_of_the_differential_and_the_target():
+    tally = eight_class_counter().tally()
+    percent = {c.name: c.percent for c in tally.classes}
+    assert percent == {"neutrophil": 50.0, "lymphocyte": 50.0, "monocyte": 0.0, "eosinophil": 0.0,
+                       "basophil": 0.0, "ig": 0.0}
+    assert tally.nrbc == NrbcCount(7, 7.0) and tally.rejected == (RejectedCount("platelet", 3),)
+    assert (tally.identified, tally.unidentified, tally.total) == (100, 2, 112)
+    assert tally.target_reached
+    summary = tally.to_dict()
+    assert summary["nrbc"] == {"count": 7, "per_100_wbc": 7.0}
+    assert summary["rejected"] == [{"name": "platelet", "count": 3}]
+
+
+def test_target_is_not_reached_by_nrbc_or_rejected_cells():
+    tally = eight_class_counter(["neutrophil"] * 99 + ["erythroblast"] * 30 + ["platelet"] * 30).tally()
+    assert tally.identified == 99 and not tally.target_reached
+    assert tally.nrbc.per_100_wbc == pytest.approx(100 * 30 / 99)
+
+
+def test_nrbc_per_100_wbc_is_null_while_no_white_cell_is_identified():
+    tally = eight_class_counter(["erythroblast"] * 3).tally()
+    assert tally.nrbc == NrbcCount(3, None) and tally.to_dict()["nrbc"] == {"count": 3, "per_100_wbc": None}
+    assert "3   n/a per 100 WBC" in format_table({**tally.to_dict(), "fields": 1, "skipped_files": []})
+
+
+def test_counter_of_a_four_class_model_has_no_nrbc_or_rejected_keys():
+    counter = Counter(("neutrophil", "lymphocyte", "monocyte", "eosinophil"))
+    for label in ["neutrophil"] * 3 + ["unidentified"]:
+        counter.add(label)
+    summary = counter.tally().to_dict()
+    assert set(summary) == {"classes", "unidentified", "identified", "total", "target", "target_reached"}
+    assert (summary["identified"], summary["total"]) == (3, 4)
+
+
+def test_csv_lists_nrbc_and_rejected_cells_apart_from_the_differential(tmp_path):
+    csv_path = write_report_files(eight_class_report(), tmp_path)[1]
+    rows = list(csv.DictReader(io.StringIO(csv_path.read_text("utf-8-sig"))))
+    assert [(r["class"], r["role"]) for r in rows[6:]] == [
+        ("unidentified", "unidentified"), ("erythroblast", "per_100_wbc"), ("platelet", "reject"),
+        ("total", "total")]
+    assert {r["role"] for r in rows[:6]} == {"differential"}
+    nrbc = rows[7]
+    assert (nrbc["count"], nrbc["per_100_wbc"], nrbc["percent_of_identified"]) == ("7", "7.00", "")
+    assert (rows[8]["count"], rows[8]["percent_of_identified"]) == ("3", "")
+    assert int(rows[-1]["count"]) == 112
 
 
 def test_csv_has_one_row_per_class_then_unidentified_and_total(tmp_path):
@@ -139,6 +256,34 @@ def test_html_lists_every_class_and_escapes_a_hostile_specimen_id():
         assert f">{c.name}</text>" in page  # the bar chart label
     assert "<script" not in page
     assert "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#x27;&quot;" in page
+
+
+def test_html_shows_nrbc_and_rejected_beside_the_differential_and_keeps_them_out_of_the_chart():
+    page = render_html(eight_class_report())
+    results = page.split('id="results"')[1].split("</table>")[0]
+    beside = page.split('id="beside"')[1].split("</table>")[0]
+    chart = page.split("<svg")[1].split("</svg>")[0]
+    assert "erythroblast" not in results and "platelet" not in results
+    assert "NRBC (nucleated red cells, erythroblast)" in beside and "7.0 per 100 WBC" in beside
+    assert "platelet: not white cells (rejected)" in beside
+    assert "erythroblast" not in chart and "platelet" not in chart and ">neutrophil</text>" in chart
+    assert page.index('id="results"') < page.index('id="beside"') < page.index("<svg")
+
+
+def test_html_gallery_shows_every_counted_cell_nrbc_and_rejected_ones_included():
+    page = render_html(eight_class_report())
+    assert page.count("data:image/jpeg;base64,") == 112
+    for name, n in (("neutrophil", 50), ("lymphocyte", 50), ("erythroblast", 7), ("platelet", 3),
+                    ("unidentified", 2)):
+        group = page.split(f'data-class="{name}"')[1].split("</div>")[0]
+        assert group.count("<figure") == n
+    assert "erythroblast: NRBC, not in the differential (7)" in page
+    assert "platelet: not a white cell (rejected) (3)" in page
+
+
+def test_html_of_a_four_class_report_has_no_beside_table():
+    page = render_html(sample_report())
+    assert 'id="beside"' not in page and "<th>total</th>" in page
 
 
 def test_html_is_self_contained_with_no_external_urls():
