@@ -160,8 +160,8 @@ def test_empty_class_folder_is_an_error_naming_it(samples_bccd, tmp_path):
 
 def test_unknown_class_folder_is_an_error(samples_bccd, tmp_path):
     root = _folder_dataset(samples_bccd, tmp_path / "TRAIN")
-    (root / "PLATELET").mkdir()
-    with pytest.raises(DataError, match="PLATELET"):
+    (root / "BLAST").mkdir()
+    with pytest.raises(DataError, match="BLAST"):
         load_folders(root)
 
 
