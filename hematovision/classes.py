@@ -17,7 +17,7 @@ UNIDENTIFIED = "unidentified"
 
 # A class's role in a report. The differential (the 100%) is made of white cells; nucleated red
 # cells are counted beside it as "NRBC per 100 WBC" (the usual haematology convention); a
-# reject class is a detection that is not a white cell and is left out of every count.
+# reject class is a detection that is not a white cell: listed apart, left out of every result.
 DIFFERENTIAL = "differential"
 PER_100_WBC = "per_100_wbc"
 REJECT = "reject"
