@@ -42,8 +42,8 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(f"{self.prog}: {message}")
 
 
-def _images(paths: Sequence[str]) -> list[np.ndarray]:
-    return [read_rgb(p) for p in paths]
+def _images(paths: Sequence[str], max_pixels: int | None) -> list[np.ndarray]:
+    return [read_rgb(p, max_pixels) for p in paths]
 
 
 def _open_profile(path: str, shape: tuple[int, ...], create: bool) -> CalibrationProfile:
@@ -69,7 +69,7 @@ def cmd_blank(args) -> int:
         captured = capture(args.camera, args.frames)
         images, controls = list(captured.frames), captured.controls
     else:
-        images, controls = _images(args.images), _controls_from_args(args)
+        images, controls = _images(args.images, args.max_pixels), _controls_from_args(args)
     profile = _open_profile(args.out, images[0].shape, create=True)
     blank = measure_blank(images)
     profile = profile.updated(blank=blank, camera_controls=controls or profile.camera_controls)
@@ -88,7 +88,7 @@ def _controls_from_args(args) -> CameraControls | None:
 
 
 def cmd_micrometer(args) -> int:
-    image = capture(args.camera, 1).frames[0] if args.camera else read_rgb(args.image)
+    image = capture(args.camera, 1).frames[0] if args.camera else read_rgb(args.image, args.max_pixels)
     check_exposure(image, args.image or "the micrometer frame")
     profile = _open_profile(args.profile, image.shape, create=True)
     size = pixel_size_from_ruling(image, args.division_um)
@@ -98,7 +98,7 @@ def cmd_micrometer(args) -> int:
 
 
 def cmd_redcells(args) -> int:
-    images = _images(args.images)
+    images = _images(args.images, args.max_pixels)
     for path, image in zip(args.images, images):
         check_exposure(image, path)
     profile = _open_profile(args.profile, images[0].shape, create=True)
@@ -110,7 +110,7 @@ def cmd_redcells(args) -> int:
 
 
 def cmd_focus(args) -> int:
-    images = _images(args.images)
+    images = _images(args.images, args.max_pixels)
     profile = _open_profile(args.profile, images[0].shape, create=False)
     for path, image in zip(args.images, images):
         check_image_size(profile, image.shape, path)
@@ -122,7 +122,7 @@ def cmd_focus(args) -> int:
 
 
 def cmd_colour(args) -> int:
-    images = _images(args.images)
+    images = _images(args.images, args.max_pixels)
     profile = _open_profile(args.profile, images[0].shape, create=False)
     for path, image in zip(args.images, images):
         check_image_size(profile, image.shape, path)
@@ -148,15 +148,24 @@ def read_stain_stats(path: str) -> StainStats:
 
 
 def cmd_stain_stats(args) -> int:
-    stats = stain_stats(read_rgb(p) for p in args.images)
-    Path(args.out).write_text(json.dumps({"stain_stats": stats.to_dict()}, indent=2) + "\n", encoding="utf-8")
+    stats = stain_stats(read_rgb(p, args.max_pixels) for p in args.images)
+    _write_text(Path(args.out), json.dumps({"stain_stats": stats.to_dict()}, indent=2) + "\n")
     print(f"stain statistics of {stats.images} image(s) (Lab mean / std): {_fmt(stats.lab_mean)} / {_fmt(stats.lab_std)}")
     return EXIT_OK
 
 
+def _write_text(path: Path, text: str) -> None:
+    """Raises ConfigError naming the file when it cannot be written."""
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as err:
+        raise ConfigError(f"cannot write {path}: {err.strerror}; give --out a file in an existing, writable "
+                          "folder") from err
+
+
 def cmd_apply(args) -> int:
     profile = load_profile(args.profile)
-    out = correct(read_rgb(args.image), profile)
+    out = correct(read_rgb(args.image, args.max_pixels), profile)
     if not cv2.imwrite(args.out, np.ascontiguousarray(out[:, :, ::-1])):
         raise _UsageError(f"apply: cannot write {args.out}; use a .png, .jpg or .tif name in a writable folder")
     return EXIT_OK
@@ -231,7 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("show", help="print a profile readably")
     p.add_argument("profile", metavar="PROFILE")
     p.set_defaults(run=cmd_show)
+    for p in sub.choices.values():
+        p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
+                       help="refuse images of more pixels (default $HEMATOVISION_MAX_PIXELS, else 24 million)")
     return parser
+
+
+def _pixel_count(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels above 0")
+    return int(text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -248,6 +266,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except HematovisionError as err:
         print(f"hematovision-calibrate: refused: {err}", file=sys.stderr)
+        return EXIT_REFUSED
+    except OSError as err:  # a file the library did not expect to fail on: one line, never a traceback
+        print(f"hematovision-calibrate: refused: {err.filename or 'a file'}: {err.strerror}; check the path, "
+              "its permissions and free space", file=sys.stderr)
         return EXIT_REFUSED
 
 

@@ -130,6 +130,11 @@ def _check_frames(images: Sequence[np.ndarray], settings: BlankSettings) -> np.n
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise CalibrationError(f"blank-field images differ in size {sorted(shapes)}; take them all at one resolution")
+    rows, cols = (2 * n for n in settings.fit_blocks)  # two pixels a side for every block of the fit at least
+    height, width = images[0].shape[:2]
+    if height < rows or width < cols:
+        raise CalibrationError(f"blank-field images of {width}x{height} pixels are too small for a flat field "
+                               f"(at least {cols}x{rows}); give full-resolution frames of the camera")
     limits = ExposureLimits(settings.min_level, settings.min_channel_level, settings.max_saturated)
     levels = np.array([check_exposure(im, f"blank frame {i + 1}", limits) for i, im in enumerate(images)])
     spread = float((levels.max() - levels.min()) / levels.mean())

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 
-from hematovision.errors import HematovisionError
+from hematovision.errors import DataError, HematovisionError
 from hematovision.pixels import read_rgb
 
 logger = logging.getLogger("hematovision.edge")
@@ -31,6 +31,12 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a number above 0")
     return value
+
+
+def _pixel_count(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels above 0")
+    return int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--model", type=Path, default=None, help="model bundle (default: the reference bundle)")
         p.add_argument("--json", action="store_true", help="one JSON object per line")
         p.add_argument("--threads", type=int, default=None)
+        p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
+                       help="refuse images of more pixels (default $HEMATOVISION_MAX_PIXELS, else 24 million)")
     return parser
 
 
@@ -77,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command](args)
     except HematovisionError as err:
         print(f"hematovision-edge: error: {err}", file=sys.stderr)
+        return 1
+    except OSError as err:  # a file the library did not expect to fail on: one line, never a traceback
+        print(f"hematovision-edge: error: {err.filename or 'a file'}: {err.strerror}; check the path, its "
+              "permissions and free space", file=sys.stderr)
         return 1
 
 
@@ -119,7 +131,7 @@ def _classify(args) -> int:
     failed = 0
     for path in paths:
         try:
-            cell, p = classify_cell_image(bundle, read_rgb(path), args.um_per_pixel, str(path))
+            cell, p = classify_cell_image(bundle, read_rgb(path, args.max_pixels), args.um_per_pixel, str(path))
         except HematovisionError as err:
             failed += 1
             print(f"hematovision-edge: skipped: {err}", file=sys.stderr)
@@ -149,11 +161,17 @@ def _count(args) -> int:
     pipeline = FieldPipeline(bundle, profile)
     run = CountRun(Counter(bundle.classes, args.target))
     paths = expand_inputs(args.inputs)
-    results = count_frames(pipeline, paths, run, make_selector("scan" if args.scan else "fields", None))
+    results = count_frames(pipeline, paths, run, make_selector("scan" if args.scan else "fields", None),
+                           args.max_pixels)
     for path, result in results:
         if args.json:
             print(json.dumps({"path": str(path), "width": result.width, "height": result.height,
                               "cells": [c.to_json() for c in result.cells]}), flush=True)
+    if len(run.skipped_files) == len(paths):
+        path, reason = run.skipped_files[0]
+        first = reason if reason.startswith(path) else f"{path}: {reason}"
+        raise DataError(f"none of the {len(paths)} input(s) could be counted, so no differential and no report "
+                        f"(first: {first}); give microscope fields as .jpg, .png, .bmp or .tif images")
     summary = run.summary()
     print(json.dumps({"summary": summary}) if args.json else format_table(summary))
     if args.report:

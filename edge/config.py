@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from hematovision.errors import ConfigError
+from hematovision.pixels import DEFAULT_MAX_PIXELS
 
 DEFAULT_CONFIG = Path("/etc/hematovision/config.toml")
 SOURCE_KINDS = ("replay", "opencv", "picamera2")
@@ -57,6 +58,8 @@ class SourceConfig:
     frame_timeout_s: float = _opt(10.0, "a source silent this long is reopened", min=0.1, max=3600.0)
     retry_initial_s: float = _opt(1.0, "first wait before reopening a failed source", min=0.01, max=600.0)
     retry_max_s: float = _opt(60.0, "longest wait between reopening attempts", min=0.01, max=3600.0)
+    max_pixels: int = _opt(DEFAULT_MAX_PIXELS, "frames with more pixels are refused (replayed files before "
+                           "decoding)", min=10_000, max=500_000_000)
     replay: ReplayConfig = field(default_factory=ReplayConfig)
     opencv: OpenCVConfig = field(default_factory=OpenCVConfig)
     picamera2: Picamera2Config = field(default_factory=Picamera2Config)
@@ -85,6 +88,10 @@ class StateConfig:
     directory: str = _opt("", "state folder (database, reports); empty: $STATE_DIRECTORY, "
                           "else $XDG_STATE_HOME/hematovision")
     min_free_mb: int = _opt(64, "counting stops while less disk space than this is free", min=1, max=1_000_000)
+    keep_days: float = _opt(90.0, "cells, thumbnails and report of a delivered specimen are deleted after "
+                            "this many days", min=0.0, max=36500.0)
+    max_mb: float = _opt(1024.0, "... and oldest first while the database holds more than this", min=1.0,
+                         max=1_000_000.0)
 
 
 @dataclass(frozen=True)
@@ -96,9 +103,16 @@ class ReportConfig:
     port: str = _opt("", "serial port of an astm or jsonl link, e.g. /dev/ttyUSB0 or /dev/ttyGS0")
     usb_mount_point: str = _opt("", "usb link: the drive's mount point; empty: the one drive under /media")
     baudrate: int = _opt(9600, "serial speed of the link", min=50, max=4_000_000)
-    reply_timeout_s: float = _opt(15.0, "astm / jsonl link: wait for each reply of the receiver "
-                                  "(E1381's 15 s; shorter on a fast local line)", min=0.1, max=300.0)
+    reply_timeout_s: float = _opt(15.0, "astm / jsonl link: wait for each reply of the receiver, or for a "
+                                  "receiver that takes no bytes (E1381's 15 s; shorter on a fast local line)",
+                                  min=0.1, max=300.0)
     retry_s: float = _opt(60.0, "wait before sending an undelivered report again", min=0.1, max=86400.0)
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    watchdog_s: float = _opt(30.0, "the unit's WatchdogSec=: every wait of the frame loop must fit in half of "
+                             "it (under systemd, WATCHDOG_USEC is used when shorter)", min=1.0, max=3600.0)
 
 
 @dataclass(frozen=True)
@@ -112,6 +126,7 @@ class Config:
     specimen: SpecimenConfig = field(default_factory=SpecimenConfig)
     state: StateConfig = field(default_factory=StateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    service: ServiceConfig = field(default_factory=ServiceConfig)
     path: Path = field(default=Path("config.toml"), metadata={"internal": True})
 
     def resolve(self, value: str) -> Path:
@@ -230,6 +245,35 @@ def check_config(config: Config) -> None:
                           "(e.g. /dev/ttyUSB0); or set report.link = \"none\"")
     if config.specimen.id and not config.specimen.id.strip():
         raise ConfigError(f"{where}: specimen.id is blank; give an id or leave it empty (\"\")")
+    if source.kind == "picamera2":
+        camera = source.picamera2
+        if camera.width * camera.height > source.max_pixels:
+            raise ConfigError(f"{where}: source.picamera2 frames of {camera.width}x{camera.height} exceed "
+                              f"source.max_pixels ({source.max_pixels}); lower the size or raise the limit")
+    check_timings(config, config.service.watchdog_s)
+
+
+def frame_loop_waits(config: Config, every_key: bool = True) -> dict[str, float]:
+    """The longest waits of the frame loop between two frames, by the key that sets them; without
+    `every_key` only those of the configured source (frame_timeout_s bounds a camera read)."""
+    source = config.source
+    waits = {"source.frame_timeout_s": source.frame_timeout_s} if every_key or source.kind == "opencv" else {}
+    if source.kind == "replay":
+        waits["source.replay.fps"] = 1.0 / source.replay.fps
+    if source.kind == "opencv" and source.opencv.fps:
+        waits["source.opencv.fps"] = 1.0 / source.opencv.fps
+    return waits
+
+
+def check_timings(config: Config, watchdog_s: float, every_key: bool = True) -> None:
+    """Every wait of the frame loop fits in half the watchdog interval, the rest being the frame's
+    own work. Raises ConfigError naming the key and the fix."""
+    for key, seconds in frame_loop_waits(config, every_key).items():
+        if seconds > watchdog_s / 2:
+            shown = f"{seconds:g} s" if key.endswith("_s") else f"one frame every {seconds:g} s"
+            raise ConfigError(f"{config.path}: {key} gives {shown}, longer than half the watchdog interval "
+                              f"({watchdog_s:g} s, service.watchdog_s / WatchdogSec=): systemd would kill the "
+                              "daemon between frames; shorten it (or raise WatchdogSec= and service.watchdog_s together)")
 
 
 def _check_replay(config: Config, where: str) -> None:

@@ -76,13 +76,13 @@ class CountRun:
 
 
 def count_frames(pipeline: FieldPipeline, paths: list[Path], run: CountRun,
-                 selector: CellSelector) -> Iterator[tuple[Path, FieldResult]]:
+                 selector: CellSelector, max_pixels: int | None = None) -> Iterator[tuple[Path, FieldResult]]:
     """Count image files in order; the selector decides which cells are new (every whole cell of a
-    field, or count-once across the frames of a scan). Unreadable or unusable files are skipped
-    and listed. Yields each file with the cells first counted in it."""
+    field, or count-once across the frames of a scan). Unreadable, unusable or oversized files are
+    skipped and listed. Yields each file with the cells first counted in it."""
     for path in paths:
         try:
-            result = pipeline.process(read_rgb(path), str(path), selector)
+            result = pipeline.process(read_rgb(path, max_pixels), str(path), selector)
         except (ImageUnreadable, DataError) as err:
             logger.warning("skipped %s", err)
             run.skipped_files.append((str(path), str(err)))

@@ -8,22 +8,23 @@ import signal
 import socket
 import sys
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 
 from hematovision.classes import REJECT, ROLES, UNIDENTIFIED, differential_classes
-from hematovision.errors import (CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable,
-                                 LinkFailed)
+from hematovision.errors import CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable
 
-from .config import DEFAULT_CONFIG, Config, ReportConfig, load_config
-from .notify import Notifier
+from .config import DEFAULT_CONFIG, Config, ReportConfig, check_timings, load_config
+from .notify import Notifier, watchdog_interval_s
+from .outbox import DeliverySettings, Outbox
 from .pipeline import CellResult, FieldPipeline
+from .preflight import check_devices
 from .segment import Detection
 from .select import CellSelector, make_selector
 from .sources import Frame, FrameSource, open_source, source_key
-from .state import FrameRecord, NewCell, Specimen, StateError, Store, StorageFull
+from .state import FrameRecord, NewCell, PruneSettings, Specimen, StateError, Store, StorageFull
 from .tally import NRBC_CLASS
+from .track import DEFAULT_TRACK
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,16 @@ class Backoff:
 
 
 class Daemon:
-    """The frame loop and the specimen workflow over one store, one pipeline and one source."""
+    """The frame loop and the specimen workflow over one store, one pipeline and one source.
+
+    Only this loop feeds the watchdog, once per frame (and while it waits on purpose to reopen
+    a camera): if frames stop, WATCHDOG=1 stops. Reports are delivered by the Outbox thread.
+    """
 
     def __init__(self, config: Config, pipeline: FieldPipeline, store: Store, notifier: Notifier,
                  stop: threading.Event, link=None):
         self.config, self.pipeline, self.store, self.notifier, self.stop = config, pipeline, store, notifier, stop
-        self.link, self.report_dir = link, config.report_dir()
+        self.link = link
         self.key, self.replay = source_key(config), config.source.kind == "replay"
         self.classes = pipeline.bundle.classes
         self.wbc_classes = differential_classes(self.classes)  # what the target counts
@@ -63,22 +68,24 @@ class Daemon:
         self.selector: CellSelector | None = None
         self.counts: dict[str, int] = {}
         self.announced = self.refused_id = False
-        self.next_delivery = 0.0
         self.fresh_pipeline = pipeline_state(pipeline)
+        self.outbox: Outbox | None = None
 
     def run(self) -> int:
-        """Count until stopped (0) or, for a replay without loop, until the recording ends (0)."""
-        self.load()
-        self.finish_if_due()
-        self.deliver_reports()
-        while not self.stop.is_set():
-            try:
-                if self.session():
-                    break
-            except CameraUnavailable as err:
-                self.pause(f"camera unavailable, retrying: {err}", self.backoff.next())
-            except StorageFull as err:
-                self.pause(f"STOPPED: disk full: {err}", self.config.source.retry_max_s)
+        """Count until stopped (0) or, for a replay without loop, until the recording ends (0);
+        at the end of a replay every report waiting has had its attempt at delivery."""
+        with Outbox(self.store.path, self.link, delivery_settings(self.config), self.stop) as self.outbox:
+            self.load()
+            self.finish_if_due()
+            while not self.stop.is_set():
+                try:
+                    if self.session():
+                        break
+                except CameraUnavailable as err:
+                    self.pause(f"camera unavailable, retrying: {err}", self.backoff.next())
+                except StorageFull as err:
+                    self.pause(f"STOPPED: disk full: {err}", self.config.source.retry_max_s)
+            self.outbox.flush()
         self.notifier.stopping(f"stopped; {self.status_text()}")
         logger.info("stopped cleanly: %s", self.status_text())
         return 0
@@ -98,7 +105,8 @@ class Daemon:
         """Specimen, counts, tracker and pipeline state as last committed."""
         self.specimen = self.store.open_specimen()
         state = self.specimen.tracker_state if self.specimen else None
-        self.selector = make_selector(self.config.counting.mode, state) if self.specimen else None
+        keyframes = self.store.keyframes(self.specimen, DEFAULT_TRACK.max_keyframes) if state else None
+        self.selector = make_selector(self.config.counting.mode, state, keyframes) if self.specimen else None
         self.counts = self.store.label_counts(self.specimen) if self.specimen else {}
         restore_pipeline_state(self.pipeline, {**self.fresh_pipeline, **(self.store.pipeline_state() or {})})
 
@@ -117,7 +125,6 @@ class Daemon:
         """Frames until stopped (False) or the recording ends (True)."""
         while not self.stop.is_set():
             self.run_commands()
-            self.deliver_reports()
             try:
                 frame = source.next_frame(self.stop)
             except ImageUnreadable as err:
@@ -153,11 +160,11 @@ class Daemon:
             return self.unusable(specimen, frame.index)
         cells = tuple(new_cell(r, xy) for r, xy in zip(result.cells, result.slide_xy_um))
         return FrameRecord(specimen, self.key, frame.index, result.kind, cells, result.edge_cells,
-                           self.selector.to_dict(), pipeline_state(self.pipeline))
+                           self.selector.to_dict(), pipeline_state(self.pipeline), self.selector.new_keyframes())
 
     def unusable(self, specimen: Specimen, index: int) -> FrameRecord:
         return FrameRecord(specimen, self.key, index, "unusable", (), 0, self.selector.to_dict(),
-                           pipeline_state(self.pipeline))
+                           pipeline_state(self.pipeline), self.selector.new_keyframes())
 
     def record_unusable(self, index: int) -> None:
         if self.specimen is not None:
@@ -225,8 +232,7 @@ class Daemon:
         report = build_report(self.store, specimen, self.pipeline)
         self.store.finish_specimen(specimen, reason, report)
         self.specimen, self.selector, self.counts = None, None, {}
-        self.next_delivery = 0.0
-        self.deliver_reports()
+        self.outbox.wake()
 
     def run_commands(self) -> None:
         for command in self.store.pending_commands():
@@ -248,57 +254,6 @@ class Daemon:
             raise
         except StateError as err:
             return f"refused: {err}"
-
-    # --- the outbox ---------------------------------------------------------------------
-
-    def deliver_reports(self) -> None:
-        """Write and send reports not yet delivered; a failure is retried after report.retry_s."""
-        if time.monotonic() < self.next_delivery:
-            return
-        for entry in self.store.pending_reports(self.report_dir is not None, self.link is not None):
-            try:
-                self.deliver(entry)
-            except (LinkFailed, DataError) as err:
-                logger.warning("report %s not delivered yet: %s", entry.specimen_id, err)
-                self.store.mark_report(entry, error=str(err))
-                self.next_delivery = time.monotonic() + self.config.report.retry_s
-                return
-
-    def deliver(self, entry) -> None:
-        from .report import Report  # noqa: PLC0415
-
-        report = Report.from_dict(entry.report)
-        if self.report_dir is not None and not entry.files_written:
-            from .report_files import write_report_files  # noqa: PLC0415
-
-            write_report_files(report, self.report_dir)
-            self.store.mark_report(entry, files=True)
-        if self.link is not None and not entry.link_sent:
-            result = self.keeping_watchdog(lambda: self.link.send(report))
-            logger.info("report %s sent over %s", entry.specimen_id, result.link)
-            self.store.mark_report(entry, link=True)
-
-
-    def keeping_watchdog(self, work):
-        """Run `work` (a send that may wait minutes on a slow receiver) in a thread while the
-        watchdog keeps being fed, so systemd does not restart a daemon that is only waiting.
-        Returns its result or raises its exception."""
-        outcome: dict = {}
-
-        def target():
-            try:
-                outcome["result"] = work()
-            except BaseException as err:  # re-raised in the daemon's thread below
-                outcome["error"] = err
-
-        worker = threading.Thread(target=target, name="report-link", daemon=True)
-        worker.start()
-        while worker.is_alive():
-            worker.join(timeout=1.0)
-            self.notifier.watchdog()
-        if "error" in outcome:
-            raise outcome["error"]
-        return outcome["result"]
 
 
 # --- values between the pipeline and the store ------------------------------------------
@@ -338,17 +293,22 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> d
     return report_from_run(run, pipeline.bundle, pipeline.profile, specimen.specimen_id).to_dict()
 
 
-def make_link(report: ReportConfig):
-    """The ReportLink of `report.link`, or None."""
+def delivery_settings(config: Config) -> DeliverySettings:
+    return DeliverySettings(config.report_dir(), config.report.retry_s,
+                            PruneSettings(config.state.keep_days, config.state.max_mb))
+
+
+def make_link(report: ReportConfig, cancel: threading.Event | None = None):
+    """The ReportLink of `report.link`, or None; a serial send in progress ends when `cancel` is set."""
     if report.link in ("astm", "jsonl"):
         from .astm import AstmTiming  # noqa: PLC0415
         from .report_send import SendSettings, SerialReportLink  # noqa: PLC0415
         from .serial_port import SerialSettings  # noqa: PLC0415
 
-        settings = SendSettings(serial=SerialSettings(report.baudrate),
+        settings = SendSettings(serial=SerialSettings(report.baudrate, write_timeout_s=report.reply_timeout_s),
                                 astm_timing=AstmTiming(reply_timeout_s=report.reply_timeout_s),
                                 jsonl_ack_timeout_s=report.reply_timeout_s)
-        return SerialReportLink(report.link, report.port, settings)
+        return SerialReportLink(report.link, report.port, settings, cancel)
     if report.link == "usb":
         from .link_usb import UsbReportLink, UsbSettings  # noqa: PLC0415
 
@@ -372,11 +332,15 @@ def open_pipeline(config: Config) -> FieldPipeline:
 
 
 def serve(config: Config, stop: threading.Event) -> int:
-    """Run the service until `stop` is set or a replay ends."""
+    """Run the service until `stop` is set or a replay ends. Raises ConfigError when a wait of the
+    frame loop does not fit in the watchdog interval systemd gave (WATCHDOG_USEC)."""
+    interval = watchdog_interval_s()
+    if interval is not None and interval < config.service.watchdog_s:
+        check_timings(config, interval, every_key=False)
     pipeline = open_pipeline(config)
     min_free = config.state.min_free_mb * 2**20
     with Store(config.state_dir() / STATE_FILE, min_free) as store, Notifier() as notifier:
-        return Daemon(config, pipeline, store, notifier, stop, make_link(config.report)).run()
+        return Daemon(config, pipeline, store, notifier, stop, make_link(config.report, stop)).run()
 
 
 @contextlib.contextmanager
@@ -423,16 +387,21 @@ def run_main(config_path: str | Path = DEFAULT_CONFIG) -> int:
 
 
 def check_config_main(config_path: str | Path = DEFAULT_CONFIG) -> int:
-    """`hematovision-edge check-config`: 0 when the file, the model bundle and the calibration
-    profile it names are all valid; 78 (naming the key and the fix) when not.
+    """`hematovision-edge check-config`: 0 when the file, the model bundle (every field, its stamp
+    and its model), the calibration profile, the camera and the serial port it names are all
+    valid and every wait of the frame loop fits in the watchdog interval; 78 (naming the key or
+    field and the fix) when not. A USB drive not mounted yet is a warning.
     """
     setup_logging()
     try:
         config = load_config(config_path)
         open_pipeline(config)
+        warnings = check_devices(config)
     except HematovisionError as err:
         logger.error("%s", err)
         return EX_CONFIG
+    for warning in warnings:
+        logger.warning("%s: %s", config_path, warning)
     logger.info("%s: configuration is valid (source %s, state in %s)", config_path, config.source.kind,
                 config.state_dir())
     return 0

@@ -11,7 +11,7 @@ from pathlib import Path
 from hematovision.errors import ConfigError, LinkFailed
 
 from .report import Report
-from .report_files import write_report_files
+from .report_files import remove_temporaries, write_report_files
 from .serial_port import SendResult
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,8 @@ def _writable(mount: Mount) -> Path:
 
 
 def write_report_to_usb(report: Report, settings: UsbSettings = UsbSettings()) -> list[Path]:
-    """Write the report's JSON, CSV and HTML files into <drive>/<subfolder>/.
+    """Write the report's JSON, CSV and HTML files into <drive>/<subfolder>/, after removing
+    temporary files an interrupted write left there.
 
     Raises LinkFailed when no suitable drive is mounted, the target is a symlink, or the
     write fails.
@@ -99,6 +100,7 @@ def write_report_to_usb(report: Report, settings: UsbSettings = UsbSettings()) -
     except OSError as err:
         raise LinkFailed(f"cannot read {settings.mounts_file}: {err.strerror}") from err
     drive = choose_drive(mounts, settings)
+    remove_temporaries(drive / settings.subfolder)  # a write the drive was pulled (or the power cut) during
     paths = write_report_files(report, drive / settings.subfolder)
     logger.info("report %s written to USB drive %s", report.specimen_id, drive)
     return paths

@@ -11,17 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.classes import validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
 from hematovision.stain import NO_STANDARD, ColourStandard
 
+from .bundle_meta import BUNDLE_FORMAT, BundleMeta, check_meta, verify_stamp  # noqa: F401 - BUNDLE_FORMAT for export
+
 logger = logging.getLogger(__name__)
 
-BUNDLE_FORMAT = "hematovision.bundle/1"
 MODEL_FILE = "model.tflite"
 META_FILE = "bundle.json"
-_REQUIRED = ("format", "classes", "input", "crop_geometry", "quantization", "confidence", "model_sha256")
+MAX_META_BYTES = 16 * 2**20  # a bundle.json is tens of kilobytes
 
 
 @dataclass(frozen=True)
@@ -126,49 +126,58 @@ class Bundle:
     model: Int8Model
     colour: ColourStandard = NO_STANDARD  # applied to every crop before the model
 
+    trained_um_per_pixel: float | None = None
+
     @property
     def um_per_pixel(self) -> float | None:
-        return self.meta["crop_geometry"].get("trained_um_per_pixel")
+        return self.trained_um_per_pixel
 
 
-def load_bundle(path: str | Path, threads: int | None = None) -> Bundle:
+def load_bundle(path: str | Path, threads: int | None = None, stamp: bool = True) -> Bundle:
     """Load and verify a bundle folder (bundle.json + model.tflite).
 
-    Raises ModelInvalid naming the file and what is wrong: missing or malformed bundle.json, an
-    unknown format version, a sha256 mismatch, a corrupt model, or shapes / classes that disagree.
+    Raises ModelInvalid naming the file, the field and the fix: a missing or malformed
+    bundle.json, a stamp (meta_sha256) that does not match its content (`stamp=False` skips
+    that check, for re-stamping only), any field missing or out of range, an unknown format
+    version, a model sha256 mismatch, a corrupt model, or shapes / classes that disagree.
     """
     path = Path(path)
-    meta = _read_meta(path / META_FILE)
-    content = _read_model(path / MODEL_FILE, meta["model_sha256"])
-    classes = validate_class_list(meta["classes"], str(path / META_FILE))
+    meta = read_meta(path / META_FILE)
+    if stamp:
+        verify_stamp(meta, str(path / META_FILE))
+    checked = check_meta(meta, str(path / META_FILE))
+    content = _read_model(path / MODEL_FILE, checked.model_sha256)
     model = Int8Model(content, threads, str(path / MODEL_FILE))
-    geometry = CropGeometry.from_dict(meta["crop_geometry"])
-    _check_shapes(path, meta, model, classes, geometry)
-    conf = meta["confidence"]
-    colour = ColourStandard.from_dict(meta.get("colour"), str(path / META_FILE))
-    return Bundle(path, meta, classes, geometry, float(conf["temperature"]), float(conf["threshold"]), model, colour)
+    _check_shapes(path, checked, model)
+    return Bundle(path, meta, checked.classes, checked.geometry, checked.temperature, checked.threshold, model,
+                  checked.colour, checked.trained_um_per_pixel)
 
 
-def _read_meta(path: Path) -> dict:
-    if not path.is_file():
-        raise ModelInvalid(f"{path}: missing; a bundle is a folder with {META_FILE} and {MODEL_FILE}")
+def read_meta(path: Path) -> dict:
+    """bundle.json as a JSON object. Raises ModelInvalid when it is missing, unreadable or not JSON."""
     try:
-        meta = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        if path.stat().st_size > MAX_META_BYTES:
+            raise ModelInvalid(f"{path}: larger than {MAX_META_BYTES // 2**20} MB, not a bundle description; "
+                               "re-export the bundle")
+        meta = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError as err:
+        raise ModelInvalid(f"{path}: missing; a bundle is a folder with {META_FILE} and {MODEL_FILE}") from err
+    except OSError as err:
+        raise ModelInvalid(f"{path}: cannot be read ({err.strerror}); check its permissions") from err
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise ModelInvalid(f"{path}: not valid JSON ({err}); re-export the bundle") from err
-    missing = [k for k in _REQUIRED if k not in meta] if isinstance(meta, dict) else list(_REQUIRED)
-    if missing:
-        raise ModelInvalid(f"{path}: missing keys {missing}; re-export the bundle")
-    if meta["format"] != BUNDLE_FORMAT:
-        raise ModelInvalid(f"{path}: format {meta['format']!r}, this device reads {BUNDLE_FORMAT!r}; "
-                           "export the model again with this version of hematovision")
+    if not isinstance(meta, dict):
+        raise ModelInvalid(f"{path}: is not a JSON object; re-export the bundle")
     return meta
 
 
 def _read_model(path: Path, expected_sha256: str) -> bytes:
-    if not path.is_file():
-        raise ModelInvalid(f"{path}: missing; copy the whole bundle folder")
-    content = path.read_bytes()
+    try:
+        content = path.read_bytes()
+    except FileNotFoundError as err:
+        raise ModelInvalid(f"{path}: missing; copy the whole bundle folder") from err
+    except OSError as err:
+        raise ModelInvalid(f"{path}: cannot be read ({err.strerror}); check its permissions") from err
     actual = hashlib.sha256(content).hexdigest()
     if actual != expected_sha256:
         raise ModelInvalid(f"{path}: sha256 {actual[:12]}... does not match bundle.json "
@@ -176,14 +185,17 @@ def _read_model(path: Path, expected_sha256: str) -> bytes:
     return content
 
 
-def _check_shapes(path: Path, meta: dict, model: Int8Model, classes, geometry: CropGeometry) -> None:
+def _check_shapes(path: Path, meta: BundleMeta, model: Int8Model) -> None:
     where = path / META_FILE
-    if model.n_outputs != len(classes):
-        raise ModelInvalid(f"{where}: lists {len(classes)} classes but {MODEL_FILE} has {model.n_outputs} outputs")
-    if model.input_size != geometry.input_size or int(meta["input"]["size"]) != model.input_size:
-        raise ModelInvalid(f"{where}: input size {meta['input']['size']} / crop {geometry.input_size} "
-                           f"disagrees with {MODEL_FILE}'s {model.input_size}")
-    stored = meta["quantization"]["input"]
-    if abs(stored["scale"] - model.input_q.scale) > 1e-9 * max(1.0, stored["scale"]) \
-            or stored["zero_point"] != model.input_q.zero_point:
-        raise ModelInvalid(f"{where}: input quantization {stored} disagrees with {MODEL_FILE}")
+    if model.n_outputs != len(meta.classes):
+        raise ModelInvalid(f"{where}: lists {len(meta.classes)} classes but {MODEL_FILE} has {model.n_outputs} "
+                           "outputs; re-export the bundle")
+    if model.input_size != meta.input_size:
+        raise ModelInvalid(f"{where}: input.size {meta.input_size} disagrees with {MODEL_FILE}'s "
+                           f"{model.input_size}; re-export the bundle")
+    for name, stored, actual in (("input", meta.input_quantization, model.input_q),
+                                 ("output", meta.output_quantization, model.output_q)):
+        if abs(stored.scale - actual.scale) > 1e-6 * max(1.0, stored.scale) or stored.zero_point != actual.zero_point \
+                or stored.dtype != actual.dtype:
+            raise ModelInvalid(f"{where}: quantization.{name} {stored} disagrees with {MODEL_FILE}'s "
+                               f"{actual}; re-export the bundle")

@@ -40,13 +40,18 @@ class Notifier:
         self._lock = threading.Lock()
 
     def send(self, *assignments: str) -> bool:
-        """One datagram of NAME=value lines. A lost notification is logged, never raised."""
+        """One datagram of NAME=value lines, never waiting: when the receiver's queue is full the
+        message is dropped (the next one follows a frame later). A lost notification is logged,
+        never raised."""
         if self.sock is None:
             return False
         message = "\n".join(assignments).encode("utf-8", "replace")
         try:
             with self._lock:
-                self.sock.sendto(message, self.address)
+                self.sock.sendto(message, socket.MSG_DONTWAIT, self.address)
+        except BlockingIOError:
+            logger.debug("sd_notify %s dropped: the notification queue is full", assignments[0].split("=")[0])
+            return False
         except OSError as err:
             logger.warning("sd_notify %s failed: %s", assignments[0].split("=")[0], err)
             return False

@@ -125,10 +125,12 @@ class FieldPipeline:
 
     def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:
         """Crops of `cells` classified in one batch, with their verification thumbnails."""
+        if not cells:  # an empty field, perhaps with no pixel size measured yet: nothing to cut
+            return ()
         crops = cut_cells(image, [c.center for c in cells], um_per_pixel, self.bundle)
-        if self.profile is not None and len(cells):
+        if self.profile is not None:
             crops = correct_colour(crops.reshape(-1, crops.shape[2], 3), self.profile).reshape(crops.shape)
-        predictions = classify_crops(self.bundle, crops) if len(cells) else []
+        predictions = classify_crops(self.bundle, crops)
         return tuple(CellResult(d, p, thumbnail(c)) for d, p, c in zip(cells, predictions, crops))
 
     def process(self, image: np.ndarray, name: str = "frame", selector: CellSelector | None = None) -> FieldResult:

@@ -189,3 +189,20 @@ def _refuse_symlink(dir_fd: int, name: str) -> None:
     if stat.S_ISLNK(mode) or not stat.S_ISREG(mode):
         raise LinkFailed(f"refusing to replace {name!r}: it is a symlink or not a plain file; "
                          "remove it first")
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")  # write_atomic's temporary names
+
+
+def remove_temporaries(folder: Path | str) -> int:
+    """Delete temporary files that a write cut short (a power cut, kill -9) left in `folder`;
+    returns how many. Only one writer uses a folder, so any found is an orphan."""
+    removed = 0
+    with contextlib.suppress(OSError):  # no folder yet, or one the next write will fail on anyway
+        for entry in os.scandir(folder):
+            if _TEMPORARY.fullmatch(entry.name) and entry.is_file(follow_symlinks=False):
+                os.unlink(entry.path)
+                removed += 1
+    if removed:
+        logger.warning("removed %d temporary file(s) left by an interrupted write in %s", removed, folder)
+    return removed

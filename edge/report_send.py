@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +36,18 @@ class SendSettings:
 
 
 def send_report(report_dict: Mapping[str, object], link: str, port: str,
-                settings: SendSettings = SendSettings()) -> SendResult:
-    """Validate the report and deliver it over `link` ("astm" or "jsonl") on `port`.
+                settings: SendSettings = SendSettings(), cancel: threading.Event | None = None) -> SendResult:
+    """Validate the report and deliver it over `link` ("astm" or "jsonl") on `port`; every write
+    and read on the line is bounded by the settings' timeouts and ends when `cancel` is set.
 
     Raises ReportInvalid for a bad report, ConfigError for an unknown link, LinkFailed
-    (with the reason) when the port is missing or the receiver does not take the report.
+    (with the reason) when the port is missing or the receiver does not take the report,
+    SendCancelled when `cancel` was set.
     """
     if link not in LINKS:
         raise ConfigError(f"link {link!r} is unknown; use one of {', '.join(LINKS)}")
     report = Report.from_dict(dict(report_dict))
-    with open_serial(port, settings.serial) as line:
+    with open_serial(port, settings.serial, cancel) as line:
         if link == "astm":
             return send_report_astm(report, line, settings.astm_timing, settings.astm_records,
                                     settings.wbc_10e9_per_l, port)
@@ -60,14 +63,16 @@ class ReportLink(Protocol):
 
 @dataclass(frozen=True)
 class SerialReportLink:
-    """ReportLink over a serial line: ASTM or JSON lines on `port`."""
+    """ReportLink over a serial line: ASTM or JSON lines on `port`; a send in progress ends
+    (SendCancelled) when `cancel` is set."""
 
     link: str
     port: str
     settings: SendSettings = field(default_factory=SendSettings)
+    cancel: threading.Event | None = field(default=None, compare=False)
 
     def send(self, report: Report) -> SendResult:
-        return send_report(report.to_dict(), self.link, self.port, self.settings)
+        return send_report(report.to_dict(), self.link, self.port, self.settings, self.cancel)
 
 
 def add_send_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +82,8 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
                         help="serial device, pseudo-terminal or pyserial URL, e.g. /dev/ttyUSB0")
     parser.add_argument("--baud", type=int, default=SerialSettings.baudrate)
     parser.add_argument("--timeout", type=float, default=AstmTiming.reply_timeout_s,
-                        help="seconds to wait for each reply (ASTM) or the ack (JSON lines)")
+                        help="seconds to wait for each reply (ASTM) or the ack (JSON lines), and for a "
+                             "receiver that stops taking bytes")
     parser.add_argument("--wbc", type=float, default=None,
                         help="white-cell count in 10^9/L: also send absolute counts (ASTM)")
     parser.add_argument("report_json", type=Path, help="a report .json file")
@@ -91,7 +97,7 @@ def send_main(args: argparse.Namespace) -> int:
     """
     report_dict = load_report_json(args.report_json)
     settings = SendSettings(
-        serial=SerialSettings(baudrate=args.baud),
+        serial=SerialSettings(baudrate=args.baud, write_timeout_s=args.timeout),
         astm_timing=AstmTiming(reply_timeout_s=args.timeout),
         jsonl_ack_timeout_s=args.timeout, wbc_10e9_per_l=args.wbc)
     result = send_report(report_dict, args.link, args.port, settings)

@@ -14,7 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from hematovision.errors import CameraUnavailable, ConfigError, ImageUnreadable
-from hematovision.pixels import IMAGE_SUFFIXES, list_images, read_rgb, to_rgb_uint8
+from hematovision.pixels import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_pixels, list_images, read_rgb, to_rgb_uint8
 
 from .config import Config, OpenCVConfig, Picamera2Config
 
@@ -63,14 +63,14 @@ def open_source(config: Config, position: int, profile=None) -> Iterator[FrameSo
 
     Raises CameraUnavailable when it cannot be opened.
     """
-    kind = config.source.kind
+    kind, limit = config.source.kind, config.source.max_pixels
     if kind == "replay":
         source = open_replay(config.resolve(config.source.replay.path), config.source.replay.fps,
-                             config.source.replay.loop, position)
+                             config.source.replay.loop, position, limit)
     elif kind == "opencv":
-        source = OpenCVSource(config.source.opencv, position, config.source.frame_timeout_s)
+        source = OpenCVSource(config.source.opencv, position, config.source.frame_timeout_s, limit)
     elif kind == "picamera2":
-        source = Picamera2Source(config.source.picamera2, position, profile)
+        source = Picamera2Source(config.source.picamera2, position, profile, limit)
     else:  # load_config refuses other kinds
         raise ConfigError(f"source.kind {kind!r} is unknown")
     try:
@@ -95,19 +95,26 @@ class Pacer:
         return not stop.is_set()
 
 
-def open_replay(path: Path, fps: float, loop: bool, position: int):
+def open_replay(path: Path, fps: float, loop: bool, position: int, max_pixels: int = DEFAULT_MAX_PIXELS):
     """A folder of images or a video file, replayed from `position`. Raises CameraUnavailable."""
     if path.is_dir():
-        return FolderReplay(path, fps, loop, position)
+        return FolderReplay(path, fps, loop, position, max_pixels)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         raise CameraUnavailable(f"{path}: replay needs a folder of images or a video, not one image")
-    return VideoReplay(path, fps, loop, position)
+    return VideoReplay(path, fps, loop, position, max_pixels)
+
+
+def checked_frame(image: np.ndarray, index: int, name: str, max_pixels: int, already_rgb: bool) -> Frame:
+    """A captured image as a Frame. Raises ImageTooLarge beyond `max_pixels` (the frame is skipped)."""
+    check_pixels(image.shape[1], image.shape[0], max_pixels, f"frame {index}")
+    return Frame(to_rgb_uint8(image, already_rgb=already_rgb), index, name)
 
 
 class FolderReplay:
-    """The images of a folder in name order, one frame each."""
+    """The images of a folder in name order, one frame each; larger than `max_pixels`, refused unread."""
 
-    def __init__(self, folder: Path, fps: float, loop: bool, position: int):
+    def __init__(self, folder: Path, fps: float, loop: bool, position: int, max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.max_pixels = max_pixels
         self.files = list_images(folder) if folder.is_dir() else []
         if not self.files:
             raise CameraUnavailable(f"{folder}: no images to replay; check source.replay.path")
@@ -121,7 +128,7 @@ class FolderReplay:
         index, path = self.position, self.files[self.position % len(self.files)]
         self.position += 1
         try:
-            return Frame(read_rgb(path), index, path.name)
+            return Frame(read_rgb(path, self.max_pixels), index, path.name)
         except ImageUnreadable as err:
             raise ImageUnreadable(f"replay frame {index}: {err}") from err
 
@@ -132,12 +139,17 @@ class FolderReplay:
 class VideoReplay:
     """The frames of a video file, read with OpenCV."""
 
-    def __init__(self, path: Path, fps: float, loop: bool, position: int):
+    def __init__(self, path: Path, fps: float, loop: bool, position: int, max_pixels: int = DEFAULT_MAX_PIXELS):
         import cv2  # noqa: PLC0415
 
         self.cv2, self.path, self.loop, self.position = cv2, path, loop, position
-        self.key, self.pacer = f"replay:{path}", Pacer(fps)
+        self.key, self.pacer, self.max_pixels = f"replay:{path}", Pacer(fps), max_pixels
         self.capture = self._open()
+        width, height = (int(self.capture.get(p)) for p in (cv2.CAP_PROP_FRAME_WIDTH, cv2.CAP_PROP_FRAME_HEIGHT))
+        if width * height > max_pixels:
+            self.capture.release()
+            raise CameraUnavailable(f"{path}: frames of {width}x{height} exceed source.max_pixels ({max_pixels}); "
+                                    "replay a smaller video or raise the limit")
         self.length = max(int(self.capture.get(cv2.CAP_PROP_FRAME_COUNT)), 0)
         self._skip(position % self.length if loop and self.length else position)
 
@@ -165,7 +177,7 @@ class VideoReplay:
         if not ok:
             return None
         self.position += 1
-        return Frame(to_rgb_uint8(image, already_rgb=False), self.position - 1, f"{self.path.name}#{self.position - 1}")
+        return checked_frame(image, self.position - 1, f"{self.path.name}#{self.position - 1}", self.max_pixels, False)
 
     def close(self) -> None:
         self.capture.release()
@@ -174,10 +186,12 @@ class VideoReplay:
 class OpenCVSource:
     """A USB microscope camera through OpenCV's V4L2 back-end."""
 
-    def __init__(self, settings: OpenCVConfig, position: int, timeout_s: float = 10.0):
+    def __init__(self, settings: OpenCVConfig, position: int, timeout_s: float = 10.0,
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         import cv2  # noqa: PLC0415
 
         self.cv2, self.settings, self.position, self.timeout_s = cv2, settings, position, timeout_s
+        self.max_pixels = max_pixels
         device = int(settings.device) if settings.device.isdigit() else settings.device
         self.key = f"opencv:{settings.device}"
         self.capture = cv2.VideoCapture(device, cv2.CAP_V4L2)
@@ -220,7 +234,7 @@ class OpenCVSource:
             raise CameraUnavailable(f"camera {self.settings.device!r} stopped delivering frames; "
                                     "check the USB cable")
         self.position += 1
-        return Frame(to_rgb_uint8(image, already_rgb=False), self.position - 1, f"frame {self.position - 1}")
+        return checked_frame(image, self.position - 1, f"frame {self.position - 1}", self.max_pixels, False)
 
     def close(self) -> None:
         self.capture.release()
@@ -229,13 +243,13 @@ class OpenCVSource:
 class Picamera2Source:
     """The Raspberry Pi camera, with the calibration profile's fixed exposure and colour gains."""
 
-    def __init__(self, settings: Picamera2Config, position: int, profile=None):
+    def __init__(self, settings: Picamera2Config, position: int, profile=None, max_pixels: int = DEFAULT_MAX_PIXELS):
         try:
             from picamera2 import Picamera2  # noqa: PLC0415 - only on the device
         except ImportError as err:
             raise CameraUnavailable("picamera2 is not installed; on the Pi: apt install python3-picamera2 "
                                     "and a venv with --system-site-packages (systemd/install.sh)") from err
-        self.position, self.key = position, f"picamera2:{settings.camera}"
+        self.position, self.key, self.max_pixels = position, f"picamera2:{settings.camera}", max_pixels
         try:
             self.camera = Picamera2(settings.camera)
             # "BGR888" gives arrays whose last axis is R, G, B: already RGB for this project.
@@ -261,7 +275,7 @@ class Picamera2Source:
         except (RuntimeError, OSError) as err:
             raise CameraUnavailable(f"picamera2 stopped delivering frames ({err}); check the camera cable") from err
         self.position += 1
-        return Frame(to_rgb_uint8(image, already_rgb=True), self.position - 1, f"frame {self.position - 1}")
+        return checked_frame(image, self.position - 1, f"frame {self.position - 1}", self.max_pixels, True)
 
     def close(self) -> None:
         camera = getattr(self, "camera", None)

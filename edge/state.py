@@ -68,6 +68,12 @@ CREATE TABLE IF NOT EXISTS outbox (
     attempts INTEGER NOT NULL DEFAULT 0,
     last_error TEXT
 );
+CREATE TABLE IF NOT EXISTS keyframes (
+    specimen INTEGER NOT NULL REFERENCES specimens (id),
+    seq INTEGER NOT NULL,
+    data TEXT NOT NULL,
+    PRIMARY KEY (specimen, seq)
+);
 CREATE TABLE IF NOT EXISTS commands (
     id INTEGER PRIMARY KEY,
     action TEXT NOT NULL CHECK (action IN ('start', 'finish')),
@@ -135,6 +141,17 @@ class FrameRecord:
     edge_cells: int
     tracker_state: dict | None
     pipeline_state: dict | None = None  # what the pipeline carries from field to field
+    keyframes: tuple[tuple[int, dict], ...] = ()  # (number, keyframe) the scan tracker added in this frame
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What is kept of delivered specimens: their cells, thumbnails, keyframes and report are
+    deleted once older than `keep_days`, and oldest first while the database holds more than
+    `max_mb`. The specimen's row stays, so its id is never used twice."""
+
+    keep_days: float = 90.0
+    max_mb: float = 1024.0
 
 
 @dataclass(frozen=True)
@@ -266,6 +283,8 @@ class Store:
                        "tracker_state = ? WHERE id = ? AND status = 'open'",
                        (frame.edge_cells, _json_or_none(frame.tracker_state), frame.specimen.row))
             self._set_position(db, frame.source, frame.index + 1)
+            db.executemany("INSERT OR REPLACE INTO keyframes (specimen, seq, data) VALUES (?, ?, ?)",
+                           [(frame.specimen.row, n, _json_or_none(k)) for n, k in frame.keyframes])
             if frame.pipeline_state is not None:
                 db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('pipeline_state', ?)",
                            (_json_or_none(frame.pipeline_state),))
@@ -284,6 +303,12 @@ class Store:
     def _set_position(db: sqlite3.Connection, source: str, position: int) -> None:
         db.execute("INSERT INTO source_positions (source, position) VALUES (?, ?) "
                    "ON CONFLICT (source) DO UPDATE SET position = excluded.position", (source, position))
+
+    def keyframes(self, specimen: Specimen, limit: int) -> list[dict]:
+        """The latest `limit` keyframes of a scan, oldest first, each with its number as "seq"."""
+        rows = self.db.execute("SELECT seq, data FROM keyframes WHERE specimen = ? ORDER BY seq DESC LIMIT ?",
+                               (specimen.row, limit)).fetchall()
+        return [{**json.loads(data), "seq": seq} for seq, data in reversed(rows)]
 
     def label_counts(self, specimen: Specimen) -> dict[str, int]:
         rows = self.db.execute("SELECT label, COUNT(*) FROM cells WHERE specimen = ? GROUP BY label",
@@ -307,6 +332,7 @@ class Store:
                                                              specimen.row))
             db.execute("INSERT INTO outbox (specimen, report, created_at) VALUES (?, ?, ?)",
                        (specimen.row, json.dumps(report, allow_nan=False), now_iso()))
+            db.execute("DELETE FROM keyframes WHERE specimen = ?", (specimen.row,))  # only a scan in progress needs them
         logger.info("finished specimen %s (%s)", specimen.specimen_id, reason)
 
     def pending_reports(self, files: bool, link: bool) -> list[OutboxEntry]:
@@ -328,6 +354,31 @@ class Store:
             db.execute("UPDATE outbox SET files_written = files_written OR ?, link_sent = link_sent OR ?, "
                        "attempts = attempts + ?, last_error = ? WHERE id = ?",
                        (files, link, 1 if error else 0, error, entry.row))
+
+    def prune(self, settings: PruneSettings, files: bool, link: bool) -> int:
+        """Delete what is kept of delivered specimens past `settings`; returns how many were pruned."""
+        rows = self.db.execute(
+            "SELECT s.id, s.specimen_id, s.finished_at FROM specimens s JOIN outbox o ON o.specimen = s.id "
+            "WHERE s.status = 'finished' AND (NOT ? OR o.files_written) AND (NOT ? OR o.link_sent) ORDER BY s.id",
+            (files, link)).fetchall()
+        cutoff = datetime.now().astimezone().timestamp() - settings.keep_days * 86400
+        pruned = 0
+        for row, specimen_id, finished_at in rows:
+            if _timestamp(finished_at) >= cutoff and self.used_bytes() <= settings.max_mb * 2**20:
+                continue
+            with self.transaction() as db:
+                for table in ("cells", "keyframes", "outbox"):
+                    db.execute(f"DELETE FROM {table} WHERE specimen = ?", (row,))
+                db.execute("UPDATE specimens SET tracker_state = NULL WHERE id = ?", (row,))
+            logger.info("pruned delivered specimen %s (finished %s)", specimen_id, finished_at)
+            pruned += 1
+        return pruned
+
+    def used_bytes(self) -> int:
+        """Bytes of the database's pages in use (free pages are reused, not counted)."""
+        pages, free, size = (self.db.execute(f"PRAGMA {p}").fetchone()[0]
+                             for p in ("page_count", "freelist_count", "page_size"))
+        return (pages - free) * size
 
     # --- commands -----------------------------------------------------------------
 
@@ -355,6 +406,15 @@ def _specimen(row) -> Specimen:
     values = list(row)
     values[-1] = json.loads(values[-1]) if values[-1] else None
     return Specimen(*values)
+
+
+def _timestamp(iso: str | None) -> float:
+    """Seconds since the epoch of a stored ISO time; an unreadable one counts as now (kept)."""
+    try:
+        when = datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        return datetime.now().timestamp()
+    return (when if when.tzinfo else when.astimezone()).timestamp()
 
 
 def _json_or_none(value: dict | None) -> str | None:

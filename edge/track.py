@@ -62,8 +62,8 @@ class CountedCell:
     frame: int  # index of the frame it was counted in
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "map": self.map, "x_um": round(self.position_um[0], 3),
-                "y_um": round(self.position_um[1], 3), "frame": self.frame,
+        return {"id": self.id, "map": self.map, "x_um": self.position_um[0],
+                "y_um": self.position_um[1], "frame": self.frame,
                 "descriptor": base64.b64encode(self.descriptor.astype(np.int8).tobytes()).decode("ascii")}
 
     @classmethod
@@ -169,6 +169,7 @@ class CountOnce:
         self._since_reference = 1
         self._map, self._maps, self._position = 0, 1, (0.0, 0.0)
         self._index = 0
+        self._keyframes_added = 0  # ever, numbering them: the daemon stores each once, by number
 
     @property
     def cells(self) -> tuple[CountedCell, ...]:
@@ -177,6 +178,19 @@ class CountOnce:
     @property
     def counters(self) -> TrackCounters:
         return self._counters
+
+    @property
+    def keyframes_added(self) -> int:
+        return self._keyframes_added
+
+    def keyframes_since(self, count: int) -> tuple[tuple[int, dict], ...]:
+        """The keyframes added after the first `count`, as (number, state) to store beside the
+        frame's state (`to_dict` leaves keyframes out); `from_dict` takes them back under "keyframes"."""
+        new = min(self._keyframes_added - count, len(self._keyframes))
+        if new <= 0:
+            return ()
+        first = self._keyframes_added - new
+        return tuple((first + i, _key_to_dict(k)) for i, k in enumerate(list(self._keyframes)[-new:]))
 
     def feed(self, frame_rgb: np.ndarray, segmentation: Segmentation, focus: float) -> FrameResult:
         """Place a frame on the slide and return the whole cells in it not counted before.
@@ -321,6 +335,7 @@ class CountOnce:
                 math.dist(k.position_um, self._position) < self.params.keyframe_spacing_um]
         if not near:
             self._keyframes.append(_Keyframe(self._map, self._position, work))
+            self._keyframes_added += 1
 
     def _tally(self, status: str, events: list, new_cells: int) -> None:
         c = self._counters
@@ -334,10 +349,11 @@ class CountOnce:
         """The state as JSON-ready values; keyframes (about 10 kB each) only when asked."""
         state = {"format": STATE_FORMAT, "frame_index": self._index, "map": self._map, "maps": self._maps,
                  "position_um": list(self._position), "since_reference": self._since_reference,
+                 "keyframes_added": self._keyframes_added,
                  "focus_history": list(self._focus), "counters": asdict(self._counters),
                  "cells": [c.to_dict() for c in self._cells],
                  "reference": _work_to_dict(self._reference) if self._reference is not None else None,
-                 "sharp": _key_to_dict(self._sharp) if self._sharp is not None else None}
+                 "sharp": self._sharp_to_dict()}
         if keyframes:
             state["keyframes"] = [_key_to_dict(k) for k in self._keyframes]
         return state
@@ -361,9 +377,26 @@ class CountOnce:
         self._counters = TrackCounters(**state["counters"])
         self._cells = [CountedCell.from_dict(c) for c in state["cells"]]
         self._reference = _work_from_dict(state["reference"]) if state["reference"] else None
-        self._sharp = _key_from_dict(state["sharp"]) if state.get("sharp") else None
+        self._sharp = self._sharp_from_dict(state.get("sharp"))
         self._keyframes.extend(_key_from_dict(k) for k in state.get("keyframes", ()))
+        self._keyframes_added = int(state.get("keyframes_added", len(self._keyframes)))
         return self
+
+    def _sharp_to_dict(self) -> dict | None:
+        """The last sharp frame; when it is the reference, said so (`_skip_blurred` tells them apart
+        by identity, which a restored state must keep)."""
+        if self._sharp is None:
+            return None
+        if self._sharp.work is self._reference:
+            return {"map": self._sharp.map, "position_um": list(self._sharp.position_um), "is_reference": True}
+        return _key_to_dict(self._sharp)
+
+    def _sharp_from_dict(self, data: dict | None) -> _Keyframe | None:
+        if not data:
+            return None
+        if data.get("is_reference"):
+            return _Keyframe(int(data["map"]), tuple(float(v) for v in data["position_um"]), self._reference)
+        return _key_from_dict(data)
 
 
 def _key_to_dict(key: _Keyframe) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import hematovision
-from hematovision.edge.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model
+from hematovision.edge.bundle_meta import stamped
+from hematovision.edge.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model, load_bundle, read_meta
 from hematovision.errors import HematovisionError
 from hematovision.pixels import PREPROCESSING
 from hematovision.train.augment import AugmentParams
@@ -120,8 +121,7 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     _log_figures(meta)
     if not meta["gate"]["passed"]:
         raise GateRefused("model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
-    write_bundle(Path(out_dir), tflite, meta)
-    return meta
+    return write_bundle(Path(out_dir), tflite, meta)
 
 
 def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
@@ -182,8 +182,13 @@ def _log_figures(meta: dict) -> None:
     logger.info("gate %s %s", "PASSED" if g["passed"] else "REFUSED", "; ".join(g["reasons"]))
 
 
-def write_bundle(out_dir: Path, tflite: bytes, meta: dict) -> None:
-    """Write the bundle folder atomically: a complete new folder replaces the old one, or nothing."""
+def write_bundle(out_dir: Path, tflite: bytes, meta: dict) -> dict:
+    """Write the bundle folder atomically: a complete new folder replaces the old one, or nothing.
+
+    bundle.json is stamped (meta_sha256 over every other key), so the device refuses a copy that
+    was edited or damaged afterwards. Returns the stamped bundle.json.
+    """
+    meta = stamped(meta)
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
@@ -199,3 +204,24 @@ def write_bundle(out_dir: Path, tflite: bytes, meta: dict) -> None:
         out_dir.rename(old)
     tmp.rename(out_dir)
     shutil.rmtree(old, ignore_errors=True)
+    return meta
+
+
+def restamp_bundle(bundle_dir: Path) -> dict:
+    """Stamp an existing bundle's bundle.json anew after a deliberate, checked edit (or one made
+    before stamps existed): every field is checked and the model loaded against it first.
+
+    Raises ModelInvalid, as the device's loader does, naming what is wrong; nothing is written then.
+    """
+    bundle_dir = Path(bundle_dir)
+    load_bundle(bundle_dir, threads=1, stamp=False)
+    meta = stamped(read_meta(bundle_dir / META_FILE))
+    target = bundle_dir / META_FILE
+    tmp = target.with_name(f".{META_FILE}.restamp.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(json.dumps(meta, indent=2).encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+    logger.info("%s stamped: meta_sha256 %s", target, meta["meta_sha256"])
+    return meta

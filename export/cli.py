@@ -1,4 +1,7 @@
-"""`hematovision-export RUN_DIR --out BUNDLE_DIR`: int8 bundle behind the float-versus-int8 gate."""
+"""`hematovision-export RUN_DIR --out BUNDLE_DIR`: int8 bundle behind the float-versus-int8 gate.
+
+`hematovision-export --restamp BUNDLE_DIR` checks a bundle whose bundle.json was edited on purpose
+(or exported before bundles were stamped) and stamps it anew."""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from .gate import GateMargins
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hematovision-export", description=__doc__)
-    p.add_argument("run", type=Path, help="a finished hematovision-train run folder")
-    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("run", type=Path, nargs="?", help="a finished hematovision-train run folder")
+    p.add_argument("--out", type=Path, help="bundle folder to write")
+    p.add_argument("--restamp", type=Path, metavar="BUNDLE",
+                   help="check an edited bundle and stamp its bundle.json anew (instead of exporting)")
     p.add_argument("--max-accuracy-drop", type=float, default=1.0, help="points (default 1)")
     p.add_argument("--max-recall-drop", type=float, default=3.0, help="points, any class (default 3)")
     p.add_argument("--min-agreement", type=float, default=0.95,
@@ -33,10 +38,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.restamp is not None:
+        return _restamp(args.restamp) if args.run is None and args.out is None else \
+            _usage(parser, "--restamp BUNDLE takes no RUN and no --out")
+    if args.run is None or args.out is None:
+        return _usage(parser, "give a RUN folder and --out BUNDLE (or --restamp BUNDLE)")
     if args.calibration_crops < 200:
-        print("hematovision-export: error: --calibration-crops must be at least 200", file=sys.stderr)
-        return 2
+        return _usage(parser, "--calibration-crops must be at least 200")
     from .bundle import ExportOptions, export_run
 
     options = ExportOptions(GateMargins(args.max_accuracy_drop, args.max_recall_drop, args.min_agreement,
@@ -48,4 +58,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hematovision-export: error: {err}", file=sys.stderr)
         return 1
     print(args.out)
+    return 0
+
+
+def _usage(parser: argparse.ArgumentParser, message: str) -> int:
+    parser.print_usage(sys.stderr)
+    print(f"hematovision-export: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _restamp(bundle: Path) -> int:
+    from .bundle import restamp_bundle
+
+    try:
+        restamp_bundle(bundle)
+    except HematovisionError as err:
+        print(f"hematovision-export: error: {err}", file=sys.stderr)
+        return 1
+    print(bundle)
     return 0

@@ -31,3 +31,11 @@ class CameraUnavailable(HematovisionError):
 
 class LinkFailed(HematovisionError):
     """A report could not be delivered to its receiver."""
+
+
+class ImageTooLarge(ImageUnreadable):
+    """An image has more pixels than the configured limit; refused before decoding where possible."""
+
+
+class SendCancelled(LinkFailed):
+    """A report send was stopped because the daemon is stopping; the report stays in the outbox."""

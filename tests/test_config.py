@@ -114,3 +114,63 @@ def test_run_refuses_a_bad_configuration_before_touching_state(daemon_config, tm
 
     assert run_main(daemon_config(counting={"mode": "sweep"})) == EX_CONFIG
     assert not (tmp_path / "state").exists()
+
+
+# --- timings against the watchdog, and the devices the configuration names --------------------
+
+@pytest.mark.parametrize("tables, named", [
+    ({"source__replay": {"fps": 0.01}}, r"source\.replay\.fps gives one frame every 100 s, longer than half"),
+    ({"source": {"frame_timeout_s": 3600.0}}, r"source\.frame_timeout_s gives 3600 s, longer than half the "
+                                               r"watchdog interval \(30 s"),
+    ({"source": {"frame_timeout_s": 8.0}, "service": {"watchdog_s": 10.0}}, r"frame_timeout_s gives 8 s"),
+])
+def test_a_wait_longer_than_half_the_watchdog_is_refused(daemon_config, tables, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(daemon_config(**tables))
+
+
+def test_run_checks_the_waits_against_the_watchdog_systemd_gives(daemon_config, monkeypatch, caplog):
+    from hematovision.edge.daemon import run_main
+
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    assert run_main(daemon_config(source__replay={"fps": 1.0})) == EX_CONFIG
+    assert "source.replay.fps gives one frame every 1 s, longer than half the watchdog interval (1 s" in caplog.text
+
+
+def _check(config, caplog) -> tuple[int, str]:
+    caplog.clear()
+    return check_config_main(config), caplog.text
+
+
+def test_check_config_refuses_a_camera_or_serial_port_that_does_not_exist(daemon_config, tmp_path, caplog):
+    code, log = _check(daemon_config(source={"kind": "opencv"}, source__opencv={"device": str(tmp_path / "video9")}),
+                       caplog)
+    assert code == EX_CONFIG and "source.opencv.device" in log and "is not a camera device" in log
+    code, log = _check(daemon_config(source={"kind": "opencv"}, source__opencv={"device": "97"}), caplog)
+    assert code == EX_CONFIG and "/dev/video97 is not a camera device" in log
+    code, log = _check(daemon_config(report={"link": "astm", "port": "/dev/ttyUSB97"}), caplog)
+    assert code == EX_CONFIG and "report.port '/dev/ttyUSB97' is not a serial device" in log
+    code, log = _check(daemon_config(report={"link": "jsonl", "port": str(tmp_path / "plain-file")}), caplog)
+    assert code == EX_CONFIG
+
+
+def test_check_config_passes_a_serial_port_that_exists(daemon_config, caplog):
+    import os
+    import tty
+
+    master, slave = os.openpty()
+    tty.setraw(slave)
+    try:
+        code, log = _check(daemon_config(report={"link": "jsonl", "port": os.ttyname(slave)}), caplog)
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert code == 0, log
+
+
+def test_check_config_warns_of_a_usb_drive_not_plugged_in_yet(daemon_config, tmp_path, caplog):
+    drive = tmp_path / "usb"
+    drive.mkdir()
+    code, log = _check(daemon_config(report={"link": "usb", "usb_mount_point": str(drive)}), caplog)
+    assert code == 0 and "WARNING" in log and f"{drive}: no drive is mounted there now" in log

@@ -539,16 +539,108 @@ def test_nrbc_and_rejected_counts_survive_restarts_and_stay_out_of_the_target(
     assert snapshot(tmp_path / "resumed" / "state") == expected
 
 
-def test_a_slow_report_link_keeps_the_watchdog_fed(monkeypatch):
-    class Notifier:
-        pings = 0
+@pytest.mark.parametrize("seed, every", [(5, 7), (11, 7), (11, 3)])
+def test_scan_positions_survive_restarts_exactly(tmp_path, tiny_bundle, samples_bccd, monkeypatch, seed, every):
+    """Scans with jumps away and back: a restart must keep the keyframes a jump is relocalised
+    against, and which frame the last sharp one was, or cells land tens of micrometres off."""
+    from hematovision.edge.scansim import ScanSettings, build_slide, field_paths, scan, write_scan
 
-        def watchdog(self):
-            Notifier.pings += 1
+    settings = ScanSettings(columns=3, rows=2, detours=3, seed=seed)
+    slide = build_slide(field_paths(samples_bccd, 6), settings)
+    frames = write_scan(scan(slide, settings), tmp_path / "frames", slide, ".jpg")
+    (frames / "truth.json").unlink()
+    whole = write_config(tmp_path / "whole", tiny_bundle, frames, counting={"mode": "scan"})
+    run_daemon(whole)
+    expected = snapshot(tmp_path / "whole" / "state")
 
-    daemon = Daemon.__new__(Daemon)
-    daemon.notifier = Notifier()
-    assert daemon.keeping_watchdog(lambda: time.sleep(2.5) or "sent") == "sent"
-    assert Notifier.pings >= 2
-    with pytest.raises(ValueError, match="receiver"):
-        daemon.keeping_watchdog(lambda: (_ for _ in ()).throw(ValueError("receiver gone")))
+    resumed = write_config(tmp_path / "resumed", tiny_bundle, frames, counting={"mode": "scan"})
+    real_open = open_source
+
+    @contextlib.contextmanager
+    def stopping_every(config, position, profile=None):
+        with real_open(config, position, profile) as source:
+            inner, started = source.next_frame, source.position
+
+            def next_frame(stop):
+                if source.position - started == every:
+                    stop.set()
+                return inner(stop)
+
+            source.next_frame = next_frame
+            yield source
+
+    monkeypatch.setattr(daemon_module, "open_source", stopping_every)
+    for restarts in range(1, 100):
+        run_daemon(resumed)
+        if snapshot(tmp_path / "resumed" / "state")["specimens"][0][1] == "finished":
+            break
+    got = snapshot(tmp_path / "resumed" / "state")
+    assert [c[3:5] for c in got["cells"]] == [c[3:5] for c in expected["cells"]]  # positions, to the last bit
+    assert got == expected and restarts > 5
+
+
+def test_delivered_specimens_are_pruned_past_their_age_or_the_size_limit_and_nothing_else(tmp_path):
+    from hematovision.edge.state import PruneSettings
+
+    with Store(tmp_path / STATE_FILE) as store:
+        thumb = os.urandom(30_000)
+        for name in ("old", "new", "undelivered", "open"):
+            specimen = store.start_specimen(name, 100)
+            cells = tuple(NewCell(1.0, 2.0, "neutrophil", 0.9, (0, 0, 10, 10), thumb) for _ in range(4))
+            store.record_frame(FrameRecord(specimen, "test", 0, "used", cells, 0, None))
+            if name != "open":
+                store.finish_specimen(specimen, "test", {"specimen_id": name})
+        for entry in store.pending_reports(True, True):
+            if entry.specimen_id != "undelivered":
+                store.mark_report(entry, files=True, link=True)
+        store.db.execute("UPDATE specimens SET finished_at = '2020-01-01T00:00:00+00:00' WHERE specimen_id = 'old'")
+
+        def kept():
+            return {sid for (sid,) in store.db.execute(
+                "SELECT DISTINCT s.specimen_id FROM cells JOIN specimens s ON s.id = cells.specimen")}
+
+        assert store.prune(PruneSettings(keep_days=90, max_mb=1000), files=True, link=True) == 1
+        assert kept() == {"new", "undelivered", "open"} and store.report("old") is None
+        assert store.prune(PruneSettings(keep_days=90, max_mb=0.1), files=True, link=True) == 1  # the size limit
+        assert kept() == {"undelivered", "open"}
+        assert store.specimen_ids() == ["old", "new", "undelivered", "open"]  # ids stay taken
+
+
+def test_the_database_stops_growing_once_delivered_specimens_are_pruned(tmp_path, tiny_bundle, samples_bccd):
+    frames = samples_bccd / "BCCD" / "JPEGImages"
+    config = write_config(tmp_path, tiny_bundle, frames, specimen={"id": "", "target": 2},
+                          state={"keep_days": 0.0}, report={"folder": "out"})
+    run_daemon(config)
+    with Store(tmp_path / "state" / STATE_FILE) as store:
+        finished = store.db.execute("SELECT COUNT(*) FROM specimens WHERE status = 'finished'").fetchone()[0]
+        left = store.db.execute("SELECT COUNT(DISTINCT specimen) FROM cells").fetchone()[0]
+        reports = store.db.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+    assert finished >= 5 and left <= 2 and reports <= 1  # what is delivered is gone; files are on disk
+    assert len(list((tmp_path / "state" / "out").glob("*.json"))) == finished
+
+
+def test_temporary_files_a_cut_write_left_are_removed_at_start_and_before_a_usb_write(
+        tmp_path, tiny_bundle, samples_bccd):
+    from hematovision.edge.link_usb import UsbSettings, write_report_to_usb
+    from hematovision.edge.report import commissioning_report
+
+    reports = tmp_path / "state" / "out"
+    reports.mkdir(parents=True)
+    orphan = reports / ".S-0.json.0123456789ab.tmp"
+    orphan.write_bytes(b"half a report")
+    keep = reports / ".notes.tmp"  # not a name the writer makes: left alone
+    keep.write_text("mine")
+    config = write_config(tmp_path, tiny_bundle, samples_bccd / "BCCD" / "JPEGImages", report={"folder": "out"})
+    run_daemon(config)
+    assert not orphan.exists() and keep.exists()
+
+    drive = tmp_path / "media" / "usb"
+    (drive / "hematovision").mkdir(parents=True)
+    cut = drive / "hematovision" / ".S-7.html.abcdefabcdef.tmp"
+    cut.write_bytes(b"<html>")
+    mounts = tmp_path / "mounts"
+    mounts.write_text(f"/dev/sda1 {drive} vfat rw,relatime 0 0\n")
+    written = write_report_to_usb(commissioning_report("S-7"), UsbSettings(mounts_file=mounts,
+                                                                           media_roots=(tmp_path / "media",)))
+    assert not cut.exists() and sorted(p.name for p in (drive / "hematovision").iterdir()) == \
+        sorted(p.name for p in written)

@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
+from hematovision.edge.bundle_meta import stamped
 from hematovision.edge.model_bundle import load_bundle
 from hematovision.errors import ModelInvalid
 from hematovision.export import bundle as export_bundle
@@ -115,11 +116,12 @@ def _broken_copy(bundle_dir, tmp_path, edit):
     return copy
 
 
-def _edit_meta(key, value):
+def _edit_meta(key, value, restamp=True):
+    """An edit of bundle.json, stamped again (as `--restamp` would) so that the field checks are reached."""
     def edit(folder):
         meta = json.loads((folder / "bundle.json").read_text())
         meta[key] = value
-        (folder / "bundle.json").write_text(json.dumps(meta))
+        (folder / "bundle.json").write_text(json.dumps(stamped(meta) if restamp else meta))
     return edit
 
 
@@ -128,7 +130,8 @@ def _edit_meta(key, value):
     (lambda f: (f / "bundle.json").unlink(), "bundle.json: missing"),
     (lambda f: (f / "bundle.json").write_text("{not json"), "not valid JSON"),
     (_edit_meta("format", "hematovision.bundle/99"), "format"),
-    (_edit_meta("classes", ["neutrophil", "lymphocyte", "monocyte"]), "3 classes but model.tflite has 4"),
+    (_edit_meta("classes", ["neutrophil", "lymphocyte", "monocyte"]), r"not in the order the model was measured"),
+    (_edit_meta("name", "edited", restamp=False), r"meta_sha256 does not match its content.*--restamp"),
 ])
 def test_broken_bundle_refuses_to_load_naming_the_problem(bundle_dir, tmp_path, edit, message):
     with pytest.raises(ModelInvalid, match=message):

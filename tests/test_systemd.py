@@ -112,6 +112,13 @@ def test_unit_is_a_watched_notify_service_of_a_dedicated_user():
     assert "char-video4linux rw" in s["DeviceAllow"] and "char-ttyGS rw" in s["DeviceAllow"]
 
 
+def test_unit_watchdog_and_the_configured_one_are_the_same_interval():
+    from hematovision.edge.config import Config, load_config
+
+    example = load_config(REPO / "systemd" / "config.example.toml")
+    assert float(unit_settings()["WatchdogSec"][0]) == example.service.watchdog_s == Config().service.watchdog_s
+
+
 def _stub_root(tmp_path: Path) -> Path:
     """A root with the unit, a stub of its executable and the host's own units (for its dependencies)."""
     root = tmp_path / "root"

@@ -74,7 +74,14 @@ class TrainConfig:
 
     @classmethod
     def load(cls, path: Path) -> "TrainConfig":
-        raw = json.loads(path.read_text())
+        """Raises ModelInvalid when `path` is missing (not a run folder), not JSON, or unknown settings."""
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError as err:
+            raise ModelInvalid(f"{path.parent}: not a training run folder (no {path.name}); give the folder "
+                               "hematovision-train fit --out wrote") from err
+        except (OSError, ValueError) as err:
+            raise ModelInvalid(f"{path}: cannot be read as a run's settings ({err}); train the run again") from err
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
