@@ -19,7 +19,8 @@ MOUNTS_FILE = Path("/proc/mounts")
 
 def check_devices(config: Config, mounts_file: Path = MOUNTS_FILE) -> list[str]:
     """Raises ConfigError naming the key when the camera or serial port the configuration names
-    does not exist; returns warnings for what may appear later (a USB drive not plugged in yet)."""
+    does not exist; returns warnings for what may appear later (a USB drive, or a USB serial adapter,
+    not plugged in yet: reports wait in the outbox, counting goes on)."""
     where = str(config.path)
     if config.source.kind == "opencv":
         _check_camera_node(config.source.opencv.device, where)
@@ -27,7 +28,7 @@ def check_devices(config: Config, mounts_file: Path = MOUNTS_FILE) -> list[str]:
         raise ConfigError(f"{where}: source.kind = \"picamera2\" but picamera2 is not installed; on the Pi: apt "
                           "install python3-picamera2 and a venv with --system-site-packages (systemd/install.sh)")
     if config.report.link in ("astm", "jsonl"):
-        _check_serial_port(config.report.port, where)
+        return _check_serial_port(config.report.port, where)
     if config.report.link == "usb":
         return _usb_warnings(config.report.usb_mount_point, mounts_file)
     return []
@@ -40,13 +41,21 @@ def _check_camera_node(device: str, where: str) -> None:
                           "camera in and check its name (ls /dev/video*), or correct source.opencv.device")
 
 
-def _check_serial_port(port: str, where: str) -> None:
+# Serial adapters that come and go with a USB plug (and the names udev gives them).
+HOTPLUG_SERIAL = ("/dev/ttyUSB", "/dev/ttyACM", "/dev/serial/by-id/", "/dev/serial/by-path/")
+
+
+def _check_serial_port(port: str, where: str) -> list[str]:
     if "://" in port:  # a pyserial URL (socket://, rfc2217://): nothing on this machine to look at
-        return
-    if not _is_char_device(Path(port)):
-        raise ConfigError(f"{where}: report.port {port!r} is not a serial device; plug the adapter in and check "
-                          "its name (ls /dev/serial/by-id, /dev/ttyUSB*, /dev/ttyGS0 for the USB gadget), or "
-                          "set report.link = \"none\"")
+        return []
+    if _is_char_device(Path(port)):
+        return []
+    if port.startswith(HOTPLUG_SERIAL) and not Path(port).exists():
+        return [f"report.port {port}: no serial adapter is plugged in there now; reports wait in the outbox "
+                "until one is"]
+    raise ConfigError(f"{where}: report.port {port!r} is not a serial device; plug the adapter in and check "
+                      "its name (ls /dev/serial/by-id, /dev/ttyUSB*, /dev/ttyGS0 for the USB gadget), or "
+                      "set report.link = \"none\"")
 
 
 def _is_char_device(path: Path) -> bool:

@@ -149,10 +149,15 @@ def test_check_config_refuses_a_camera_or_serial_port_that_does_not_exist(daemon
     assert code == EX_CONFIG and "source.opencv.device" in log and "is not a camera device" in log
     code, log = _check(daemon_config(source={"kind": "opencv"}, source__opencv={"device": "97"}), caplog)
     assert code == EX_CONFIG and "/dev/video97 is not a camera device" in log
-    code, log = _check(daemon_config(report={"link": "astm", "port": "/dev/ttyUSB97"}), caplog)
-    assert code == EX_CONFIG and "report.port '/dev/ttyUSB97' is not a serial device" in log
+    code, log = _check(daemon_config(report={"link": "astm", "port": "/dev/ttyS97"}), caplog)
+    assert code == EX_CONFIG and "report.port '/dev/ttyS97' is not a serial device" in log
     code, log = _check(daemon_config(report={"link": "jsonl", "port": str(tmp_path / "plain-file")}), caplog)
     assert code == EX_CONFIG
+
+
+def test_check_config_warns_of_a_usb_serial_adapter_not_plugged_in_yet(daemon_config, caplog):
+    code, log = _check(daemon_config(report={"link": "astm", "port": "/dev/ttyUSB97"}), caplog)
+    assert code == 0 and "report.port /dev/ttyUSB97: no serial adapter is plugged in there now" in log
 
 
 def test_check_config_passes_a_serial_port_that_exists(daemon_config, caplog):
