@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from hematovision.classes import validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
+from hematovision.novelty import NoveltyModel
 from hematovision.pixels import PREPROCESSING
 from hematovision.stain import ColourStandard
 
@@ -43,6 +44,8 @@ class BundleMeta:
     threshold: float
     colour: ColourStandard
     model_sha256: str
+    novelty: NoveltyModel | None = None  # none in bundles made before novelty scores existed
+    features_quantization: TensorQuantization | None = None
 
 
 def meta_digest(meta: dict) -> str:
@@ -96,7 +99,19 @@ def check_meta(meta: object, where: str) -> BundleMeta:
         classes, size, geometry, trained_um, _quantization(meta, "input", where), _quantization(meta, "output", where),
         _number(meta, "confidence.temperature", where, 0.0, 100.0, low_open=True),
         _number(meta, "confidence.threshold", where, 0.0, 1.0),
-        _colour(meta, where), _sha256(meta, where))
+        _colour(meta, where), _sha256(meta, where), *_novelty(meta, len(classes), where))
+
+
+def _novelty(meta: dict, n_classes: int, where: str) -> tuple[NoveltyModel | None, TensorQuantization | None]:
+    """The novelty model and the feature output's quantization, both or neither."""
+    novelty = _field(meta, "novelty", where, optional=True)
+    if novelty is None:
+        return None, None
+    try:
+        model = NoveltyModel.from_dict(novelty, n_classes, f"{where}: novelty")
+    except ModelInvalid as err:
+        raise ModelInvalid(f"{err}; {REEXPORT}") from err
+    return model, _quantization(meta, "features", where)
 
 
 def _field(meta: dict, dotted: str, where: str, optional: bool = False):

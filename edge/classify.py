@@ -16,11 +16,14 @@ from .model_bundle import Bundle
 
 @dataclass(frozen=True)
 class Prediction:
-    """One cell's class: `label` is "unidentified" when the confidence is below the bundle's threshold."""
+    """One cell's class: `label` is "unidentified" when the confidence is below the bundle's threshold,
+    or when the cell is unlike the training cells (`unfamiliar`), whatever its softmax says."""
 
     label: str
     confidence: float
     probabilities: dict[str, float]
+    novelty: float | None = None  # the novelty score, for a bundle with a novelty model
+    unfamiliar: bool = False
 
     @property
     def identified(self) -> bool:
@@ -34,21 +37,26 @@ def temperature_softmax(logits: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def predictions_from_logits(logits: np.ndarray, bundle: Bundle) -> list[Prediction]:
-    """Temperature-scaled probabilities; below the threshold a cell is "unidentified"."""
+def predictions_from_logits(logits: np.ndarray, bundle: Bundle, features: np.ndarray | None = None) -> list[Prediction]:
+    """Temperature-scaled probabilities; below the threshold, or with features far from every
+    training class (the bundle's novelty model), a cell is "unidentified"."""
     probs = temperature_softmax(logits, bundle.temperature)
+    scores = bundle.novelty.scores(features) if bundle.novelty is not None and features is not None else None
     out = []
-    for row in probs:
+    for i, row in enumerate(probs):
         best = int(row.argmax())
         confidence = float(row[best])
-        label = bundle.classes[best] if confidence >= bundle.threshold else UNIDENTIFIED
-        out.append(Prediction(label, confidence, {c: float(p) for c, p in zip(bundle.classes, row)}))
+        novelty = float(scores[i]) if scores is not None else None
+        unfamiliar = novelty is not None and novelty > bundle.novelty.threshold
+        label = bundle.classes[best] if confidence >= bundle.threshold and not unfamiliar else UNIDENTIFIED
+        out.append(Prediction(label, confidence, {c: float(p) for c, p in zip(bundle.classes, row)}, novelty, unfamiliar))
     return out
 
 
 def classify_crops(bundle: Bundle, crops: np.ndarray) -> list[Prediction]:
     """Classify (N, S, S, 3) RGB uint8 crops in one batch, after the bundle's colour standardisation."""
-    return predictions_from_logits(bundle.model.logits(standardise_crops(crops, bundle.colour)), bundle)
+    logits, features = bundle.model.run(standardise_crops(crops, bundle.colour))
+    return predictions_from_logits(logits, bundle, features)
 
 
 def cut_cells(image: np.ndarray, centers, um_per_pixel: float, bundle: Bundle) -> np.ndarray:

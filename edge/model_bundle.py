@@ -13,6 +13,7 @@ import numpy as np
 
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
+from hematovision.novelty import NoveltyModel
 from hematovision.stain import NO_STANDARD, ColourStandard
 
 from .bundle_meta import BUNDLE_FORMAT, BundleMeta, check_meta, verify_stamp  # noqa: F401 - BUNDLE_FORMAT for export
@@ -66,7 +67,9 @@ def find_interpreter_class():
 
 
 class Int8Model:
-    """One interpreter for a full-integer model: pixels in (0..255), dequantized logits out."""
+    """One interpreter for a full-integer model: pixels in (0..255), dequantized logits out, and,
+    when the model has a second output, its whitened features for the novelty score (the output
+    with more values than there are classes)."""
 
     def __init__(self, model_content: bytes, threads: int | None = None, name: str = MODEL_FILE):
         interpreter_class = find_interpreter_class()
@@ -76,26 +79,41 @@ class Int8Model:
         except (ValueError, RuntimeError) as err:
             raise ModelInvalid(f"{name}: not a loadable TFLite model ({err}); re-export the bundle") from err
         self._in = self._interp.get_input_details()[0]
-        self._out = self._interp.get_output_details()[0]
+        outputs = sorted(self._interp.get_output_details(), key=lambda d: int(d["shape"][-1]))
+        if len(outputs) > 2:
+            raise ModelInvalid(f"{name}: {len(outputs)} outputs; a bundle model has logits and, optionally, "
+                               "features; re-export the bundle")
+        self._out, self._features = outputs[0], (outputs[1] if len(outputs) == 2 else None)
         self.input_q = _quantization(self._in, name)
         self.output_q = _quantization(self._out, name)
+        self.features_q = _quantization(self._features, name) if self._features is not None else None
         self.input_size = int(self._in["shape"][1])
         self.n_outputs = int(self._out["shape"][-1])
+        self.n_features = int(self._features["shape"][-1]) if self._features is not None else 0
         self._batch = int(self._in["shape"][0])
 
     def logits(self, crops: np.ndarray) -> np.ndarray:
         """(N, S, S, 3) uint8 RGB crops -> (N, K) float logits, batched in one invocation."""
+        return self.run(crops)[0]
+
+    def run(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, S, S, 3) uint8 RGB crops -> (N, K) logits and (N, D) features (None without a second
+        output), batched in one invocation. Raises DataError for crops of the wrong size."""
         crops = np.asarray(crops)
         if crops.ndim == 3:
             crops = crops[None]
         if crops.shape[1:] != (self.input_size, self.input_size, 3):
             raise DataError(f"crops must be {self.input_size}x{self.input_size}x3, got {crops.shape[1:]}")
         if len(crops) == 0:
-            return np.zeros((0, self.n_outputs), np.float32)
+            features = np.zeros((0, self.n_features), np.float32) if self.n_features else None
+            return np.zeros((0, self.n_outputs), np.float32), features
         self._resize(len(crops))
         self._interp.set_tensor(self._in["index"], self.input_q.quantize(crops))
         self._interp.invoke()
-        return self.output_q.dequantize(self._interp.get_tensor(self._out["index"]))
+        logits = self.output_q.dequantize(self._interp.get_tensor(self._out["index"]))
+        if self._features is None:
+            return logits, None
+        return logits, self.features_q.dequantize(self._interp.get_tensor(self._features["index"]))
 
     def _resize(self, n: int) -> None:
         if n != self._batch:
@@ -125,7 +143,7 @@ class Bundle:
     threshold: float
     model: Int8Model
     colour: ColourStandard = NO_STANDARD  # applied to every crop before the model
-
+    novelty: NoveltyModel | None = None  # a cell whose features score above its threshold is "unidentified"
     trained_um_per_pixel: float | None = None
 
     @property
@@ -150,7 +168,7 @@ def load_bundle(path: str | Path, threads: int | None = None, stamp: bool = True
     model = Int8Model(content, threads, str(path / MODEL_FILE))
     _check_shapes(path, checked, model)
     return Bundle(path, meta, checked.classes, checked.geometry, checked.temperature, checked.threshold, model,
-                  checked.colour, checked.trained_um_per_pixel)
+                  checked.colour, checked.novelty, checked.trained_um_per_pixel)
 
 
 def read_meta(path: Path) -> dict:
@@ -185,6 +203,13 @@ def _read_model(path: Path, expected_sha256: str) -> bytes:
     return content
 
 
+def _check_features(where: Path, meta: BundleMeta, model: Int8Model) -> None:
+    dims = meta.novelty.dims if meta.novelty is not None else 0
+    if dims != model.n_features and (dims or model.n_features):
+        raise ModelInvalid(f"{where}: novelty.class_means have {dims} dimensions but {MODEL_FILE} gives "
+                           f"{model.n_features} features; re-export the bundle")
+
+
 def _check_shapes(path: Path, meta: BundleMeta, model: Int8Model) -> None:
     where = path / META_FILE
     if model.n_outputs != len(meta.classes):
@@ -193,8 +218,12 @@ def _check_shapes(path: Path, meta: BundleMeta, model: Int8Model) -> None:
     if model.input_size != meta.input_size:
         raise ModelInvalid(f"{where}: input.size {meta.input_size} disagrees with {MODEL_FILE}'s "
                            f"{model.input_size}; re-export the bundle")
+    _check_features(where, meta, model)
     for name, stored, actual in (("input", meta.input_quantization, model.input_q),
-                                 ("output", meta.output_quantization, model.output_q)):
+                                 ("output", meta.output_quantization, model.output_q),
+                                 ("features", meta.features_quantization, model.features_q)):
+        if stored is None:
+            continue
         if abs(stored.scale - actual.scale) > 1e-6 * max(1.0, stored.scale) or stored.zero_point != actual.zero_point \
                 or stored.dtype != actual.dtype:
             raise ModelInvalid(f"{where}: quantization.{name} {stored} disagrees with {MODEL_FILE}'s "

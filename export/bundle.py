@@ -1,4 +1,4 @@
-"""Export a training run as a device bundle: convert, measure, gate, fit confidence, write atomically."""
+"""Export a training run as a device bundle: convert, measure, gate, fit confidence and novelty, write atomically."""
 
 from __future__ import annotations
 
@@ -21,15 +21,17 @@ from hematovision.errors import HematovisionError
 from hematovision.pixels import PREPROCESSING
 from hematovision.train.augment import AugmentParams
 from hematovision.train.batches import crops_array, sample_crop
-from hematovision.train.evaluate import compute_metrics, predict_logits, softmax
+from hematovision.train.datasets import licences_of
+from hematovision.train.evaluate import compute_metrics, softmax
 from hematovision.train.recipe import RunPaths, TrainConfig
 from hematovision.train.runs import load_run_model
-from hematovision.train.datasets import lab_of, licences_of
 from hematovision.train.splits import manifest_hash, read_manifest, samples_of
 
 from .confidence import fit_confidence
 from .convert import convert_int8, non_int8_ops
 from .gate import GateMargins, judge
+from .measure import abstentions, abstentions_by_lab, evaluate_split, int8_outputs, metrics_by_lab
+from .novelty import VAL_NOVEL_SHARE, fit_novelty, with_novelty_output
 
 logger = logging.getLogger(__name__)
 
@@ -57,49 +59,18 @@ def training_stain_stats(samples, max_fields: int = 200) -> dict:
     return stain_stats(read_rgb(p) for p in paths).to_dict()
 
 
-def calibration_crops(samples, config: TrainConfig, n: int) -> np.ndarray:
+def calibration_crops(samples, config: TrainConfig, n: int, plain: np.ndarray | None = None) -> np.ndarray:
     """At least `n` crops from the training split, cut exactly as in training.
 
-    Every training cell once as the device sees it, then augmented copies (the stain and
-    colour range the device will meet) until there are `n`.
+    Every training cell once as the device sees it (`plain`, when already cut), then augmented
+    copies (the stain and colour range the device will meet) until there are `n`.
     """
-    crops = list(crops_array(samples, config.geometry, config.colour_standard))
+    crops = list(crops_array(samples, config.geometry, config.colour_standard) if plain is None else plain)
     rng = np.random.default_rng(config.seed)
     while len(crops) < n:
         crops.append(sample_crop(samples[len(crops) % len(samples)], config.geometry, rng, AugmentParams(),
                                  config.colour_standard))
     return np.stack(crops)
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Float and int8 outputs on one split, and each cell's laboratory."""
-
-    y: np.ndarray
-    float_logits: np.ndarray
-    int8_logits: np.ndarray
-    labs: np.ndarray
-
-    def of_lab(self, lab: str) -> "Evaluation":
-        keep = self.labs == lab
-        return Evaluation(self.y[keep], self.float_logits[keep], self.int8_logits[keep], self.labs[keep])
-
-
-def evaluate_split(keras_model, int8: Int8Model, samples, config) -> Evaluation:
-    """Float and int8 logits of un-augmented crops, cut and standardised as the device does."""
-    y = np.array([config.classes.index(s.label) for s in samples])
-    colour = config.colour_standard
-    float_logits = predict_logits(keras_model, samples, config.geometry, colour=colour)
-    int8_logits = np.concatenate([int8.logits(crops_array(samples[i:i + 32], config.geometry, colour))
-                                  for i in range(0, len(samples), 32)])
-    return Evaluation(y, float_logits, int8_logits, np.array([lab_of(s) for s in samples]))
-
-
-def metrics_by_lab(test: Evaluation, classes) -> dict:
-    """Float and int8 metrics of each laboratory in a split: a figure of one lab never stands for another."""
-    return {lab: {kind: compute_metrics(softmax(getattr(test.of_lab(lab), f"{kind}_logits")),
-                                        test.of_lab(lab).y, classes).to_dict() for kind in ("float", "int8")}
-            for lab in sorted(set(test.labs))}
 
 
 def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
@@ -112,19 +83,23 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     rows = read_manifest(run.manifest)
     keras_model = load_run_model(run)
     train_s = samples_of(rows, "train")
-    tflite = convert_int8(keras_model, calibration_crops(train_s, config, options.calibration_crops),
+    train_crops = crops_array(train_s, config.geometry, config.colour_standard)
+    train_y = np.array([config.classes.index(s.label) for s in train_s])
+    two_outputs = with_novelty_output(keras_model, train_crops, train_y)
+    tflite = convert_int8(two_outputs, calibration_crops(train_s, config, options.calibration_crops, train_crops),
                           options.per_channel)
     int8 = Int8Model(tflite, options.threads)
     test = evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
     val = evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
-    meta = _metadata(run, config, rows, tflite, int8, test, val, options)
+    novelty = fit_novelty(int8_outputs(int8, train_crops)[1], train_y, len(config.classes), val.int8_features)
+    meta = _metadata(run, config, rows, tflite, int8, test, val, novelty, options)
     _log_figures(meta)
     if not meta["gate"]["passed"]:
         raise GateRefused("model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
     return write_bundle(Path(out_dir), tflite, meta)
 
 
-def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
+def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> dict:
     float_m = compute_metrics(softmax(test.float_logits), test.y, config.classes)
     int8_m = compute_metrics(softmax(test.int8_logits), test.y, config.classes)
     gate = judge(float_m, int8_m, test.float_logits.argmax(1), test.int8_logits.argmax(1), test.y, options.margins)
@@ -144,11 +119,16 @@ def _metadata(run, config, rows, tflite, int8, test, val, options) -> dict:
         "crop_geometry": {**config.geometry.to_dict(),
                           "trained_um_per_pixel": float(np.median(train_um)) if train_um else None},
         "quantization": {"input": int8.input_q.__dict__, "output": int8.output_q.__dict__,
+                         "features": int8.features_q.__dict__,
                          "per_channel": options.per_channel, "calibration_crops": options.calibration_crops,
                          "non_int8_ops": non_int8_ops(tflite)},
         "confidence": {**confidence.to_dict(),
                        "ece_test_before": int8_m.ece,
                        "ece_test_after": compute_metrics(test_probs, test.y, config.classes).ece},
+        "novelty": {**novelty.to_dict(), "fitted_on": "validation split (held-out cells of the training labs)",
+                    "val_novel_share": VAL_NOVEL_SHARE},
+        "abstention": {"val": abstentions(val, confidence.temperature, confidence.threshold, novelty),
+                       "test_by_lab": abstentions_by_lab(test, confidence.temperature, confidence.threshold, novelty)},
         "metrics": {"split": "test", "float": float_m.to_dict(), "int8": int8_m.to_dict(),
                     "by_lab": metrics_by_lab(test, config.classes)},
         "gate": {"max_accuracy_drop_pt": options.margins.accuracy_pt,

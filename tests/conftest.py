@@ -85,17 +85,21 @@ NRBC_BUNDLE_CLASSES = ("neutrophil", "lymphocyte", "erythroblast", "platelet")
 @pytest.fixture(scope="session")
 def nrbc_bundle(tiny_bundle, tmp_path_factory):
     """The tiny bundle with its last two outputs named erythroblast and platelet: a real model
-    whose bundle names nucleated red cells and a reject class (its sha256 covers model.tflite,
-    not the class names; the count of outputs still has to match).
+    whose bundle names nucleated red cells and a reject class (renamed everywhere the bundle lists
+    its classes, then stamped again as `hematovision-export --restamp` would).
     """
     import json
     import shutil
+
+    from hematovision.edge.bundle_meta import stamped
 
     out = tmp_path_factory.mktemp("nrbc_bundle") / "bundle"
     shutil.copytree(tiny_bundle, out)
     meta = json.loads((out / "bundle.json").read_text())
     meta["classes"] = list(NRBC_BUNDLE_CLASSES)
-    (out / "bundle.json").write_text(json.dumps(meta, indent=2))
+    for kind in ("float", "int8"):
+        meta["metrics"][kind]["classes"] = list(NRBC_BUNDLE_CLASSES)
+    (out / "bundle.json").write_text(json.dumps(stamped(meta), indent=2))
     return out
 
 

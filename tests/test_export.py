@@ -180,3 +180,28 @@ print(len(result.cells), result.cells[0].prediction.label)
     assert done.returncode == 0, done.stderr
     count, label = done.stdout.split()
     assert int(count) >= 1 and label in ("neutrophil", "lymphocyte", "monocyte", "eosinophil", "unidentified")
+
+
+def test_bundle_carries_a_novelty_model_fitted_on_held_out_cells(bundle_dir):
+    meta = json.loads((bundle_dir / "bundle.json").read_text())
+    novelty = meta["novelty"]
+    assert novelty["method"] == "mahalanobis" and len(novelty["class_means"]) == 4
+    assert novelty["dims"] == len(novelty["class_means"][0]) > 4 and novelty["threshold"] > 0
+    assert meta["quantization"]["features"]["dtype"] == "int8"
+    val = meta["abstention"]["val"]
+    assert val["novel"] <= 0.2 and set(meta["abstention"]["test_by_lab"]) == {"bccd"}
+    assert load_bundle(bundle_dir).model.n_features == novelty["dims"]
+
+
+def test_a_crop_unlike_any_training_cell_is_unidentified_whatever_its_softmax_says(bundle_dir, lite0_run):
+    from hematovision.edge.classify import classify_crops
+
+    bundle = load_bundle(bundle_dir, threads=2)
+    config, cells = _all_cells(lite0_run)
+    real = crops_array(cells[:8], config.geometry)
+    rng = np.random.default_rng(0)
+    noise = rng.integers(0, 256, real.shape, dtype=np.uint8)  # nothing a microscope shows
+    familiar, strange = classify_crops(bundle, real), classify_crops(bundle, noise)
+    assert np.median([p.novelty for p in strange]) > 3 * np.median([p.novelty for p in familiar])
+    assert all(p.unfamiliar and p.label == "unidentified" for p in strange)
+    assert sum(p.unfamiliar for p in familiar) <= 2
