@@ -21,7 +21,7 @@ from hematovision.errors import HematovisionError
 from hematovision.pixels import PREPROCESSING
 from hematovision.train.augment import AugmentParams
 from hematovision.train.batches import crops_array, sample_crop
-from hematovision.train.datasets import licences_of
+from hematovision.train.datasets import lab_of, licences_of
 from hematovision.train.evaluate import compute_metrics, softmax
 from hematovision.train.recipe import RunPaths, TrainConfig
 from hematovision.train.runs import load_run_model
@@ -49,14 +49,28 @@ class ExportOptions:
     threads: int | None = None
 
 
-def training_stain_stats(samples, max_fields: int = 200) -> dict:
-    """Lab colour statistics of the training fields: the target `hematovision-calibrate colour`
-    maps another microscope's smears toward."""
+def training_stain_stats(samples, max_fields: int = 200) -> tuple[dict, dict]:
+    """Lab colour statistics of the training images, drawn evenly from each laboratory: the pooled
+    statistics (the target `hematovision-calibrate colour` maps another microscope's smears toward),
+    and each lab's range of per-image statistics (what a specimen's frames are checked against)."""
     from hematovision.calibration.colour import stain_stats
     from hematovision.pixels import read_rgb
 
-    paths = sorted({s.path for s in samples})[:max_fields]
-    return stain_stats(read_rgb(p) for p in paths).to_dict()
+    by_lab: dict[str, list[str]] = {}
+    for s in samples:
+        by_lab.setdefault(lab_of(s), []).append(s.path)
+    per_lab = max_fields // max(len(by_lab), 1)
+    images = {lab: [read_rgb(p) for p in sorted(set(paths))[::max(1, len(set(paths)) // per_lab)][:per_lab]]
+              for lab, paths in sorted(by_lab.items())}
+    pooled = stain_stats(im for ims in images.values() for im in ims).to_dict()
+    return pooled, {lab: image_stats_range([stain_stats([im]) for im in ims]) for lab, ims in images.items()}
+
+
+def image_stats_range(stats) -> dict:
+    """Mean and standard deviation, over images, of each image's Lab means and spreads."""
+    values = np.array([list(s.lab_mean) + list(s.lab_std) for s in stats])
+    return {"keys": ["L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std"], "images": len(values),
+            "mean": values.mean(0).round(3).tolist(), "sd": values.std(0).round(3).tolist()}
 
 
 def calibration_crops(samples, config: TrainConfig, n: int, plain: np.ndarray | None = None) -> np.ndarray:
@@ -107,6 +121,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> d
     test_probs = softmax(test.int8_logits, confidence.temperature)
     train_um = [r.sample.um_per_pixel for r in rows if r.sample.um_per_pixel]
     data = json.loads(run.data.read_text())
+    stain, stain_range = training_stain_stats(samples_of(rows, "train"))
     return {
         "format": BUNDLE_FORMAT,
         "name": f"hematovision-{config.backbone}",
@@ -141,7 +156,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> d
                        "sources": data["sources"], "train_config": asdict(config),
                        "data_licences": licences_of([r.sample for r in rows]),
                        "test_groups": data.get("test_groups")},  # held-out groups, when fixed (--test-fields)
-        "stain_stats": training_stain_stats(samples_of(rows, "train")),
+        "stain_stats": stain, "stain_range": stain_range,
         "model_sha256": hashlib.sha256(tflite).hexdigest(),
         "model_bytes": len(tflite),
     }

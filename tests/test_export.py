@@ -54,6 +54,8 @@ def test_bundle_holds_a_full_integer_model_and_its_description(bundle_dir):
     assert "MIT" in meta["provenance"]["data_licences"]["bccd"]
     assert len(meta["provenance"]["manifest_sha256"]) == 64
     assert 50 < meta["stain_stats"]["lab_mean"][0] < 100 and meta["stain_stats"]["images"] >= 10
+    bccd = meta["stain_range"]["bccd"]
+    assert bccd["images"] >= 10 and 50 < bccd["mean"][0] < 100 and 0 < bccd["sd"][0] < 10
 
 
 def test_device_loader_gives_the_float_models_top1_on_real_crops(bundle_dir, lite0_run):
