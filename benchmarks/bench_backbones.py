@@ -67,7 +67,7 @@ def keras_latency_ms(model, crop, n: int) -> float:
 
 
 def tflite_latency_ms(content: bytes, crop, threads: int, n: int) -> float:
-    from hematovision.edge.model_bundle import find_interpreter_class
+    from hematovision.edge.vision.model_bundle import find_interpreter_class
 
     interp = find_interpreter_class()(model_content=content, num_threads=threads)
     interp.allocate_tensors()
@@ -88,8 +88,8 @@ def tflite_latency_ms(content: bytes, crop, threads: int, n: int) -> float:
 
 def bundle_latency_ms(path: Path, crop, threads: int, n: int) -> float:
     """Median time of the device's `classify_crops` on one crop with a bundle."""
-    from hematovision.edge.classify import classify_crops
-    from hematovision.edge.model_bundle import load_bundle
+    from hematovision.edge.vision.classify import classify_crops
+    from hematovision.edge.vision.model_bundle import load_bundle
 
     bundle = load_bundle(path, threads)
     classify_crops(bundle, crop[None])

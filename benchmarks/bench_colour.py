@@ -13,7 +13,7 @@ Figures per lab, before -> after:
 - stats: distance of each field's Lab mean and std to the target's (Lab units, mean over fields);
 - dE WBC / RBC / bg: Lab distance of the mean colour inside the annotated WBC boxes, RBC boxes and
   outside all boxes to the same regions of TXL-PBC's BCCD fields (what a detector tuned on BCCD sees);
-- detection: white-cell recall and precision of edge/segment.py (centre inside an annotated box,
+- detection: white-cell recall and precision of edge/vision/segment.py (centre inside an annotated box,
   one-to-one), pixel size estimated from the red cells as no lab's pixel size is known.
 Classification accuracy cannot be measured here (TXL-PBC has no white-cell types); with --model
 the mean confidence, the fraction below the bundle's threshold and the fraction of changed
@@ -77,8 +77,8 @@ def region_means(image: np.ndarray, boxes: dict) -> dict[str, np.ndarray]:
 
 
 def detection_counts(image: np.ndarray, wbc_boxes: list) -> tuple[int, int, int]:
-    """(annotated, detected, matched) white cells of edge/segment.py on one field."""
-    from hematovision.edge.segment import segment  # noqa: PLC0415 - optional stage, may be absent
+    """(annotated, detected, matched) white cells of edge/vision/segment.py on one field."""
+    from hematovision.edge.vision.segment import segment  # noqa: PLC0415 - optional stage, may be absent
 
     try:
         cells = segment(image).all_cells
@@ -96,7 +96,7 @@ def detection_counts(image: np.ndarray, wbc_boxes: list) -> tuple[int, int, int]
 def classify(bundle, image: np.ndarray, wbc_boxes: list) -> np.ndarray:
     """Class probabilities of the annotated white cells (pixel size estimated from red cells)."""
     from hematovision.crop import cut_crop  # noqa: PLC0415
-    from hematovision.edge.segment import estimate_um_per_pixel  # noqa: PLC0415
+    from hematovision.edge.vision.segment import estimate_um_per_pixel  # noqa: PLC0415
     from hematovision.pixels import model_input  # noqa: PLC0415
 
     if not wbc_boxes:
@@ -169,7 +169,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
     parser.add_argument("--fields", type=int, default=0, help="held-out fields per lab (0: all val fields)")
     parser.add_argument("--model", type=Path, help="model bundle: also compare classification confidence")
-    parser.add_argument("--no-detection", action="store_true", help="skip the edge/segment.py detection part")
+    parser.add_argument("--no-detection", action="store_true", help="skip the edge/vision/segment.py detection part")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
     if not (args.data / "txl_pbc").is_dir():
@@ -180,7 +180,7 @@ def main(argv=None) -> int:
         print("classification with/without the transform: skipped (no --model BUNDLE given; "
               "TXL-PBC has no white-cell types, so only confidence can be compared)")
     else:
-        from hematovision.edge.model_bundle import load_bundle  # noqa: PLC0415
+        from hematovision.edge.vision.model_bundle import load_bundle  # noqa: PLC0415
 
         bundle = load_bundle(args.model)
     target = load_target(args.data / "bccd", bundle)

@@ -24,7 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd" / "BCCD" / "JPEGImages"
-DAEMON = ["-c", "import sys; from hematovision.edge.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
+DAEMON = ["-c", "import sys; from hematovision.edge.service.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
 
 
 def rss_mb(pid: int) -> float:

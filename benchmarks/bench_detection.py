@@ -1,4 +1,4 @@
-"""Detection benchmark of edge/segment.py: white-cell recall and precision per lab, and speed.
+"""Detection benchmark of edge/vision/segment.py: white-cell recall and precision per lab, and speed.
 
     python benchmarks/bench_detection.py                     # TXL-PBC val + BCCD, ms per field
     python benchmarks/bench_detection.py --split train       # the split the parameters were tuned on
@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.edge.segment import DEFAULT_PARAMS, SegmentParams, estimate_um_per_pixel, segment
+from hematovision.edge.vision.segment import DEFAULT_PARAMS, SegmentParams, estimate_um_per_pixel, segment
 from hematovision.errors import CalibrationError
 from hematovision.pixels import read_rgb
 

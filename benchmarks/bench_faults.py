@@ -51,7 +51,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd" / "BCCD" / "JPEGImages"
-DAEMON = ["-c", "import sys; from hematovision.edge.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
+DAEMON = ["-c", "import sys; from hematovision.edge.service.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
 RECEIVER_STATES = ("up", "stalled", "silent", "unplugged")
 DOWN = ("stalled", "silent", "unplugged")
 WARM_UP_S = 2.0  # after READY, the first frames of a restarted daemon are not timed (interpreter warm-up)

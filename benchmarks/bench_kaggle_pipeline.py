@@ -34,7 +34,7 @@ def nearest_to_centre(seg, width: int, height: int):
 
 
 def classify_field(pipeline, image):
-    from hematovision.edge.classify import classify_crops, cut_cells
+    from hematovision.edge.vision.classify import classify_crops, cut_cells
 
     seg = pipeline.detect(pipeline.prepare(image))
     cell = nearest_to_centre(seg, image.shape[1], image.shape[0])
@@ -46,8 +46,8 @@ def classify_field(pipeline, image):
 
 def main() -> int:
     from hematovision.classes import parse_label
-    from hematovision.edge.model_bundle import load_bundle
-    from hematovision.edge.pipeline import FieldPipeline
+    from hematovision.edge.vision.model_bundle import load_bundle
+    from hematovision.edge.vision.pipeline import FieldPipeline
     from hematovision.pixels import read_rgb
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -41,9 +41,9 @@ def stage_times(model: Path, paths: list[Path], threads: int, repeats: int) -> d
     """Each stage timed over the whole field sequence `repeats` times (fresh pipelines, so the
     red-cell estimate keeps its real cadence); per field the fastest run counts, the usual
     defence against a noisy machine. The pipeline-to-classifier ratio compares the sums."""
-    from hematovision.edge.classify import classify_crops, cut_cells
-    from hematovision.edge.model_bundle import load_bundle
-    from hematovision.edge.pipeline import FieldPipeline
+    from hematovision.edge.vision.classify import classify_crops, cut_cells
+    from hematovision.edge.vision.model_bundle import load_bundle
+    from hematovision.edge.vision.pipeline import FieldPipeline
     from hematovision.pixels import read_rgb
 
     bundle = load_bundle(model, threads)

@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.edge import scansim
-from hematovision.edge.register import prepare, register
-from hematovision.edge.segment import segment
-from hematovision.edge.track import CountOnce, TrackCounters, frame_focus
+from hematovision.edge.counting import scansim
+from hematovision.edge.counting.register import prepare, register
+from hematovision.edge.counting.track import CountOnce, TrackCounters, frame_focus
+from hematovision.edge.vision.segment import segment
 
 logger = logging.getLogger("bench_scan")
 

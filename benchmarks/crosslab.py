@@ -143,8 +143,8 @@ def shared_macro_f1(m: dict) -> float:
 def txl_shares(bundle_path: Path, txl: Path) -> dict:
     """Each TXL-PBC lab's predicted class shares (whole cells, device pipeline, running pixel size)."""
     from hematovision.classes import UNIDENTIFIED, differential_classes
-    from hematovision.edge.model_bundle import load_bundle
-    from hematovision.edge.pipeline import FieldPipeline
+    from hematovision.edge.vision.model_bundle import load_bundle
+    from hematovision.edge.vision.pipeline import FieldPipeline
     from hematovision.pixels import read_rgb
 
     bundle = load_bundle(bundle_path)

@@ -15,7 +15,7 @@ from .profile import RED_CELL_ESTIMATE, PixelSize
 
 logger = logging.getLogger(__name__)
 
-# edge/segment.py has its own red-cell estimator, written at the same time; this one is kept
+# edge/vision/segment.py has its own red-cell estimator, written at the same time; this one is kept
 # small and separate for calibration until the two are reconciled into one.
 
 

@@ -1,1 +1,1 @@
-"""The on-device side: capture, segment, classify, tally, report; never imports TensorFlow."""
+"""The on-device side, in folders along the data's way: capture, vision, counting, reports, links, service; no TensorFlow."""

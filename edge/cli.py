@@ -5,22 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
-
 
 from hematovision.errors import DataError, HematovisionError
 from hematovision.pixels import read_rgb
 
+from .config import DEFAULT_CONFIG, default_model
+
 logger = logging.getLogger("hematovision.edge")
-
-# The reference bundle shipped with the repository, used when --model is not given.
-REFERENCE_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "reference"
-
-
-def default_model() -> Path:
-    return Path(os.environ.get("HEMATOVISION_MODEL", REFERENCE_BUNDLE))
 
 
 def _positive_float(text: str) -> float:
@@ -55,10 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     cn.add_argument("--target", type=int, default=100, help="cells to count (default 100)")
     cn.add_argument("--report", type=Path, metavar="DIR", help="write JSON, CSV and HTML reports here")
     cn.add_argument("--specimen-id", default="specimen", help="id used in the report")
-    from .report_send import add_send_arguments
+    from .links.send import add_send_arguments
 
     add_send_arguments(sub.add_parser("send", help="send one report over a serial port (ASTM or JSON lines)"))
-    from .config import DEFAULT_CONFIG
 
     run = sub.add_parser("run", help="the headless daemon (systemd service)")
     check = sub.add_parser("check-config", help="validate the configuration, model and profile, then exit")
@@ -93,38 +85,38 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .daemon import run_main
+    from .service.daemon import run_main
 
     return run_main(args.config)
 
 
 def _check_config(args) -> int:
-    from .daemon import check_config_main
+    from .service.daemon import check_config_main
 
     return check_config_main(args.config)
 
 
 def _specimen(args) -> int:
-    from .daemon import command_main
+    from .service.daemon import command_main
 
     return command_main(args.config, args.action, args.specimen_id, args.target)
 
 
 def _send(args) -> int:
-    from .report_send import send_main
+    from .links.send import send_main
 
     return send_main(args)
 
 
 def _bundle(args):
-    from .model_bundle import load_bundle
+    from .vision.model_bundle import load_bundle
 
     return load_bundle(args.model or default_model(), args.threads)
 
 
 def _classify(args) -> int:
-    from .classify import classify_cell_image
-    from .count import expand_inputs
+    from .vision.classify import classify_cell_image
+    from .counting.count import expand_inputs
 
     bundle = _bundle(args)
     paths = expand_inputs(args.images)
@@ -151,10 +143,10 @@ def _classify(args) -> int:
 
 
 def _count(args) -> int:
-    from .count import CountRun, count_frames, expand_inputs
-    from .pipeline import FieldPipeline
-    from .select import make_selector
-    from .tally import Counter
+    from .counting.count import CountRun, count_frames, expand_inputs
+    from .vision.pipeline import FieldPipeline
+    from .counting.select import make_selector
+    from .counting.tally import Counter
 
     bundle = _bundle(args)
     profile = _profile(args.calibration)
@@ -188,8 +180,8 @@ def _profile(path: Path | None):
 
 
 def _write_reports(args, bundle, profile, run) -> None:
-    from .report_build import report_from_run
-    from .report_files import write_report_files
+    from .reports.build import report_from_run
+    from .reports.files import write_report_files
 
     report = report_from_run(run, bundle, profile, args.specimen_id)
     for path in write_report_files(report, args.report):
@@ -228,3 +220,7 @@ def _beside_lines(summary: dict) -> list[str]:
 
 COMMANDS = {"classify": _classify, "count": _count, "send": _send, "run": _run,
             "check-config": _check_config, "specimen": _specimen}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,6 +16,13 @@ DEFAULT_CONFIG = Path("/etc/hematovision/config.toml")
 SOURCE_KINDS = ("replay", "opencv", "picamera2")
 COUNTING_MODES = ("fields", "scan")
 REPORT_LINKS = ("none", "astm", "jsonl", "usb")
+# The reference bundle shipped with the repository, used when no bundle is configured or given.
+REFERENCE_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "reference"
+
+
+def default_model() -> Path:
+    """The bundle used when none is configured or given: $HEMATOVISION_MODEL, else the reference bundle."""
+    return Path(os.environ.get("HEMATOVISION_MODEL", REFERENCE_BUNDLE))
 
 
 def _opt(default, help: str, *, min=None, max=None, choices=None):
@@ -137,8 +144,6 @@ class Config:
     def bundle_path(self) -> Path:
         if self.model.bundle:
             return self.resolve(self.model.bundle)
-        from .cli import default_model  # noqa: PLC0415 - one definition of the default bundle
-
         return default_model()
 
     def state_dir(self) -> Path:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 import hematovision
-from hematovision.edge.bundle_meta import stamped
-from hematovision.edge.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model, load_bundle, read_meta
+from hematovision.edge.vision.bundle_meta import stamped
+from hematovision.edge.vision.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model, load_bundle, read_meta
 from hematovision.errors import HematovisionError
 from hematovision.pixels import PREPROCESSING
 from hematovision.train.augment import AugmentParams

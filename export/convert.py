@@ -50,7 +50,7 @@ def _representative(crops: np.ndarray):
 
 def non_int8_ops(tflite_model: bytes) -> list[str]:
     """Names of ops whose tensors are float: an empty list means a full-integer model."""
-    from hematovision.edge.model_bundle import find_interpreter_class
+    from hematovision.edge.vision.model_bundle import find_interpreter_class
 
     interp = find_interpreter_class()(model_content=tflite_model)
     interp.allocate_tensors()

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from hematovision.edge.model_bundle import Int8Model
+from hematovision.edge.vision.model_bundle import Int8Model
 from hematovision.novelty import NoveltyModel
 from hematovision.train.batches import crops_array
 from hematovision.train.datasets import lab_of

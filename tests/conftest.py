@@ -91,7 +91,7 @@ def nrbc_bundle(tiny_bundle, tmp_path_factory):
     import json
     import shutil
 
-    from hematovision.edge.bundle_meta import stamped
+    from hematovision.edge.vision.bundle_meta import stamped
 
     out = tmp_path_factory.mktemp("nrbc_bundle") / "bundle"
     shutil.copytree(tiny_bundle, out)
@@ -103,9 +103,9 @@ def nrbc_bundle(tiny_bundle, tmp_path_factory):
     return out
 
 
-# --- the daemon (edge/daemon.py): a configuration writer and the command that runs it ---------
+# --- the daemon (edge/service/daemon.py): a configuration writer and the command that runs it ---------
 
-DAEMON_COMMAND = ["-c", "import sys; from hematovision.edge.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
+DAEMON_COMMAND = ["-c", "import sys; from hematovision.edge.service.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
 
 
 def toml_text(sections: dict) -> str:

@@ -15,15 +15,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hematovision.edge import astm
-from hematovision.edge.astm import (ACK, ENQ, EOT, ETB, ETX, NAK, STX, AstmReceiver, AstmTiming,
+from hematovision.edge.links import astm
+from hematovision.edge.links.astm import (ACK, ENQ, EOT, ETB, ETX, NAK, STX, AstmReceiver, AstmTiming,
                                     AwaitReply, FrameError, Pause, RecordSettings, SenderCounts,
                                     Write, build_frame, build_frames, checksum, parse_frame,
                                     parse_message, report_records, sender_steps)
-from hematovision.edge.link_astm import send_report_astm
-from hematovision.edge.report import commissioning_report
-from hematovision.edge.report_send import SendSettings, send_report
-from hematovision.edge.serial_port import SerialSettings, open_serial
+from hematovision.edge.links.astm_link import send_report_astm
+from hematovision.edge.reports.report import commissioning_report
+from hematovision.edge.links.send import SendSettings, send_report
+from hematovision.edge.links.serial_port import SerialSettings, open_serial
 from hematovision.errors import ConfigError, LinkFailed
 from test_report import eight_class_report
 

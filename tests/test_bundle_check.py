@@ -14,9 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hematovision.edge.bundle_meta import STAMP_KEY, meta_digest, stamped
-from hematovision.edge.daemon import EX_CONFIG
-from hematovision.edge.model_bundle import load_bundle
+from hematovision.edge.vision.bundle_meta import STAMP_KEY, meta_digest, stamped
+from hematovision.edge.service.daemon import EX_CONFIG
+from hematovision.edge.vision.model_bundle import load_bundle
 from hematovision.errors import ModelInvalid
 from hematovision.export.cli import main as export_main
 

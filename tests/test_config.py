@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from hematovision.edge.config import Config, describe, load_config
-from hematovision.edge.daemon import EX_CONFIG, check_config_main
+from hematovision.edge.service.daemon import EX_CONFIG, check_config_main
 from hematovision.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,7 @@ def test_check_config_exits_0_for_a_good_file_and_78_naming_the_key_for_a_bad_on
 
 
 def test_run_refuses_a_bad_configuration_before_touching_state(daemon_config, tmp_path):
-    from hematovision.edge.daemon import run_main
+    from hematovision.edge.service.daemon import run_main
 
     assert run_main(daemon_config(counting={"mode": "sweep"})) == EX_CONFIG
     assert not (tmp_path / "state").exists()
@@ -130,7 +130,7 @@ def test_a_wait_longer_than_half_the_watchdog_is_refused(daemon_config, tables, 
 
 
 def test_run_checks_the_waits_against_the_watchdog_systemd_gives(daemon_config, monkeypatch, caplog):
-    from hematovision.edge.daemon import run_main
+    from hematovision.edge.service.daemon import run_main
 
     monkeypatch.setenv("WATCHDOG_USEC", "1000000")
     monkeypatch.delenv("WATCHDOG_PID", raising=False)

@@ -11,7 +11,7 @@ from hematovision.calibration.colour import stain_stats
 from hematovision.classes import (DEFAULT_CLASSES, KNOWN_CLASSES, PER_100_WBC, REJECT, UNIDENTIFIED,
                                   differential_classes, parse_label, role, validate_class_list)
 from hematovision.crop import DEFAULT_GEOMETRY, NO_JITTER, CropGeometry, CropJitter, crop_matrix, cut_crop, cut_crops
-from hematovision.edge.locate import SCALE_RED_CELLS, NoCellFound, locate_cell
+from hematovision.edge.vision.locate import SCALE_RED_CELLS, NoCellFound, locate_cell
 from hematovision.errors import DataError, ImageUnreadable, ModelInvalid
 from hematovision.stain import NO_STANDARD, REINHARD, ColourStandard, standardise_crops
 from hematovision.pixels import model_input, read_rgb

@@ -18,13 +18,13 @@ import cv2
 import numpy as np
 import pytest
 
-import hematovision.edge.daemon as daemon_module
+import hematovision.edge.service.daemon as daemon_module
 from conftest import DAEMON_COMMAND, NotifyListener, toml_text
 from hematovision.edge.config import load_config
-from hematovision.edge.daemon import STATE_FILE, Daemon, open_pipeline, run_main, serve
-from hematovision.edge.report import Report
-from hematovision.edge.sources import FolderReplay, VideoReplay, open_source, source_key
-from hematovision.edge.state import FrameRecord, NewCell, Store, StorageFull
+from hematovision.edge.service.daemon import STATE_FILE, Daemon, open_pipeline, run_main, serve
+from hematovision.edge.reports.report import Report
+from hematovision.edge.capture.sources import FolderReplay, VideoReplay, open_source, source_key
+from hematovision.edge.service.state import FrameRecord, NewCell, Store, StorageFull
 from hematovision.errors import CameraUnavailable
 
 KILLS = 20
@@ -266,7 +266,7 @@ def test_camera_that_fails_and_vanishes_is_reopened_with_backoff_keeping_the_spe
 
 
 def test_backoff_doubles_up_to_its_maximum():
-    from hematovision.edge.daemon import Backoff
+    from hematovision.edge.service.daemon import Backoff
 
     backoff = Backoff(1.0, 5.0)
     assert [backoff.next() for _ in range(5)] == [1.0, 2.0, 4.0, 5.0, 5.0]
@@ -391,7 +391,7 @@ def test_video_replay_resumes_at_the_same_frame(tmp_path):
 
 def test_missing_cameras_raise_camera_unavailable_saying_what_to_check(tmp_path, tiny_bundle, samples_bccd):
     from hematovision.edge.config import OpenCVConfig, Picamera2Config
-    from hematovision.edge.sources import OpenCVSource, Picamera2Source
+    from hematovision.edge.capture.sources import OpenCVSource, Picamera2Source
 
     with pytest.raises(CameraUnavailable, match="cannot be opened"):
         OpenCVSource(OpenCVConfig(device=str(tmp_path / "video99")), 0)
@@ -407,7 +407,7 @@ def test_picamera2_source_delivers_rgb_frames_on_the_pi():
     if not os.environ.get("HEMATOVISION_HARDWARE"):
         pytest.skip("needs a Raspberry Pi camera: set HEMATOVISION_HARDWARE=1 on the Pi")
     from hematovision.edge.config import Picamera2Config
-    from hematovision.edge.sources import Picamera2Source
+    from hematovision.edge.capture.sources import Picamera2Source
 
     source = Picamera2Source(Picamera2Config(width=1014, height=760), 0)
     try:
@@ -422,7 +422,7 @@ def test_opencv_source_delivers_frames_from_a_usb_camera():
     if not os.environ.get("HEMATOVISION_HARDWARE"):
         pytest.skip("needs a USB camera at /dev/video0: set HEMATOVISION_HARDWARE=1")
     from hematovision.edge.config import OpenCVConfig
-    from hematovision.edge.sources import OpenCVSource
+    from hematovision.edge.capture.sources import OpenCVSource
 
     source = OpenCVSource(OpenCVConfig(), 0)
     try:
@@ -436,7 +436,7 @@ def test_opencv_source_delivers_frames_from_a_usb_camera():
 
 @pytest.fixture(scope="module")
 def simulated_scan(tmp_path_factory, samples_bccd) -> Path:
-    from hematovision.edge.scansim import ScanSettings, build_slide, field_paths, scan, write_scan
+    from hematovision.edge.counting.scansim import ScanSettings, build_slide, field_paths, scan, write_scan
 
     settings = ScanSettings(columns=2, rows=2, detours=1, seed=3)
     slide = build_slide(field_paths(samples_bccd, 4), settings)
@@ -543,7 +543,7 @@ def test_nrbc_and_rejected_counts_survive_restarts_and_stay_out_of_the_target(
 def test_scan_positions_survive_restarts_exactly(tmp_path, tiny_bundle, samples_bccd, monkeypatch, seed, every):
     """Scans with jumps away and back: a restart must keep the keyframes a jump is relocalised
     against, and which frame the last sharp one was, or cells land tens of micrometres off."""
-    from hematovision.edge.scansim import ScanSettings, build_slide, field_paths, scan, write_scan
+    from hematovision.edge.counting.scansim import ScanSettings, build_slide, field_paths, scan, write_scan
 
     settings = ScanSettings(columns=3, rows=2, detours=3, seed=seed)
     slide = build_slide(field_paths(samples_bccd, 6), settings)
@@ -580,7 +580,7 @@ def test_scan_positions_survive_restarts_exactly(tmp_path, tiny_bundle, samples_
 
 
 def test_delivered_specimens_are_pruned_past_their_age_or_the_size_limit_and_nothing_else(tmp_path):
-    from hematovision.edge.state import PruneSettings
+    from hematovision.edge.service.state import PruneSettings
 
     with Store(tmp_path / STATE_FILE) as store:
         thumb = os.urandom(30_000)
@@ -621,8 +621,8 @@ def test_the_database_stops_growing_once_delivered_specimens_are_pruned(tmp_path
 
 def test_temporary_files_a_cut_write_left_are_removed_at_start_and_before_a_usb_write(
         tmp_path, tiny_bundle, samples_bccd):
-    from hematovision.edge.link_usb import UsbSettings, write_report_to_usb
-    from hematovision.edge.report import commissioning_report
+    from hematovision.edge.links.usb import UsbSettings, write_report_to_usb
+    from hematovision.edge.reports.report import commissioning_report
 
     reports = tmp_path / "state" / "out"
     reports.mkdir(parents=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hematovision.edge.segment import segment
+from hematovision.edge.vision.segment import segment
 from hematovision.errors import DataError
 from hematovision.pixels import read_rgb
 from hematovision.classes import KNOWN_CLASSES

@@ -11,8 +11,8 @@ from hematovision.classes import KNOWN_CLASSES, UNIDENTIFIED
 from hematovision.crop import DEFAULT_GEOMETRY
 from hematovision.edge.cli import format_table
 from hematovision.edge.cli import main as edge_main
-from hematovision.edge.report import Report
-from hematovision.edge.tally import Counter
+from hematovision.edge.reports.report import Report
+from hematovision.edge.counting.tally import Counter
 
 FIELDS = "BCCD/JPEGImages"
 
@@ -174,7 +174,7 @@ def test_missing_model_names_the_bundle(tmp_path, crops, capsys):
 
 
 def test_scan_counts_each_white_cell_of_a_simulated_pan_once(tiny_bundle, samples_bccd, tmp_path, capsys):
-    from hematovision.edge import scansim
+    from hematovision.edge.counting import scansim
 
     settings = scansim.ScanSettings(columns=4, rows=2, detours=2, seed=5)
     slide = scansim.build_slide(scansim.field_paths(samples_bccd, 8), settings)
@@ -226,9 +226,9 @@ def test_colour_mapping_of_crops_matches_cropping_the_mapped_frame(tiny_bundle, 
     from hematovision.calibration.colour import StainStats
     from hematovision.calibration.correct import correct, correct_colour
     from hematovision.calibration.profile import CalibrationProfile, ColourCalibration
-    from hematovision.edge.classify import classify_crops, cut_cells
-    from hematovision.edge.model_bundle import load_bundle
-    from hematovision.edge.pipeline import FieldPipeline
+    from hematovision.edge.vision.classify import classify_crops, cut_cells
+    from hematovision.edge.vision.model_bundle import load_bundle
+    from hematovision.edge.vision.pipeline import FieldPipeline
     from hematovision.pixels import read_rgb
 
     colour = ColourCalibration(StainStats((70.0, 10.0, -5.0), (9.0, 9.0, 12.0), 3),

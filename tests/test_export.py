@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from hematovision.edge.bundle_meta import stamped
-from hematovision.edge.model_bundle import load_bundle
+from hematovision.edge.vision.bundle_meta import stamped
+from hematovision.edge.vision.model_bundle import load_bundle
 from hematovision.errors import ModelInvalid
 from hematovision.export import bundle as export_bundle
 from hematovision.export.bundle import ExportOptions, export_run
@@ -172,8 +172,8 @@ class NoTensorFlow:
         if name.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'):
             raise ImportError('TensorFlow is not installed on this device')
 sys.meta_path.insert(0, NoTensorFlow())
-from hematovision.edge.model_bundle import load_bundle
-from hematovision.edge.pipeline import FieldPipeline
+from hematovision.edge.vision.model_bundle import load_bundle
+from hematovision.edge.vision.pipeline import FieldPipeline
 from hematovision.pixels import read_rgb
 result = FieldPipeline(load_bundle({str(bundle_dir)!r})).process(read_rgb({str(samples_bccd / 'BCCD/JPEGImages/BloodImage_00000.jpg')!r}))
 print(len(result.cells), result.cells[0].prediction.label)
@@ -196,7 +196,7 @@ def test_bundle_carries_a_novelty_model_fitted_on_held_out_cells(bundle_dir):
 
 
 def test_a_crop_unlike_any_training_cell_is_unidentified_whatever_its_softmax_says(bundle_dir, lite0_run):
-    from hematovision.edge.classify import classify_crops
+    from hematovision.edge.vision.classify import classify_crops
 
     bundle = load_bundle(bundle_dir, threads=2)
     config, cells = _all_cells(lite0_run)

@@ -190,8 +190,8 @@ def test_evaluate_and_export_of_a_missing_run_folder_are_one_line(tmp_path, caps
 
 
 def test_the_daemon_skips_an_oversized_frame_and_counts_the_rest(tmp_path, daemon_config, samples_bccd):
-    from hematovision.edge.daemon import STATE_FILE, run_main
-    from hematovision.edge.state import Store
+    from hematovision.edge.service.daemon import STATE_FILE, run_main
+    from hematovision.edge.service.state import Store
 
     frames = tmp_path / "frames"
     frames.mkdir()

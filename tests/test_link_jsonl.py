@@ -14,12 +14,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hematovision.edge.link_jsonl import (MAX_LINE, LineSplitter, handle_line, send_report_jsonl,
+from hematovision.edge.links.jsonl import (MAX_LINE, LineSplitter, handle_line, send_report_jsonl,
                                           serve_commands)
-from hematovision.edge.report import commissioning_report
-from hematovision.edge.report_send import (SendSettings, SerialReportLink, add_send_arguments,
+from hematovision.edge.reports.report import commissioning_report
+from hematovision.edge.links.send import (SendSettings, SerialReportLink, add_send_arguments,
                                            send_main, send_report)
-from hematovision.edge.serial_port import open_serial
+from hematovision.edge.links.serial_port import open_serial
 from hematovision.errors import CameraUnavailable, DataError, LinkFailed
 
 FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])

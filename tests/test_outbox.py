@@ -18,15 +18,15 @@ from pathlib import Path
 
 import pytest
 
-import hematovision.edge.daemon as daemon_module
+import hematovision.edge.service.daemon as daemon_module
 from hematovision.edge.config import load_config
-from hematovision.edge.daemon import STATE_FILE, Daemon, make_link, open_pipeline
-from hematovision.edge.notify import Notifier
-from hematovision.edge.report import commissioning_report
-from hematovision.edge.report_send import SendSettings, send_report
-from hematovision.edge.serial_port import SerialSettings, open_serial
-from hematovision.edge.sources import open_source
-from hematovision.edge.state import Store
+from hematovision.edge.service.daemon import STATE_FILE, Daemon, make_link, open_pipeline
+from hematovision.edge.service.notify import Notifier
+from hematovision.edge.reports.report import commissioning_report
+from hematovision.edge.links.send import SendSettings, send_report
+from hematovision.edge.links.serial_port import SerialSettings, open_serial
+from hematovision.edge.capture.sources import open_source
+from hematovision.edge.service.state import Store
 from hematovision.errors import LinkFailed, SendCancelled
 from test_daemon import position, spawn, write_config
 

@@ -20,15 +20,15 @@ import pytest
 
 from hematovision.classes import KNOWN_CLASSES
 from hematovision.edge.cli import format_table
-from hematovision.edge.link_usb import (UsbReportLink, UsbSettings, choose_drive, parse_mounts,
+from hematovision.edge.links.usb import (UsbReportLink, UsbSettings, choose_drive, parse_mounts,
                                         write_report_to_usb)
-from hematovision.edge.report import (PRELIMINARY, CellRecord, NrbcCount, RejectedCount, Report,
+from hematovision.edge.reports.report import (PRELIMINARY, CellRecord, NrbcCount, RejectedCount, Report,
                                       ReportInvalid, build_classes, build_nrbc, clopper_pearson,
                                       commissioning_report)
-from hematovision.edge.report_files import safe_file_stem, write_report_files
-from hematovision.edge.report_html import render_html
-from hematovision.edge.report_schema import report_schema, unchecked_keywords, validate_report_dict
-from hematovision.edge.tally import Counter
+from hematovision.edge.reports.files import safe_file_stem, write_report_files
+from hematovision.edge.reports.html_page import render_html
+from hematovision.edge.reports.schema import report_schema, unchecked_keywords, validate_report_dict
+from hematovision.edge.counting.tally import Counter
 from hematovision.errors import ConfigError, LinkFailed
 
 HOSTILE_ID = '<script>alert("x")</script>&\'"/../../etc/x'
@@ -66,7 +66,7 @@ def eight_class_counter(labels=EIGHT_CLASS_LABELS) -> Counter:
 
 
 def eight_class_report(specimen_id: str = "S-2024-0002") -> Report:
-    """The report of eight_class_counter() as report_build makes it, one gallery cell per count."""
+    """The report of eight_class_counter() as reports.build makes it, one gallery cell per count."""
     tally = eight_class_counter().tally()
     cells = tuple(CellRecord(i + 1, label, 0.9 - 0.001 * i, _thumbnail(200 + i % 50), (float(i), 5.0))
                   for i, label in enumerate(EIGHT_CLASS_LABELS))

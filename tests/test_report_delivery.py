@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from hematovision.edge import astm
-from hematovision.edge.astm import AstmReceiver, parse_message
-from hematovision.edge.daemon import STATE_FILE, run_main
-from hematovision.edge.state import Store
+from hematovision.edge.links import astm
+from hematovision.edge.links.astm import AstmReceiver, parse_message
+from hematovision.edge.service.daemon import STATE_FILE, run_main
+from hematovision.edge.service.state import Store
 from test_astm import Faults, PtyHost
 from test_daemon import write_config
 
@@ -36,14 +36,14 @@ def frames(tmp_path, samples_bccd) -> Path:
 
 @pytest.fixture
 def astm_log(caplog):
-    caplog.set_level(logging.INFO, logger="hematovision.edge.link_astm")
+    caplog.set_level(logging.INFO, logger="hematovision.edge.links.astm_link")
     return caplog
 
 
 def astm_sends(caplog) -> list[tuple]:
     """(specimen id, frames, retries) of each report the ASTM link delivered, as it logged them."""
     return [r.args[:3] for r in caplog.records
-            if r.name == "hematovision.edge.link_astm" and r.msg.startswith("sent report")]
+            if r.name == "hematovision.edge.links.astm_link" and r.msg.startswith("sent report")]
 
 
 def outbox(state: Path) -> list:

@@ -279,8 +279,8 @@ def test_bench_scan_json_on_the_committed_samples(tmp_path, reference):
 
 def test_bench_scan_totals_sum_the_runs():
     scan = load_script("bench_scan")
-    from hematovision.edge.scansim import ScanScore
-    from hematovision.edge.track import TrackCounters
+    from hematovision.edge.counting.scansim import ScanScore
+    from hematovision.edge.counting.track import TrackCounters
 
     def run(frames, in_view, matched, doubles, jumps, relocalised):
         return {"score": ScanScore(in_view=in_view, counted=matched + doubles, matched=matched, doubles=doubles,

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from hematovision.edge.segment import (
+from hematovision.edge.vision.segment import (
     DEFAULT_PARAMS, ESTIMATED, GIVEN, Segmentation, estimate_um_per_pixel, red_cell_diameter_px, segment,
 )
 from hematovision.errors import CalibrationError, DataError

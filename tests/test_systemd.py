@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from conftest import DAEMON_COMMAND
-from hematovision.edge.daemon import EX_CONFIG
-from hematovision.edge.notify import Notifier, socket_address, watchdog_interval_s
+from hematovision.edge.service.daemon import EX_CONFIG
+from hematovision.edge.service.notify import Notifier, socket_address, watchdog_interval_s
 
 REPO = Path(__file__).resolve().parents[1]
 UNIT = REPO / "systemd" / "hematovision.service"

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
-from hematovision.edge import scansim
-from hematovision.edge.register import prepare, register
-from hematovision.edge.segment import Segmentation, segment
-from hematovision.edge.track import (BLURRED, COUNTED, JUMP, MOVING, NEW_MAP, RELOCALISED, CountOnce,
+from hematovision.edge.counting import scansim
+from hematovision.edge.counting.register import prepare, register
+from hematovision.edge.vision.segment import Segmentation, segment
+from hematovision.edge.counting.track import (BLURRED, COUNTED, JUMP, MOVING, NEW_MAP, RELOCALISED, CountOnce,
                                      frame_focus)
 from hematovision.errors import DataError
 from hematovision.pixels import read_rgb

@@ -145,7 +145,7 @@ def _load_class_folder(folder: Path, label: str, split_name: str, origins: dict)
 def load_cell_images(root: str | Path, classes=DEFAULT_CLASSES, um_per_pixel: float | None = None) -> Dataset:
     """Single-cell images in one sub-folder per class (the PBC layout), cut as the device cuts them.
 
-    Each image goes through the device's own path (`hematovision.edge.locate`): segmented, its pixel
+    Each image goes through the device's own path (`hematovision.edge.vision.locate`): segmented, its pixel
     size measured from its red cells (or `um_per_pixel`), and the white cell at its centre taken,
     so the crop has the bundle's geometry in micrometres. Each image is its own group (no donor
     ids). Images with no white cell at the centre, or unreadable, are skipped and listed.
@@ -167,7 +167,7 @@ def load_cell_images(root: str | Path, classes=DEFAULT_CLASSES, um_per_pixel: fl
 
 
 def _cell_image_sample(path: Path, label: str, group: str, um_per_pixel: float | None) -> Dataset:
-    from hematovision.edge.locate import locate_cell
+    from hematovision.edge.vision.locate import locate_cell
 
     try:
         cell = locate_cell(read_rgb(path), um_per_pixel, name=str(path))

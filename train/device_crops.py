@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from hematovision.edge.segment import DEFAULT_PARAMS, SegmentParams, segment
+from hematovision.edge.vision.segment import DEFAULT_PARAMS, SegmentParams, segment
 from hematovision.pixels import read_rgb
 
 from .datasets import Dataset, Sample, Skipped, box_centred_on

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from hematovision.crop import CropGeometry
-from hematovision.edge.classify import temperature_softmax
+from hematovision.edge.vision.classify import temperature_softmax
 from hematovision.pixels import model_input
 from hematovision.stain import NO_STANDARD, ColourStandard
 

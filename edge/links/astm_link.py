@@ -6,9 +6,9 @@ import logging
 import time
 from datetime import datetime
 
+from ..reports.report import Report
 from .astm import (REPLIES, AstmReceiver, AstmTiming, AwaitReply, Pause, RecordSettings,
                    SenderCounts, Write, build_frames, report_records, sender_steps)
-from .report import Report
 from .serial_port import ByteLine, SendResult
 
 logger = logging.getLogger(__name__)

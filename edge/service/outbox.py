@@ -81,7 +81,7 @@ class Outbox:
         try:
             with Store(self.state_path) as store:
                 if self.settings.report_dir is not None:
-                    from .report_files import remove_temporaries  # noqa: PLC0415
+                    from ..reports.files import remove_temporaries  # noqa: PLC0415
 
                     remove_temporaries(self.settings.report_dir)
                 while self._next_pass():
@@ -131,11 +131,11 @@ class Outbox:
         return True
 
     def _deliver(self, store: Store, entry: OutboxEntry) -> None:
-        from .report import Report  # noqa: PLC0415
+        from ..reports.report import Report  # noqa: PLC0415
 
         report = Report.from_dict(entry.report)
         if self.settings.report_dir is not None and not entry.files_written:
-            from .report_files import write_report_files  # noqa: PLC0415
+            from ..reports.files import write_report_files  # noqa: PLC0415
 
             write_report_files(report, self.settings.report_dir)
             store.mark_report(entry, files=True)

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from hematovision.calibration.profile import CalibrationProfile, profile_to_dict
 
-from .model_bundle import Bundle
+from ..vision.model_bundle import Bundle
 from .report import PRELIMINARY, CellRecord, FrameStats, ModelInfo, Report, build_classes, build_nrbc
 
 

@@ -14,17 +14,17 @@ from pathlib import Path
 from hematovision.classes import REJECT, ROLES, UNIDENTIFIED, differential_classes
 from hematovision.errors import CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable
 
-from .config import DEFAULT_CONFIG, Config, ReportConfig, check_timings, load_config
+from ..capture.sources import Frame, FrameSource, open_source, source_key
+from ..config import DEFAULT_CONFIG, Config, ReportConfig, check_timings, load_config
+from ..counting.select import make_selector
+from ..counting.tally import NRBC_CLASS
+from ..counting.track import DEFAULT_TRACK
+from ..vision.pipeline import CellResult, CellSelector, FieldPipeline
+from ..vision.segment import Detection
 from .notify import Notifier, watchdog_interval_s
 from .outbox import DeliverySettings, Outbox
-from .pipeline import CellResult, FieldPipeline
 from .preflight import check_devices
-from .segment import Detection
-from .select import CellSelector, make_selector
-from .sources import Frame, FrameSource, open_source, source_key
 from .state import FrameRecord, NewCell, PruneSettings, Specimen, StateError, Store, StorageFull
-from .tally import NRBC_CLASS
-from .track import DEFAULT_TRACK
 
 logger = logging.getLogger(__name__)
 
@@ -276,10 +276,10 @@ def restore_pipeline_state(pipeline: FieldPipeline, state: dict | None) -> None:
 
 def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> dict:
     """The report of a specimen from its stored cells (schema hematovision.report/1, as a dict)."""
-    from .classify import Prediction  # noqa: PLC0415
-    from .count import CountRun  # noqa: PLC0415
-    from .report_build import report_from_run  # noqa: PLC0415
-    from .tally import Counter  # noqa: PLC0415
+    from ..vision.classify import Prediction  # noqa: PLC0415
+    from ..counting.count import CountRun  # noqa: PLC0415
+    from ..reports.build import report_from_run  # noqa: PLC0415
+    from ..counting.tally import Counter  # noqa: PLC0415
 
     run = CountRun(Counter(pipeline.bundle.classes, specimen.target), fields=specimen.fields,
                    skipped_blur=specimen.skipped_blur, skipped_motion=specimen.skipped_motion,
@@ -301,16 +301,16 @@ def delivery_settings(config: Config) -> DeliverySettings:
 def make_link(report: ReportConfig, cancel: threading.Event | None = None):
     """The ReportLink of `report.link`, or None; a serial send in progress ends when `cancel` is set."""
     if report.link in ("astm", "jsonl"):
-        from .astm import AstmTiming  # noqa: PLC0415
-        from .report_send import SendSettings, SerialReportLink  # noqa: PLC0415
-        from .serial_port import SerialSettings  # noqa: PLC0415
+        from ..links.astm import AstmTiming  # noqa: PLC0415
+        from ..links.send import SendSettings, SerialReportLink  # noqa: PLC0415
+        from ..links.serial_port import SerialSettings  # noqa: PLC0415
 
         settings = SendSettings(serial=SerialSettings(report.baudrate, write_timeout_s=report.reply_timeout_s),
                                 astm_timing=AstmTiming(reply_timeout_s=report.reply_timeout_s),
                                 jsonl_ack_timeout_s=report.reply_timeout_s)
         return SerialReportLink(report.link, report.port, settings, cancel)
     if report.link == "usb":
-        from .link_usb import UsbReportLink, UsbSettings  # noqa: PLC0415
+        from ..links.usb import UsbReportLink, UsbSettings  # noqa: PLC0415
 
         return UsbReportLink(UsbSettings(mount_point=Path(report.usb_mount_point) if report.usb_mount_point else None))
     return None
@@ -320,7 +320,7 @@ def make_link(report: ReportConfig, cancel: threading.Event | None = None):
 
 def open_pipeline(config: Config) -> FieldPipeline:
     """The bundle and calibration profile of a configuration. Raises ModelInvalid, ConfigError."""
-    from .model_bundle import load_bundle  # noqa: PLC0415
+    from ..vision.model_bundle import load_bundle  # noqa: PLC0415
 
     bundle = load_bundle(config.bundle_path(), config.model.threads or None)
     profile = None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from html import escape
 
+from ..counting.tally import NRBC_CLASS
 from .report import CellRecord, ClassCount, Report
-from .tally import NRBC_CLASS
 
 # No network, no scripts: the page may only use its own inline styles and data: images.
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"

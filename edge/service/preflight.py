@@ -9,8 +9,8 @@ from pathlib import Path
 
 from hematovision.errors import ConfigError
 
-from .config import Config
-from .link_usb import MEDIA_ROOTS, parse_mounts
+from ..config import Config
+from ..links.usb import MEDIA_ROOTS, parse_mounts
 
 logger = logging.getLogger(__name__)
 

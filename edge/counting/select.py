@@ -3,52 +3,16 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
 
 from hematovision.errors import DataError
 
-from .segment import Detection, Segmentation
+from ..vision.pipeline import CellSelector, FieldSelector, Selection
+from ..vision.segment import Segmentation
 from .track import BLURRED, COUNTED, CountOnce, frame_focus
 
 
-@dataclass(frozen=True)
-class Selection:
-    """The new cells of a frame and where they lie on the slide; kind says if the frame was used."""
-
-    kind: str  # "used", "blur" or "motion" (state.FRAME_KINDS)
-    cells: tuple[Detection, ...]
-    slide_xy_um: tuple[tuple[float, float], ...]
-
-
-class CellSelector(Protocol):
-    """Decides which detections of a frame are cells not counted before; its state survives restarts."""
-
-    def select(self, image, seg: Segmentation) -> Selection: ...
-
-    def to_dict(self) -> dict | None: ...
-
-    def new_keyframes(self) -> tuple[tuple[int, dict], ...]:
-        """What the last `select` added that `to_dict` leaves out, stored once beside it."""
-        ...
-
-
-class FieldSelector:
-    """Every frame is a new field (separate fields, as the committed samples): every whole cell is new."""
-
-    def select(self, image, seg: Segmentation) -> Selection:
-        xy = tuple((d.center[0] * seg.um_per_pixel, d.center[1] * seg.um_per_pixel) for d in seg.cells)
-        return Selection("used", seg.cells, xy)
-
-    def to_dict(self) -> dict | None:
-        return None
-
-    def new_keyframes(self) -> tuple[tuple[int, dict], ...]:
-        return ()
-
-
 class ScanSelector:
-    """Overlapping frames of a panned slide: the count-once tracker (edge/track.py) says which
+    """Overlapping frames of a panned slide: the count-once tracker (edge/counting/track.py) says which
     whole cells are new and where they lie on the slide; blurred and moving frames count nothing.
     """
 

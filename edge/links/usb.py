@@ -10,8 +10,8 @@ from pathlib import Path
 
 from hematovision.errors import ConfigError, LinkFailed
 
-from .report import Report
-from .report_files import remove_temporaries, write_report_files
+from ..reports.files import remove_temporaries, write_report_files
+from ..reports.report import Report
 from .serial_port import SendResult
 
 logger = logging.getLogger(__name__)

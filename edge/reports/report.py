@@ -7,8 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from .report_schema import SCHEMA_ID, ReportInvalid, validate_report_dict
-from .tally import NRBC_CLASS, ClassCount, NrbcCount, RejectedCount, clopper_pearson, per_100_wbc
+from ..counting.tally import NRBC_CLASS, ClassCount, NrbcCount, RejectedCount, clopper_pearson, per_100_wbc
+from .schema import SCHEMA_ID, ReportInvalid, validate_report_dict
 
 PRELIMINARY = "preliminary: not verified"
 # How far a stored percent may sit from count / identified (the values are rounded to 0.01).

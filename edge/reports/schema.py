@@ -40,7 +40,7 @@ class ReportInvalid(DataError):
 @functools.cache
 def report_schema() -> dict:
     """The report JSON Schema shipped beside this module."""
-    text = resources.files("hematovision.edge").joinpath(SCHEMA_FILE).read_text("utf-8")
+    text = resources.files(__package__).joinpath(SCHEMA_FILE).read_text("utf-8")
     return json.loads(text)
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from hematovision.errors import CameraUnavailable, ConfigError, ImageUnreadable
 from hematovision.pixels import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, check_pixels, list_images, read_rgb, to_rgb_uint8
 
-from .config import Config, OpenCVConfig, Picamera2Config
+from ..config import Config, OpenCVConfig, Picamera2Config
 
 logger = logging.getLogger(__name__)
 

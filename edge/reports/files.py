@@ -21,9 +21,9 @@ from hematovision.errors import LinkFailed
 
 from hematovision.classes import DIFFERENTIAL, PER_100_WBC, REJECT
 
+from ..counting.tally import NRBC_CLASS
+from .html_page import render_html
 from .report import Report, ReportInvalid
-from .tally import NRBC_CLASS
-from .report_html import render_html
 
 logger = logging.getLogger(__name__)
 

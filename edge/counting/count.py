@@ -11,8 +11,7 @@ from typing import Iterator
 from hematovision.errors import DataError, ImageUnreadable
 from hematovision.pixels import IMAGE_SUFFIXES, list_images, read_rgb
 
-from .pipeline import CellResult, FieldPipeline, FieldResult
-from .select import CellSelector
+from ..vision.pipeline import CellResult, CellSelector, FieldPipeline, FieldResult
 from .tally import Counter
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ import numpy as np
 
 from hematovision.errors import DataError
 
+from ..vision.segment import DEFAULT_PARAMS, Detection, SegmentParams, Segmentation, focus_measure
 from .register import DEFAULT_REGISTER, RegisterParams, Registration, WorkFrame, prepare, register
-from .segment import DEFAULT_PARAMS, Detection, SegmentParams, Segmentation, focus_measure
 
 logger = logging.getLogger(__name__)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import cv2
 import numpy as np
@@ -14,7 +15,6 @@ from hematovision.calibration.profile import CalibrationProfile, check_against_b
 
 from .classify import Prediction, classify_crops, cut_cells
 from .model_bundle import Bundle
-from .select import CellSelector, FieldSelector
 from .segment import (DEFAULT_PARAMS, Detection, SegmentParams, Segmentation, check_field,
                       estimate_um_per_pixel, segment)
 
@@ -53,6 +53,41 @@ class FieldResult:
     pixel_size_source: str
     kind: str = "used"  # or "blur" / "motion": a scan frame that counted nothing
     slide_xy_um: tuple[tuple[float, float], ...] = ()  # of `cells`
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The new cells of a frame and where they lie on the slide; kind says if the frame was used."""
+
+    kind: str  # "used", "blur" or "motion" (state.FRAME_KINDS)
+    cells: tuple[Detection, ...]
+    slide_xy_um: tuple[tuple[float, float], ...]
+
+
+class CellSelector(Protocol):
+    """Decides which detections of a frame are cells not counted before; its state survives restarts."""
+
+    def select(self, image, seg: Segmentation) -> Selection: ...
+
+    def to_dict(self) -> dict | None: ...
+
+    def new_keyframes(self) -> tuple[tuple[int, dict], ...]:
+        """What the last `select` added that `to_dict` leaves out, stored once beside it."""
+        ...
+
+
+class FieldSelector:
+    """Every frame is a new field (separate fields, as the committed samples): every whole cell is new."""
+
+    def select(self, image, seg: Segmentation) -> Selection:
+        xy = tuple((d.center[0] * seg.um_per_pixel, d.center[1] * seg.um_per_pixel) for d in seg.cells)
+        return Selection("used", seg.cells, xy)
+
+    def to_dict(self) -> dict | None:
+        return None
+
+    def new_keyframes(self) -> tuple[tuple[int, dict], ...]:
+        return ()
 
 
 def thumbnail(crop: np.ndarray) -> bytes:

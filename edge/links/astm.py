@@ -12,7 +12,7 @@ from types import MappingProxyType
 from hematovision import __version__
 from hematovision.errors import ConfigError, LinkFailed
 
-from .report import Report
+from ..reports.report import Report
 
 logger = logging.getLogger(__name__)
 

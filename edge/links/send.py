@@ -13,10 +13,10 @@ from typing import Protocol
 
 from hematovision.errors import ConfigError, DataError
 
+from ..reports.report import Report
 from .astm import AstmTiming, RecordSettings
-from .link_astm import send_report_astm
-from .link_jsonl import send_report_jsonl
-from .report import Report
+from .astm_link import send_report_astm
+from .jsonl import send_report_jsonl
 from .serial_port import SendResult, SerialSettings, open_serial
 
 logger = logging.getLogger(__name__)
