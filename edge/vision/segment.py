@@ -235,9 +235,10 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
     scale = min(1.0, um_per_pixel / params.work_um_per_pixel)
     work = _resize(image_rgb, scale)
     work_um = um_per_pixel / scale
-    nucleus = nucleus_mask(work, params, work_um)
+    balanced = white_balance(work, params)  # once per field: the nucleus and cytoplasm maps both start from it
+    nucleus = nucleus_mask(balanced, params, work_um)
     regions = _cell_regions(nucleus, params, work_um)
-    cytoplasm = cytoplasm_mask(work, nucleus, params) if regions else None  # most scan frames hold no cell
+    cytoplasm = cytoplasm_mask(balanced, nucleus, params) if regions else None  # most scan frames hold no cell
     found = [_detection(image_rgb, cytoplasm, region, scale, um_per_pixel, params) for region in regions]
     found = [d for d in found if d is not None]
     logger.debug("%d white cells (%s um per pixel, %s)", len(found), um_per_pixel, source)
@@ -248,19 +249,29 @@ def segment(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS,
     )
 
 
-def stain_feature(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
+@dataclass(frozen=True)
+class WhiteBalanced:
+    """A field's green and blue channels (float32), each scaled so that its white background is 255."""
+
+    green: np.ndarray
+    blue: np.ndarray
+
+
+def white_balance(image_rgb: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> WhiteBalanced:
+    """The green and blue channels of an RGB uint8 field, white-balanced on their `white_percentile`."""
+    green, blue = (_balanced_channel(image_rgb[:, :, c], params) for c in (1, 2))
+    return WhiteBalanced(green, blue)
+
+
+def _balanced_channel(channel: np.ndarray, params: SegmentParams) -> np.ndarray:
+    white = _percentile_u8(channel, params.white_percentile)
+    return channel.astype(np.float32) * (255.0 / max(white, 1.0))
+
+
+def stain_feature(balanced: WhiteBalanced, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
     """Nucleus-stain strength per pixel (float32): (B - G) + w * (255 - G) after white balance."""
-    green, blue = _white_balanced(image_rgb, params, (1, 2))
+    green, blue = balanced.green, balanced.blue
     return (blue - green) + params.green_weight * (255.0 - green)
-
-
-def _white_balanced(image_rgb: np.ndarray, params: SegmentParams, channels) -> list[np.ndarray]:
-    """The given channels (float32) scaled so that the field's white background is 255."""
-    out = []
-    for c in channels:
-        white = _percentile_u8(image_rgb[:, :, c], params.white_percentile)
-        out.append(image_rgb[:, :, c].astype(np.float32) * (255.0 / max(white, 1.0)))
-    return out
 
 
 def _percentile_u8(channel: np.ndarray, q: float) -> float:
@@ -273,7 +284,7 @@ STAINED = 1  # cytoplasm_mask value: absorbs clearly more than the background
 CYTOPLASM = 2  # cytoplasm_mask value: may be white-cell cytoplasm (also stained)
 
 
-def cytoplasm_mask(image_rgb: np.ndarray, nucleus: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
+def cytoplasm_mask(balanced: WhiteBalanced, nucleus: np.ndarray, params: SegmentParams = DEFAULT_PARAMS) -> np.ndarray:
     """Map (uint8) of the pixels around white cells: CYTOPLASM where a pixel may be white-cell
     cytoplasm, else STAINED where it absorbs green more than the background
     (`cell_stain_absorption` of the way to red cells), else 0.
@@ -287,8 +298,8 @@ def cytoplasm_mask(image_rgb: np.ndarray, nucleus: np.ndarray, params: SegmentPa
     edge. Levels are the field's own: Otsu's split of green absorption outside the `nucleus`
     mask (`nucleus_mask`; a large nucleus would otherwise make the darker class) into background
     and cells, mostly red cells, gives the background and red-cell absorption and the red cells'
-    ratio (of the medians)."""
-    green, blue = _white_balanced(image_rgb, params, (1, 2))
+    ratio (of the medians). `balanced` is the field's `white_balance`."""
+    green, blue = balanced.green, balanced.blue
     absorb_g = np.clip(255.0 - green, 0, 255).astype(np.uint8)
     absorb_b = 255.0 - blue
     outside = nucleus == 0
@@ -314,9 +325,10 @@ def _median(values: np.ndarray) -> float:
     return _percentiles(values, (50.0,))[0]
 
 
-def nucleus_mask(image_rgb: np.ndarray, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
-    """Mask (0/255) of nucleus-stained pixels: weakly stained regions holding a strong seed."""
-    feature = stain_feature(image_rgb, params)
+def nucleus_mask(balanced: WhiteBalanced, params: SegmentParams, um_per_pixel: float) -> np.ndarray:
+    """Mask (0/255) of nucleus-stained pixels of a `white_balance`d field: weakly stained regions
+    holding a strong seed."""
+    feature = stain_feature(balanced, params)
     strong, weak = _stain_thresholds(feature, params)
     mask = np.where(feature > weak, 255, 0).astype(np.uint8)
     mask = cv2.morphologyEx(mask, cv2.MORPH_OPEN, np.ones((2, 2), np.uint8))
