@@ -45,8 +45,7 @@ reference: $(STAMP)
 
 # Cross-lab figures (needs ../shared/data; resumable): leave-one-lab-out in both directions, the
 # reference bundle per lab, TXL-PBC class shares; written to benchmarks/results/crosslab.json.
-crosslab: $(STAMP)
-	$(PY) benchmarks/crosslab.py --out runs/crosslab --json benchmarks/results/crosslab.json
+crosslab: result-crosslab
 
 # Benchmarks print their figures (not tests); they need a bundle and, for some, ../shared/data.
 bench: $(STAMP)
@@ -55,24 +54,45 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_kaggle_pipeline.py
 	$(PY) benchmarks/bench_backbones.py
 
-.PHONY: results cv
-
-# Regenerate the README's "Measured results" tables in one command: each benchmark writes its
-# figures as JSON into $(RESULTS), every finished cross-validation (runs/cv_*/) is summarised
-# without training, and benchmarks/results_table.py replaces the text between the README's
-# results markers. `make reference` comes first (the benchmarks measure models/reference; this
-# target does not retrain it); `make cv` is separate. Needs ../shared/data. The daemon memory
-# replay alone takes DAEMON_MINUTES (30); `make results DAEMON_MINUTES=5` for a quicker pass.
+# The README's "Measured results" tables come from the JSON files committed in $(RESULTS), one per
+# benchmark, each naming the commit, cores and date it was measured on (benchmarks/provenance.py).
+#   make results                            rebuilds the tables from those files alone: no venv, no data,
+#                                           nothing measured; a file not there reads "not measured (run: ...)"
+#   make results RERUN="kaggle detection"   first reruns those benchmarks into $(RESULTS), then the tables
+#   make results RERUN=all                  reruns every benchmark (hours; needs ../shared/data)
+#   make result-kaggle                      reruns one benchmark, leaves the README alone
+# Names: $(BENCHMARKS). cv summarises every finished cross-validation (runs/cv_*/, `make cv`) without
+# training; crosslab trains (`make crosslab`). The benchmarks measure models/reference: `make reference`
+# first when it changes. daemon replays for DAEMON_MINUTES (30). Commit the JSON files with the README.
 RESULTS ?= benchmarks/results
+RERUN ?=
 DAEMON_MINUTES ?= 30
-results: $(STAMP)
-	mkdir -p $(RESULTS)
+BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab cv
+RERUN_NAMES = $(if $(filter all,$(RERUN)),$(BENCHMARKS),$(RERUN))
+.PHONY: results cv $(addprefix result-,$(BENCHMARKS))
+
+results: $(if $(RERUN),$(STAMP))
+	$(if $(filter-out all $(BENCHMARKS),$(RERUN)),$(error RERUN: unknown '$(filter-out all $(BENCHMARKS),$(RERUN))'; one or more of: all $(BENCHMARKS)))
+	@set -e; for name in $(RERUN_NAMES); do $(MAKE) --no-print-directory result-$$name; done
+	$(PYTHON) benchmarks/results_table.py --results $(RESULTS) --readme README.md
+
+result-kaggle: $(STAMP)
 	$(PY) benchmarks/bench_kaggle_pipeline.py --json $(RESULTS)/kaggle.json
+result-detection: $(STAMP)
 	$(PY) benchmarks/bench_detection.py --pixel-size lab --json $(RESULTS)/detection.json
+result-backbones: $(STAMP)
 	$(PY) benchmarks/bench_backbones.py --json $(RESULTS)/backbones.json
+result-pipeline: $(STAMP)
 	$(PY) benchmarks/bench_pipeline.py --json $(RESULTS)/pipeline.json
+result-scan: $(STAMP)
 	$(PY) benchmarks/bench_scan.py --runs 4 --json $(RESULTS)/scan.json
+result-daemon: $(STAMP)
 	$(PY) benchmarks/bench_daemon_memory.py --minutes $(DAEMON_MINUTES) --fps 5 --json $(RESULTS)/daemon.json
+result-faults: $(STAMP)
+	$(PY) benchmarks/bench_faults.py --json $(RESULTS)/faults.json
+result-crosslab: $(STAMP)
+	$(PY) benchmarks/crosslab.py --out runs/crosslab --json $(RESULTS)/crosslab.json
+result-cv: $(STAMP)
 	@set -e; for d in runs/cv_*/; do \
 	    if ls $$d/fold*_bundle/bundle.json >/dev/null 2>&1; then \
 	        echo "$(PY) benchmarks/cross_validate.py --summary-only --out $$d"; \
@@ -80,7 +100,6 @@ results: $(STAMP)
 	        cp $$d/summary.json $(RESULTS)/$$(basename $$d).json; \
 	    fi; \
 	done
-	$(PY) benchmarks/results_table.py --results $(RESULTS) --readme README.md
 
 # Grouped 5-fold cross-validation of Lite0 as the device sees cells (segmenter centres, stain
 # augmentation); hours on 2 cores, resumable: rerun to continue. `make results` summarises it.

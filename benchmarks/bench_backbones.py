@@ -14,7 +14,6 @@ benchmarks/results_table.py).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -22,6 +21,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -175,8 +176,7 @@ def write_json(path: Path, rows: list[dict], device: dict, args) -> None:
     result = {"machine_cores": os.cpu_count(), "batch": args.batch, "steps": args.steps,
               "invocations": args.invocations, "calibration": args.calibration, "weights": "random",
               "input_size": 224, "backbones": {row["backbone"]: row for row in rows}, "device": device}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_result(path, result)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ the daemon's work and exit status, and every (seconds, MB) sample.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from provenance import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd" / "BCCD" / "JPEGImages"
@@ -78,8 +79,7 @@ def measure(args) -> int:
         result = figures(samples, rc, work_done(Path(tmp) / "state" / "state.db"), args)
     report(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     return 0 if rc == 0 else 1
 
 

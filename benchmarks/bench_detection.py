@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import json
 import logging
 import math
 import statistics
@@ -41,6 +40,8 @@ import numpy as np
 from hematovision.edge.vision.segment import DEFAULT_PARAMS, SegmentParams, estimate_um_per_pixel, segment
 from hematovision.errors import CalibrationError
 from hematovision.pixels import read_rgb
+
+from provenance import write_result
 
 logger = logging.getLogger("bench_detection")
 
@@ -320,8 +321,7 @@ def main(argv=None) -> int:
               f"(pixel size estimated; {len(images)} fields x 3)")
         result["speed"] = {"median_ms": median, "p95_ms": p95, "fields": len(images), "repeats": 3}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     return 0
 
 

@@ -49,6 +49,8 @@ import tty
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from provenance import repo_path, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples" / "bccd" / "BCCD" / "JPEGImages"
 DAEMON = ["-c", "import sys; from hematovision.edge.service.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
@@ -389,7 +391,7 @@ def run(args, root: Path) -> int:
                         disturbed_s, seen)
     print_figures(result)
     if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     return 0
 
 
@@ -402,7 +404,7 @@ def figures_of(args, reference, counted, reference_reports, specimens, acked, wa
     fps_down = sum(figures.frames[s] for s in DOWN) / down_s if down_s else None
     return {
         "settings": {"copies": args.copies, "fps": args.fps, "target": args.target, "seed": args.seed,
-                     "model": str(args.model), "disk": disk},
+                     "model": repo_path(args.model), "disk": disk},
         "disturbed_seconds": round(seconds, 1),
         "faults": {"kill_9": figures.kills, "starts": figures.starts, "failed_starts": figures.failed_starts,
                    "receiver_changes": figures.line_changes, "disk_fills": figures.disk_fills},

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from provenance import write_result
+
 REPO = Path(__file__).resolve().parents[1]
 KAGGLE = REPO.parent / "shared" / "data" / "kaggle_blood_cells" / "images"
 
@@ -71,8 +73,7 @@ def main() -> int:
     if args.json:
         result = {"model": shown_path(args.model), **model_description(args.model), "split": args.split,
                   "limit_per_class": args.limit, **result}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     return 0
 
 

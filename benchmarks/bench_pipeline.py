@@ -10,7 +10,6 @@ the classifier's own time; peak RSS of `hematovision-edge count` over 100 fields
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import resource
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from provenance import write_result
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_FIELDS = REPO.parent / "shared" / "data" / "bccd" / "BCCD" / "JPEGImages"
@@ -97,8 +98,7 @@ def main() -> int:
                   "rows": [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
                            for row in rows],
                   "peak_rss_mb": rss}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
     return 0
 
 

@@ -18,7 +18,6 @@ and tracker counters, timings, and the same figures for each run under "per_run"
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -33,6 +32,8 @@ from hematovision.edge.counting import scansim
 from hematovision.edge.counting.register import prepare, register
 from hematovision.edge.counting.track import CountOnce, TrackCounters, frame_focus
 from hematovision.edge.vision.segment import segment
+
+from provenance import write_result
 
 logger = logging.getLogger("bench_scan")
 
@@ -85,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         report(f"run {k}", results[-1])
     report("total", total(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_result(results, args), indent=2) + "\n")
+        write_result(args.json, json_result(results, args))
     return 0
 
 

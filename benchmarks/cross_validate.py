@@ -22,6 +22,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from provenance import write_result
+
 REPO = Path(__file__).resolve().parents[1]
 # The reference bundle's recipe (`make reference`), so the folds measure the model that ships.
 RECIPE = dict(head_lr=5e-3, head_epochs=15, finetune_lr=3e-4, finetune_epochs=60, finetune_fraction=1.0,
@@ -100,7 +102,7 @@ def summarise(out: Path, folds_planned: int, results: dict[int, dict], found: di
             values = [r[kind][key] for r in results.values()]
             summary["mean"][kind][key] = statistics.mean(values) if values else None
             summary["sd"][kind][key] = statistics.stdev(values) if len(values) > 1 else 0.0
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_result(out / "summary.json", summary)
     return summary
 
 

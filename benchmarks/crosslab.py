@@ -21,17 +21,16 @@ not as a differential, so only a share far outside every interval is a finding.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import logging
-import os
-import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from provenance import provenance, repo_path, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
@@ -165,16 +164,6 @@ def txl_shares(bundle_path: Path, txl: Path) -> dict:
     return out
 
 
-def provenance() -> dict:
-    """The commit, machine and date a result was measured on."""
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
-    return {"commit": commit, "cores": os.cpu_count(), "date": dt.date.today().isoformat()}
-
-
 def print_lab(name: str, lab: str, f: dict) -> None:
     for kind in ("float", "int8"):
         k = f[kind]
@@ -219,22 +208,21 @@ def main(argv: list[str] | None = None) -> int:
     for d in DIRECTIONS:
         if d.name in wanted:
             bundle = train_direction(d, data, args.out, args.augment, args.colour)
-            result["directions"][d.name] = {"train": d.train_lab, "test": d.test_lab, "bundle": str(bundle),
+            result["directions"][d.name] = {"train": d.train_lab, "test": d.test_lab, "bundle": repo_path(bundle),
                                             "by_lab": bundle_figures(bundle, args.out, d.name, True)}
     if "both" in wanted:
         result["directions"]["both"] = {"train": "bccd+pbc", "test": "held-out bccd fields and pbc cells",
-                                        "bundle": str(args.reference),
+                                        "bundle": repo_path(args.reference),
                                         "by_lab": bundle_figures(args.reference, args.out, "both", True)}
     for name, r in result["directions"].items():
         for lab, f in r["by_lab"].items():
             print_lab(name, lab, f)
     if not args.no_txl and (args.data / "txl_pbc").is_dir():
         for name, r in result["directions"].items():
-            result["txl_shares"][name] = txl_shares(Path(r["bundle"]), args.data / "txl_pbc")
+            result["txl_shares"][name] = txl_shares(REPO / r["bundle"], args.data / "txl_pbc")
             print_shares(name, result["txl_shares"][name])
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_result(args.json, result)
         print(f"figures written to {args.json}")
     return 0
 

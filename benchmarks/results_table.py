@@ -1,17 +1,20 @@
 """The README's "Measured results" tables, regenerated from the benchmarks' JSON files.
 
-    .venv/bin/python benchmarks/results_table.py --results runs/results               # print the tables
-    .venv/bin/python benchmarks/results_table.py --results runs/results --readme README.md
+    python3 benchmarks/results_table.py --results benchmarks/results               # print the tables
+    python3 benchmarks/results_table.py --results benchmarks/results --readme README.md
 
-`make results` runs the benchmarks with `--json` into runs/results/ and then this script. It reads
+`make results` runs this script (`make results RERUN="kaggle detection"` reruns those benchmarks with
+`--json` into benchmarks/results/ first); it needs nothing but Python's standard library. It reads
 from the results folder (each file optional; a missing one gives "not measured (run: COMMAND)"
-cells instead of an error):
+cells instead of an error), where every file names the commit, cores and date it was measured on
+(benchmarks/provenance.py); the tables end with that line per file:
 
     kaggle.json      benchmarks/bench_kaggle_pipeline.py --json   whole pipeline on Kaggle TEST
     detection.json   benchmarks/bench_detection.py --json         white-cell detection per lab, speed
     backbones.json   benchmarks/bench_backbones.py --json         per-crop latency and size per backbone
     pipeline.json    benchmarks/bench_pipeline.py --json          pipeline/classifier time, peak RSS
     cv_*.json        OUT/summary.json of benchmarks/cross_validate.py (one per cross-validation)
+    crosslab.json    benchmarks/crosslab.py --json                classification per laboratory
     scan.json        benchmarks/bench_scan.py --json              count-once totals over the simulated scans
     daemon.json      benchmarks/bench_daemon_memory.py --json     daemon RSS over a replay
 
@@ -36,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BEGIN = "<!-- results:begin -->"
 END = "<!-- results:end -->"
+DEFAULT_RESULTS = "benchmarks/results"
 
 BACKBONES = ("efficientnet_b0", "resnet50", "efficientnet_lite0")
 NAMES = {"efficientnet_b0": "EfficientNetB0", "resnet50": "ResNet50", "efficientnet_lite0": "EfficientNet-Lite0"}
@@ -89,17 +93,18 @@ class Results:
 
     def __init__(self, results: Path, cv_files: list[Path] = (), reference: Path = REPO / "models" / "reference"):
         self.dir = results
-        self.kaggle = read_json(results / "kaggle.json")
-        self.detection = read_json(results / "detection.json")
-        self.backbones = read_json(results / "backbones.json")
-        self.pipeline = read_json(results / "pipeline.json")
-        self.scan = read_json(results / "scan.json")
-        self.daemon = read_json(results / "daemon.json")
-        self.crosslab = read_json(results / "crosslab.json")
+        self.read: dict[str, dict] = {}  # every file read, by its name as shown: for its provenance
+        self.kaggle = self.file(results / "kaggle.json")
+        self.detection = self.file(results / "detection.json")
+        self.backbones = self.file(results / "backbones.json")
+        self.pipeline = self.file(results / "pipeline.json")
+        self.scan = self.file(results / "scan.json")
+        self.daemon = self.file(results / "daemon.json")
+        self.crosslab = self.file(results / "crosslab.json")
         paths = sorted(results.glob("cv_*.json")) + [p for p in cv_files]
         self.cv = []
         for path in paths:
-            summary = read_json(path)
+            summary = self.file(path)
             if summary is None:
                 raise ResultsError(f"{path}: no such cross-validation summary")
             if not {"backbone", "mean", "sd"} <= set(summary):
@@ -108,8 +113,16 @@ class Results:
         self.reference_dir = reference
         self.reference = read_json(reference / "bundle.json")
 
-    def command(self, script: str, name: str) -> str:
-        return f".venv/bin/python benchmarks/{script} --json {shown(self.dir / name)}"
+    def file(self, path: Path) -> dict | None:
+        data = read_json(path)
+        if data is not None:
+            self.read[path.name if path.parent == self.dir else shown(path)] = data
+        return data
+
+    def command(self, name: str) -> str:
+        """The command that measures benchmark `name` (the Makefile's RERUN names) into this folder."""
+        where = "" if shown(self.dir) == DEFAULT_RESULTS else f" RESULTS={shown(self.dir)}"
+        return f"make results RERUN={name}{where}"
 
 
 # -- the classifier table -------------------------------------------------------------------------
@@ -151,7 +164,7 @@ def backbone_speed(r: Results, backbone: str) -> tuple[str, str]:
     """Int8 per-crop latency at 1 / 2 threads and int8 size of a backbone, from backbones.json."""
     row_ = (r.backbones or {}).get("backbones", {}).get(backbone)
     if row_ is None:
-        cell = not_measured(r.command("bench_backbones.py", "backbones.json"))
+        cell = not_measured(r.command("backbones"))
         return cell, cell
     return (f"{row_['int8_ms_1t']:.1f} / {row_['int8_ms_2t']:.1f} ms", mb(row_["int8_tflite_MB"]))
 
@@ -181,7 +194,7 @@ def reference_row(r: Results) -> str:
 def kaggle_cell(r: Results) -> str:
     k = r.kaggle
     if k is None:
-        return not_measured(r.command("bench_kaggle_pipeline.py", "kaggle.json"))
+        return not_measured(r.command("kaggle"))
     cell = (f"{pct(k['accuracy'])} accuracy, macro-F1 {frac(k['macro_f1'])} ({k['images']:,} images; "
             f"{k['unidentified']} unidentified and {k['not_found']} with no cell found counted as errors); "
             f"{k['originals_correct']}/{k['originals']} originals by majority vote")
@@ -235,7 +248,7 @@ CROSSLAB_ROWS = (("bccd_to_pbc", "pbc", "BCCD only", "every PBC cell (another la
 def crosslab_table(r: Results) -> list[str]:
     c = r.crosslab
     if c is None:
-        return ["Classification per laboratory: " + not_measured(r.command("crosslab.py", "crosslab.json")) + "."]
+        return ["Classification per laboratory: " + not_measured(r.command("crosslab")) + "."]
     lines = [f"Classification per laboratory (`benchmarks/crosslab.py`, commit {c.get('commit')}, {c.get('date')}; "
              "macro-F1 over the four classes both labs share unless said; int8 unless said):", "",
              "| trained on | tested on | cells | float macro-F1 | int8 macro-F1 | int8 accuracy "
@@ -280,8 +293,8 @@ def targets_table(r: Results) -> list[str]:
     lines = ["| measure | target | measured |", "|---|---|---|"]
     d, p = r.detection, r.pipeline
     split = (d or {}).get("split", "val")
-    detection_cmd = not_measured(r.command("bench_detection.py", "detection.json"))
-    pipeline_cmd = not_measured(r.command("bench_pipeline.py", "pipeline.json"))
+    detection_cmd = not_measured(r.command("detection"))
+    pipeline_cmd = not_measured(r.command("pipeline"))
     if d is not None and d.get("txl_pbc"):
         labs = d["txl_pbc"]
         met = all(meets(f) for f in labs.values())
@@ -314,7 +327,7 @@ def targets_table(r: Results) -> list[str]:
     s = r.scan
     cell = (f"{s['frames']:,} frames: {s['counted_once']} of {s['whole_cells']} whole cells counted once, "
             f"{s['double_counts']} double counts; {s['jumps']} jumps, {s['relocalised']} relocalised"
-            if s is not None else not_measured(".venv/bin/python benchmarks/bench_scan.py --runs 4"))
+            if s is not None else not_measured(r.command("scan")))
     scan_cmd = f"`{s['command']}`" if s and s.get("command") else "`benchmarks/bench_scan.py --runs 4`"
     lines.append(row(f"count-once on simulated scans ({scan_cmd})", "no double counts, >= 98% counted", cell))
     b = r.reference
@@ -323,7 +336,7 @@ def targets_table(r: Results) -> list[str]:
     m = r.daemon
     cell = (f"{m['start_mb']:.1f} MB at start, {m['end_mb']:.1f} MB at end, max {m['max_mb']:.1f}; "
             f"first / last third {m['first_third_mb']:.1f} / {m['last_third_mb']:.1f} MB"
-            if m is not None else not_measured(".venv/bin/python benchmarks/bench_daemon_memory.py --minutes 30 --fps 5"))
+            if m is not None else not_measured(r.command("daemon")))
     settings = (m or {}).get("settings") or {"minutes": 30, "fps": 5}
     lines.append(row(f"daemon RSS over a {settings['minutes']:g}-minute replay (`benchmarks/bench_daemon_memory.py "
                      f"--minutes {settings['minutes']:g} --fps {settings['fps']:g}`)", "<= 250 MB, no growth", cell))
@@ -343,7 +356,7 @@ def limited(d: dict) -> str:
 def detection_table(r: Results) -> list[str]:
     d = r.detection
     if d is None:
-        return ["White-cell detection per lab: " + not_measured(r.command("bench_detection.py", "detection.json")) + "."]
+        return ["White-cell detection per lab: " + not_measured(r.command("detection")) + "."]
     lines = [f"White-cell detection per lab (`benchmarks/bench_detection.py`): every detection, edge-cut cells "
              f"included, matched one-to-one to the annotated boxes at IoU >= 0.5, and by centre-in-box; pixel size "
              f"estimated per {d.get('pixel_size', 'field')}{limited(d)}.",
@@ -364,6 +377,17 @@ def detection_table(r: Results) -> list[str]:
 
 # -- assembling -----------------------------------------------------------------------------------
 
+def provenance_line(r: Results) -> list[str]:
+    """Where and when each file read was measured (benchmarks/provenance.py), or nothing when none was read."""
+    if not r.read:
+        return []
+    def measured(data: dict) -> str:
+        if not data.get("commit") and not data.get("date"):
+            return "commit, cores and date not recorded"
+        return f"commit {data.get('commit') or 'unknown'}, {data.get('cores', '?')} cores, {data.get('date') or 'date unknown'}"
+    return ["Measured: " + "; ".join(f"`{name}` {measured(data)}" for name, data in r.read.items()) + ".", ""]
+
+
 def row(*cells: str) -> str:
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
@@ -371,7 +395,7 @@ def row(*cells: str) -> str:
 def render(r: Results) -> str:
     parts = [classifier_table(r), [""], [f"- {n}" for n in classifier_notes(r)], [""], crosslab_table(r), [""],
              targets_table(r), [""],
-             detection_table(r), [""],
+             detection_table(r), [""], provenance_line(r),
              [f"Generated by `benchmarks/results_table.py --results {shown(r.dir)}` (`make results`)."]]
     return "\n".join(line for part in parts for line in part) + "\n"
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import re
 import statistics
 import sys
 from collections import Counter, defaultdict
@@ -16,6 +18,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_script(name: str):
+    if str(REPO / "benchmarks") not in sys.path:  # as when run as a script: its folder's modules (provenance)
+        sys.path.insert(0, str(REPO / "benchmarks"))
     spec = importlib.util.spec_from_file_location(f"bench_{name}", REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
@@ -167,16 +171,14 @@ def test_missing_json_gives_not_measured_cells(tmp_path, reference):
     assert not Path(shown).is_absolute()
     assert table_row(text, "EfficientNetB0")[2] == "ImageNet weights not reachable offline; not trained"
     assert table_row(text, "EfficientNet-Lite0, grouped 5-fold CV")[2] == "not measured (run: `make cv`)"
-    assert table_row(text, "EfficientNetB0")[5] == (
-        f"not measured (run: `.venv/bin/python benchmarks/bench_backbones.py --json {shown}/backbones.json`)")
-    assert table_row(text, "EfficientNet-Lite0, reference bundle")[4] == (
-        f"not measured (run: `.venv/bin/python benchmarks/bench_kaggle_pipeline.py --json {shown}/kaggle.json`)")
-    assert table_row(text, "white-cell detection")[2] == (
-        f"not measured (run: `.venv/bin/python benchmarks/bench_detection.py --json {shown}/detection.json`)")
-    assert table_row(text, "peak RSS")[2] == (
-        f"not measured (run: `.venv/bin/python benchmarks/bench_pipeline.py --json {shown}/pipeline.json`)")
+    make = f"make results RERUN={{}} RESULTS={shown}"
+    assert table_row(text, "EfficientNetB0")[5] == f"not measured (run: `{make.format('backbones')}`)"
+    assert table_row(text, "EfficientNet-Lite0, reference bundle")[4] == f"not measured (run: `{make.format('kaggle')}`)"
+    assert table_row(text, "white-cell detection")[2] == f"not measured (run: `{make.format('detection')}`)"
+    assert table_row(text, "peak RSS")[2] == f"not measured (run: `{make.format('pipeline')}`)"
     assert "White-cell detection per lab: not measured (run: " in text
-    assert table_row(text, "count-once")[2].startswith("not measured (run: `.venv/bin/python benchmarks/bench_scan.py")
+    assert table_row(text, "count-once")[2] == f"not measured (run: `{make.format('scan')}`)"
+    assert table_row(text, "daemon RSS")[2] == f"not measured (run: `{make.format('daemon')}`)"
     # The reference bundle still gives the held-out figures and the model size.
     assert table_row(text, "EfficientNet-Lite0, reference bundle")[2] == "0.865 / 0.887"
     no_bundle = render(empty, tmp_path / "no_bundle")
@@ -409,3 +411,41 @@ def test_crosslab_figures_are_what_the_table_shows(tmp_path, reference):
     cells = table_row(text, "BCCD only | every PBC cell")
     assert cells[2:] == ["40", "0.667", "0.667", "0.750", "2.00", "macro-F1 >= 0.85: not met"]
     assert table_row(text, "bccd_to_pbc | PBC")[2:5] == ["40", "25%", "25%"]
+
+
+# -- committed results and their provenance -----------------------------------------------------------
+
+def test_the_readme_tables_are_the_committed_results_rendered():
+    """`make results` on a clean clone rebuilds the README's tables byte for byte from benchmarks/results/."""
+    results, reference = REPO / "benchmarks" / "results", REPO / "models" / "reference"
+    block = render(results, reference)
+    assert render(results, reference) == block
+    readme = (REPO / "README.md").read_text()
+    assert rt.replace_between_markers(readme, block) == readme, "run `make results` and commit README.md"
+
+
+def test_results_files_name_their_commit_cores_and_date(tmp_path):
+    provenance = load_script("provenance")
+    provenance.write_result(tmp_path / "results" / "x.json", {"figure": 1.5, "date": "2026-01-02"})
+    data = json.loads((tmp_path / "results" / "x.json").read_text())
+    assert list(data) == ["commit", "cores", "date", "figure"]
+    assert data["cores"] == os.cpu_count() and data["date"] == "2026-01-02"  # a date given at the start is kept
+    assert data["commit"] is None or re.fullmatch(r"[0-9a-f]{4,40}(-dirty)?", data["commit"])
+    assert not list((tmp_path / "results").glob("*.partial"))
+    committed = sorted((REPO / "benchmarks" / "results").glob("*.json"))
+    assert [p.name for p in committed if not {"commit", "cores", "date"} <= set(json.loads(p.read_text()))] == []
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "benchmarks").glob("*.py") if p.name not in (
+    "results_table.py", "provenance.py") and ('"--json"' in p.read_text() or "summary.json" in p.read_text())))
+def test_every_benchmark_writes_its_json_through_the_provenance_writer(script):
+    assert "write_result(" in (REPO / "benchmarks" / script).read_text()
+
+
+def test_tables_end_with_where_each_file_was_measured(results, reference, tmp_path):
+    data = json.loads((results / "pipeline.json").read_text())
+    write(results / "pipeline.json", {"commit": "abc1234", "cores": 2, "date": "2026-11-30", **data})
+    line = next(line for line in render(results, reference).splitlines() if line.startswith("Measured: "))
+    assert "`pipeline.json` commit abc1234, 2 cores, 2026-11-30" in line
+    assert "`kaggle.json` commit, cores and date not recorded" in line
+    assert "Measured: " not in render(tmp_path / "no_results", reference)
