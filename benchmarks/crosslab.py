@@ -130,6 +130,9 @@ def bundle_figures(bundle: Path, out: Path, name: str, shared_only: bool) -> dic
         for lab in figures:
             for kind in ("float", "int8"):
                 figures[lab][kind]["shared_macro_f1"] = shared_macro_f1(by_lab[lab][kind])
+    abstention = (meta.get("abstention") or {}).get("test_by_lab") or {}
+    for lab in figures:
+        figures[lab]["abstention"] = abstention.get(lab)  # None for a bundle without novelty figures
     return figures
 
 
@@ -171,6 +174,11 @@ def print_lab(name: str, lab: str, f: dict) -> None:
         recall = ", ".join(f"{c} {v:.2f}" for c, v in k["recall"].items())
         print(f"{name:12s} {lab:5s} {kind:5s} n={k['n']:4d} accuracy {k['accuracy']:.3f} macro-F1 "
               f"{k['macro_f1']:.3f}{shared}; largest predicted/true share {k['max_share_ratio']:.2f}; recall {recall}")
+    a = f.get("abstention")
+    if a:
+        print(f"{name:12s} {lab:5s} int8 with abstention: {100 * a['coverage']:.1f}% of cells given a class, "
+              f"{100 * a['selective_accuracy']:.1f}% of those right; {100 * a['novel']:.1f}% unlike the training "
+              f"cells ({100 * a['novel_among_wrong']:.1f}% of the wrong ones), {100 * a['unsure']:.1f}% unsure")
 
 
 def print_shares(name: str, shares: dict) -> None:

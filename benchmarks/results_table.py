@@ -267,7 +267,26 @@ def crosslab_table(r: Results) -> list[str]:
             scores = (frac(fl["shared_macro_f1"]), frac(q["shared_macro_f1"]))
         lines.append(row(trained, tested, str(q["n"]), *scores, frac(q["accuracy"]), f"{q['max_share_ratio']:.2f}",
                          f"{goal}: {'met' if got >= target else 'not met'}"))
-    return lines + [""] + txl_shares_table(c)
+    return lines + [""] + abstention_table(c) + txl_shares_table(c)
+
+
+def abstention_table(c: dict) -> list[str]:
+    """Per lab: the share of cells the int8 model gives a class, and how often that class is right."""
+    rows = []
+    for name, lab, trained, tested, _ in CROSSLAB_ROWS:
+        f = ((c.get("directions") or {}).get(name) or {}).get("by_lab", {}).get(lab) or {}
+        a = f.get("abstention")
+        if a:
+            own = name == "both"
+            rows.append(row(trained, tested, pct(a["coverage"]), pct(a["selective_accuracy"]), pct(a["novel"]),
+                            pct(a["unsure"]), "selective accuracy >= 95%" + ("; at most 10% unidentified" if own else "")
+                            + ": " + ("met" if a["selective_accuracy"] >= 0.95 and (not own or a["coverage"] >= 0.90)
+                                      else "not met")))
+    if not rows:
+        return []
+    return ["Cells given a class (int8, after the \"unidentified\" rules: low confidence, or unlike the training "
+            "cells):", "", "| trained on | tested on | given a class | right among those | unlike the training "
+            "cells | unsure | target |", "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def txl_shares_table(c: dict) -> list[str]:
