@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from provenance import write_result
+from provenance import repo_path, write_result
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,28 +87,33 @@ def tflite_latency_ms(content: bytes, crop, threads: int, n: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def bundle_latency_ms(path: Path, crop, threads: int, n: int) -> float:
-    """Median time of the device's `classify_crops` on one crop with a bundle."""
-    from hematovision.edge.vision.classify import classify_crops
-    from hematovision.edge.vision.model_bundle import load_bundle
-
-    bundle = load_bundle(path, threads)
-    classify_crops(bundle, crop[None])
+def median_ms(call, n: int) -> float:
+    call()
     times = []
     for _ in range(n):
         t = time.perf_counter()
-        classify_crops(bundle, crop[None])
+        call()
         times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 
 
 def bench_bundle(path: Path, crops: np.ndarray, plain: dict | None, args) -> dict:
-    """The bundle's per-crop device time, and its ratio to the plain int8 Lite0 of the same run."""
-    out = {"bundle": str(path)}
+    """A bundle's per-crop times: its int8 model alone (with the novelty feature output, when it has
+    one) and the device's whole `classify_crops` (colour standardisation, model, calibrated softmax,
+    novelty score), each with its ratio to the plain int8 Lite0 of the same run."""
+    from hematovision.edge.vision.classify import classify_crops
+    from hematovision.edge.vision.model_bundle import load_bundle
+
+    out = {"bundle": repo_path(path)}
     for threads in (1, 2):
-        out[f"device_ms_{threads}t"] = bundle_latency_ms(path, crops[0], threads, args.invocations)
+        bundle = load_bundle(path, threads)
+        out[f"model_ms_{threads}t"] = median_ms(lambda: bundle.model.run(crops[:1]), args.invocations)
+        out[f"device_ms_{threads}t"] = median_ms(lambda: classify_crops(bundle, crops[:1]), args.invocations)
         if plain:
-            out[f"ratio_to_plain_int8_{threads}t"] = out[f"device_ms_{threads}t"] / plain[f"int8_ms_{threads}t"]
+            for kind in ("model", "device"):
+                out[f"{kind}_ratio_to_plain_int8_{threads}t"] = out[f"{kind}_ms_{threads}t"] / plain[f"int8_ms_{threads}t"]
+    out["feature_output"] = bundle.model.n_features > 0
+    out["colour"] = bundle.colour.to_dict()
     return out
 
 

@@ -349,6 +349,7 @@ def targets_table(r: Results) -> list[str]:
             if s is not None else not_measured(r.command("scan")))
     scan_cmd = f"`{s['command']}`" if s and s.get("command") else "`benchmarks/bench_scan.py --runs 4`"
     lines.append(row(f"count-once on simulated scans ({scan_cmd})", "no double counts, >= 98% counted", cell))
+    lines += device_latency_rows(r)
     b = r.reference
     lines.append(row("int8 model size", "<= 6 MB", f"{mb(b['model_bytes'] / 1e6)} (`{shown(r.reference_dir)}`)"
                      if b is not None and b.get("model_bytes") else not_measured("make reference")))
@@ -360,6 +361,22 @@ def targets_table(r: Results) -> list[str]:
     lines.append(row(f"daemon RSS over a {settings['minutes']:g}-minute replay (`benchmarks/bench_daemon_memory.py "
                      f"--minutes {settings['minutes']:g} --fps {settings['fps']:g}`)", "<= 250 MB, no growth", cell))
     return lines
+
+
+def device_latency_rows(r: Results) -> list[str]:
+    """The reference bundle's per-crop times against the plain int8 Lite0 of the same run."""
+    d = (r.backbones or {}).get("device")
+    if not d or "model_ratio_to_plain_int8_1t" not in d:
+        cell = not_measured("make results RERUN=backbones")
+        return [row("int8 model with its feature output / plain int8 Lite0, per crop", "<= 1.10", cell),
+                row("whole per-crop classification on the device / plain int8 Lite0", "<= 1.20", cell)]
+    model = " / ".join(f"{d[f'model_ratio_to_plain_int8_{t}t']:.2f}" for t in (1, 2))
+    device = " / ".join(f"{d[f'device_ratio_to_plain_int8_{t}t']:.2f}" for t in (1, 2))
+    return [row("int8 model with its feature output / plain int8 Lite0, per crop (`benchmarks/bench_backbones.py`)",
+                "<= 1.10", f"{model} (1 / 2 threads; {d['model_ms_1t']:.1f} / {d['model_ms_2t']:.1f} ms)"),
+            row("whole per-crop classification on the device (colour standardisation, model, softmax, novelty) "
+                "/ plain int8 Lite0", "<= 1.20",
+                f"{device} (1 / 2 threads; {d['device_ms_1t']:.1f} / {d['device_ms_2t']:.1f} ms)")]
 
 
 def meets(f: dict) -> bool:

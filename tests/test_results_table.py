@@ -250,7 +250,9 @@ def test_benchmark_writers_match_what_the_table_reads(tmp_path, reference):
     write(out / "detection.json", {"split": "val", "limit": 0, "txl_pbc": detection.figures(counts)})
     backbones = load_script("bench_backbones")
     args = type("Args", (), {"batch": 4, "steps": 1, "invocations": 5, "calibration": 4})()
-    device = {"bundle": "models/reference", "device_ms_1t": 31.0, "ratio_to_plain_int8_1t": 31.0 / 30.0}
+    device = {"bundle": "models/reference", "model_ms_1t": 31.0, "model_ms_2t": 11.5, "device_ms_1t": 33.0,
+              "device_ms_2t": 12.0, "model_ratio_to_plain_int8_1t": 31.0 / 30.0, "model_ratio_to_plain_int8_2t": 11.5 / 11.0,
+              "device_ratio_to_plain_int8_1t": 1.1, "device_ratio_to_plain_int8_2t": 12.0 / 11.0}
     backbones.write_json(out / "backbones.json", [backbone_row("efficientnet_lite0", 30.0, 11.0, 3.9)], device, args)
     text = render(out, reference)
     cell = table_row(text, "EfficientNet-Lite0, reference bundle")[4]
@@ -258,6 +260,8 @@ def test_benchmark_writers_match_what_the_table_reads(tmp_path, reference):
     assert "2/2 originals" in cell and "model `models/other`" in cell and "5 images per class" in cell
     assert table_row(text, "TXL-PBC val | PBC")[-1] == "met"
     assert table_row(text, "EfficientNet-Lite0, grouped")[5:] == ["30.0 / 11.0 ms", "3.90 MB"]
+    assert table_row(text, "int8 model with its feature output")[2].startswith("1.03 / 1.05 (1 / 2 threads")
+    assert table_row(text, "whole per-crop classification")[2].startswith("1.10 / 1.09")
 
 
 def test_bench_scan_json_on_the_committed_samples(tmp_path, reference):
