@@ -83,3 +83,16 @@ def test_cli_fit_reports_a_missing_folder_clearly(tmp_path, capsys):
     code = train_main(["fit", "--bccd", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"),
                        "--backbone", "tiny_cnn", "--weights", "none"])
     assert code == 1 and "labels.csv" in capsys.readouterr().err
+
+
+def test_a_smaller_labs_cells_repeat_toward_the_larger_labs_count():
+    from hematovision.train.datasets import Sample
+    from hematovision.train.recipe import balance_labs
+
+    cells = [Sample(f"b{i}.jpg", "neutrophil", f"bccd:{i}") for i in range(10)] + \
+            [Sample(f"p{i}.jpg", "neutrophil", f"pbc:neutrophil/{i}") for i in range(80)]
+    assert balance_labs(cells, 1) == cells
+    balanced = balance_labs(cells, 4)
+    assert sum(s.group.startswith("bccd:") for s in balanced) == 40  # 8x would match; at most 4x
+    assert sum(s.group.startswith("pbc:") for s in balanced) == 80
+    assert len(balance_labs(cells, 20)) == 160

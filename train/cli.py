@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--colour", default="none", choices=("none", "reinhard", "reinhard+blur"),
                      help="standardisation of every crop, in training and on the device: Reinhard colour "
                           "transfer to fixed Lab statistics, and a slight blur (default none)")
+    fit.add_argument("--lab-repeat-max", type=int, default=1,
+                     help="repeat a smaller lab's training cells toward the largest lab's count, at most this "
+                          "often per epoch (default 1: never)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
     fit.add_argument("--test-fields", type=Path, metavar="CSV", action="append", default=[],
@@ -134,7 +137,8 @@ def _fit(args) -> int:
             crop_side_um=args.crop_um, batch_size=args.batch_size, head_epochs=args.head_epochs,
             finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
             head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
-            augment=args.augment, colour=args.colour, seed=args.seed, strategy=args.strategy).validate()
+            augment=args.augment, colour=args.colour, lab_repeat_max=args.lab_repeat_max, seed=args.seed,
+            strategy=args.strategy).validate()
         test_groups = read_held_out(args.test_fields) if args.test_fields else None
         prepare_run(run, config, data, test_groups, "+".join(p.name for p in args.test_fields) or None)
     print(train(run))

@@ -17,7 +17,7 @@ from hematovision.stain import STANDARDS, ColourStandard
 
 from .augment import AUGMENT_MODES
 from .batches import class_weights, make_sequence
-from .datasets import Dataset
+from .datasets import Dataset, lab_of
 from .model import build_classifier, freeze_backbone, unfreeze_top
 from .splits import SplitPlan, make_manifest, read_manifest, samples_of, split_counts, write_manifest
 
@@ -46,6 +46,7 @@ class TrainConfig:
     patience: int = 5
     augment: str = "full"  # a mode of AUGMENT_MODES (train/augment.py)
     colour: str = "none"  # standardisation of every crop: a name of hematovision.stain.STANDARDS
+    lab_repeat_max: int = 1  # a smaller lab's training cells repeat up to this often per epoch (1: never)
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     seed: int = 0
@@ -66,6 +67,7 @@ class TrainConfig:
                   "crop_side_um": self.crop_side_um > 0, "strategy": self.strategy in STRATEGIES,
                   "augment": self.augment in AUGMENT_MODES, "colour": self.colour in STANDARDS,
                   "finetune_fraction": 0 <= self.finetune_fraction <= 1,
+                  "lab_repeat_max": 1 <= self.lab_repeat_max <= 20,
                   "head_epochs": self.head_epochs >= 1, "finetune_epochs": self.finetune_epochs >= 0}
         for key, ok in checks.items():
             if not ok:
@@ -152,6 +154,22 @@ def make_strategy(name: str):
     return tf.distribute.get_strategy()
 
 
+def balance_labs(samples: list, repeat_max: int) -> list:
+    """The training cells with each smaller lab's repeated toward the largest lab's count (at most
+    `repeat_max` times), so a lab with few cells is not drowned out by one with many."""
+    by_lab: dict[str, list] = {}
+    for s in samples:
+        by_lab.setdefault(lab_of(s), []).append(s)
+    largest = max((len(v) for v in by_lab.values()), default=0)
+    out = []
+    for lab, cells in sorted(by_lab.items()):
+        repeats = max(1, min(repeat_max, round(largest / len(cells))))
+        out += cells * repeats
+        if repeats > 1:
+            logger.info("lab %s: %d training cells, each %d times per epoch", lab, len(cells), repeats)
+    return out
+
+
 def train(run: RunPaths) -> Path:
     """Train (or resume) the run in `run.root`; returns the final model path."""
     config = TrainConfig.load(run.config)
@@ -160,7 +178,7 @@ def train(run: RunPaths) -> Path:
         return run.model
     keras.utils.set_random_seed(config.seed)  # head initialisation and dropout follow the run's seed
     rows = read_manifest(run.manifest)
-    train_s, val_s = samples_of(rows, "train"), samples_of(rows, "val")
+    train_s, val_s = balance_labs(samples_of(rows, "train"), config.lab_repeat_max), samples_of(rows, "val")
     if not val_s:
         raise DataError("the validation split is empty; give more groups per class")
     augment = AUGMENT_MODES[config.augment]
