@@ -109,17 +109,25 @@ def load_folders(root: str | Path, classes=DEFAULT_CLASSES, origins: dict | None
     not a known class, or a class folder with no images.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder; give a folder with one sub-folder per class")
     origins = kaggle_origin_groups() if origins is None else origins
     data = Dataset(sources=[f"folders:{root.name}"])
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        label = parse_label(sub.name, where=str(sub))
-        if label not in classes:
-            data.skipped.append(Skipped(str(sub), f"class {label} not in this run's classes"))
-            continue
+    for sub, label in _class_folders(root, classes, data):
         data.extend(_load_class_folder(sub, label, root.name, origins))
     return data
+
+
+def _class_folders(root: Path, classes, data: Dataset):
+    """(folder, class) of each sub-folder of a known class in this run's list; the other known
+    classes' folders are listed in `data.skipped`. Raises DataError for a missing root or a
+    sub-folder that is not a known class."""
+    if not root.is_dir():
+        raise DataError(f"{root}: no such folder; give a folder with one sub-folder of images per class")
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        label = parse_label(sub.name, where=str(sub))
+        if label in classes:
+            yield sub, label
+        else:
+            data.skipped.append(Skipped(str(sub), f"class {label} not in this run's classes"))
 
 
 def _load_class_folder(folder: Path, label: str, split_name: str, origins: dict) -> Dataset:
@@ -152,14 +160,8 @@ def load_cell_images(root: str | Path, classes=DEFAULT_CLASSES, um_per_pixel: fl
     Raises DataError for a sub-folder that is not a known class.
     """
     root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: no such folder; give a folder with one sub-folder of single-cell images per class")
     data = Dataset(sources=[f"cells:{root.name}"])
-    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
-        label = parse_label(sub.name, where=str(sub))
-        if label not in classes:
-            data.skipped.append(Skipped(str(sub), f"class {label} not in this run's classes"))
-            continue
+    for sub, label in _class_folders(root, classes, data):
         for path in sorted(p for p in sub.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             data.extend(_cell_image_sample(path, label, f"{root.name.lower()}:{label}/{path.stem}", um_per_pixel))
     logger.info("%s: %d cells located, %d images skipped", root, len(data.samples), len(data.skipped))
