@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 import hematovision
+from hematovision.novelty import ARRAYS_FILE
 from hematovision.edge.vision.bundle_meta import stamped
 from hematovision.edge.vision.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model, load_bundle, read_meta
 from hematovision.errors import HematovisionError
@@ -31,7 +32,7 @@ from .confidence import fit_confidence
 from .convert import convert_int8, non_int8_ops
 from .gate import GateMargins, judge
 from .measure import abstentions, abstentions_by_lab, evaluate_split, int8_outputs, metrics_by_lab
-from .novelty import VAL_NOVEL_SHARE, fit_novelty, with_novelty_output
+from .novelty import VAL_NOVEL_SHARE, fit_novelty, with_feature_output
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +100,8 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     train_s = samples_of(rows, "train")
     train_crops = crops_array(train_s, config.geometry, config.colour_standard)
     train_y = np.array([config.classes.index(s.label) for s in train_s])
-    two_outputs = with_novelty_output(keras_model, train_crops, train_y)
-    tflite = convert_int8(two_outputs, calibration_crops(train_s, config, options.calibration_crops, train_crops),
+    tflite = convert_int8(with_feature_output(keras_model),
+                          calibration_crops(train_s, config, options.calibration_crops, train_crops),
                           options.per_channel)
     int8 = Int8Model(tflite, options.threads)
     test = evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
@@ -110,7 +111,7 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     _log_figures(meta)
     if not meta["gate"]["passed"]:
         raise GateRefused("model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
-    return write_bundle(Path(out_dir), tflite, meta)
+    return write_bundle(Path(out_dir), tflite, meta, {ARRAYS_FILE: novelty.arrays_bytes()})
 
 
 def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> dict:
@@ -140,7 +141,8 @@ def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> d
         "confidence": {**confidence.to_dict(),
                        "ece_test_before": int8_m.ece,
                        "ece_test_after": compute_metrics(test_probs, test.y, config.classes).ece},
-        "novelty": {**novelty.to_dict(), "fitted_on": "validation split (held-out cells of the training labs)",
+        "novelty": {**novelty.to_dict(), "sha256": hashlib.sha256(novelty.arrays_bytes()).hexdigest(),
+                    "fitted_on": "validation split (held-out cells of the training labs)",
                     "val_novel_share": VAL_NOVEL_SHARE},
         "abstention": {"val": abstentions(val, confidence.temperature, confidence.threshold, novelty),
                        "test_by_lab": abstentions_by_lab(test, confidence.temperature, confidence.threshold, novelty)},
@@ -177,18 +179,19 @@ def _log_figures(meta: dict) -> None:
     logger.info("gate %s %s", "PASSED" if g["passed"] else "REFUSED", "; ".join(g["reasons"]))
 
 
-def write_bundle(out_dir: Path, tflite: bytes, meta: dict) -> dict:
+def write_bundle(out_dir: Path, tflite: bytes, meta: dict, extra: dict[str, bytes] | None = None) -> dict:
     """Write the bundle folder atomically: a complete new folder replaces the old one, or nothing.
 
     bundle.json is stamped (meta_sha256 over every other key), so the device refuses a copy that
-    was edited or damaged afterwards. Returns the stamped bundle.json.
+    was edited or damaged afterwards; `extra` files (the novelty arrays) are named and hashed in
+    it. Returns the stamped bundle.json.
     """
     meta = stamped(meta)
     out_dir = out_dir.resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service user
-    for name, data in ((MODEL_FILE, tflite), (META_FILE, json.dumps(meta, indent=2).encode())):
+    for name, data in ((MODEL_FILE, tflite), *(extra or {}).items(), (META_FILE, json.dumps(meta, indent=2).encode())):
         with open(tmp / name, "wb") as handle:
             handle.write(data)
             handle.flush()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -9,62 +10,83 @@ import numpy as np
 from .errors import ModelInvalid
 
 METHOD = "mahalanobis"
+ARRAYS_FILE = "novelty.npz"  # the projection and class centres, beside model.tflite in a bundle
 SHRINKAGE = 0.1  # of the mean within-class variance, added to every direction's variance
 
 
 @dataclass(frozen=True)
 class NoveltyModel:
-    """Class centres of the training cells in the model's whitened feature space, and the score above
-    which a cell is "unlike anything I was trained on".
+    """The training cells' class centres in a whitened space of the model's pooled features, and the
+    score above which a cell is "unlike anything I was trained on".
 
-    The model's second output is already whitened (the export folds the projection into it), so the
-    Mahalanobis distance is the Euclidean one there; the score is its square divided by the number
-    of dimensions (about 1 for a typical training cell).
+    z = features @ projection + offset whitens the training cells' within-class scatter (the shared
+    covariance of a class-conditional Gaussian model), so the Mahalanobis distance is the Euclidean
+    one there; the score is its square to the nearest class centre divided by the number of
+    dimensions (about 1 for a typical training cell).
     """
 
+    projection: np.ndarray  # (F, D)
+    offset: np.ndarray  # (D,)
     class_means: np.ndarray  # (K, D)
     threshold: float
 
     @property
     def dims(self) -> int:
-        return int(self.class_means.shape[1])
+        return int(self.projection.shape[1])
+
+    @property
+    def features(self) -> int:
+        return int(self.projection.shape[0])
+
+    def whiten(self, features: np.ndarray) -> np.ndarray:
+        return np.asarray(features, np.float64) @ self.projection + self.offset
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        """(N, D) features -> (N,) novelty scores: the squared distance to the nearest class centre / D."""
-        features = np.asarray(features, np.float64)
-        d2 = ((features[:, None, :] - self.class_means[None]) ** 2).sum(-1)
+        """(N, F) pooled features -> (N,) novelty scores."""
+        z = self.whiten(features)
+        d2 = ((z[:, None, :] - self.class_means[None]) ** 2).sum(-1)
         return d2.min(axis=1) / self.dims
 
     def is_novel(self, features: np.ndarray) -> np.ndarray:
         return self.scores(features) > self.threshold
 
+    def with_threshold(self, threshold: float) -> "NoveltyModel":
+        return NoveltyModel(self.projection, self.offset, self.class_means, float(threshold))
+
+    def arrays_bytes(self) -> bytes:
+        """The arrays as an .npz file (no pickled objects)."""
+        out = io.BytesIO()
+        np.savez(out, projection=self.projection.astype(np.float32), offset=self.offset.astype(np.float32),
+                 class_means=self.class_means.astype(np.float32))
+        return out.getvalue()
+
     def to_dict(self) -> dict:
-        return {"method": METHOD, "dims": self.dims, "threshold": self.threshold,
-                "class_means": np.round(self.class_means, 5).tolist()}
+        """bundle.json's description; the arrays go to ARRAYS_FILE (its sha256 is added on export)."""
+        return {"method": METHOD, "features": self.features, "dims": self.dims, "threshold": self.threshold,
+                "file": ARRAYS_FILE}
 
     @classmethod
-    def from_dict(cls, d, n_classes: int, where: str = "novelty") -> "NoveltyModel | None":
-        """None when the bundle has no novelty model (made before it existed). Raises ModelInvalid
-        naming `where` and the field for anything malformed."""
-        if d is None:
-            return None
+    def from_arrays(cls, data: bytes, threshold: float, n_classes: int, n_features: int,
+                    where: str = ARRAYS_FILE) -> "NoveltyModel":
+        """Raises ModelInvalid naming `where` for a file that is not the arrays a bundle needs."""
         try:
-            method, threshold = d["method"], float(d["threshold"])
-            means = np.asarray(d["class_means"], np.float64)
-        except (KeyError, TypeError, ValueError) as err:
-            raise ModelInvalid(f"{where}: needs method, threshold and class_means ({err!r}); re-export the bundle") from err
-        if method != METHOD:
-            raise ModelInvalid(f"{where}.method {method!r} is unknown; this device reads {METHOD!r}")
-        if means.ndim != 2 or means.shape[0] != n_classes or not np.all(np.isfinite(means)):
-            raise ModelInvalid(f"{where}.class_means must be {n_classes} rows of finite numbers, one per class")
-        if not (np.isfinite(threshold) and threshold > 0):
-            raise ModelInvalid(f"{where}.threshold {threshold} must be a number above 0")
-        return cls(means, threshold)
+            with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+                arrays = {k: np.asarray(npz[k], np.float64) for k in ("projection", "offset", "class_means")}
+        except (KeyError, ValueError, OSError) as err:
+            raise ModelInvalid(f"{where}: not the novelty arrays of a bundle ({err}); re-export the bundle") from err
+        p, b, m = arrays["projection"], arrays["offset"], arrays["class_means"]
+        if p.ndim != 2 or p.shape[0] != n_features or b.shape != (p.shape[1],) or m.shape != (n_classes, p.shape[1]):
+            raise ModelInvalid(f"{where}: shapes {p.shape}, {b.shape}, {m.shape} do not fit {n_features} features "
+                               f"and {n_classes} classes; re-export the bundle")
+        if not all(np.all(np.isfinite(a)) for a in (p, b, m)):
+            raise ModelInvalid(f"{where}: holds values that are not finite numbers; re-export the bundle")
+        return cls(p, b, m, threshold)
 
 
 def whitening(features: np.ndarray, labels: np.ndarray, dims: int) -> tuple[np.ndarray, np.ndarray]:
     """(W, b) with z = f @ W + b whitening the within-class scatter of `features` in its `dims`
-    leading directions (the shared covariance of the class-conditional Gaussian model).
+    leading directions, each direction's variance shrunk toward the mean variance so directions
+    the few training cells barely span do not blow up.
 
     Raises ModelInvalid when there are fewer cells than dimensions to fit.
     """
@@ -74,7 +96,6 @@ def whitening(features: np.ndarray, labels: np.ndarray, dims: int) -> tuple[np.n
     within = np.concatenate([features[labels == k] - features[labels == k].mean(0) for k in np.unique(labels)])
     eigvals, eigvecs = np.linalg.eigh(within.T @ within / len(within))
     top = np.argsort(eigvals)[::-1][:dims]
-    # Shrunk toward the mean variance, so directions the few training cells barely span do not blow up.
     shrunk = eigvals[top] + SHRINKAGE * max(float(eigvals.mean()), 1e-12)
     w = eigvecs[:, top] / np.sqrt(shrunk)
-    return w.astype(np.float32), (-features.mean(0) @ w).astype(np.float32)
+    return w, -features.mean(0) @ w

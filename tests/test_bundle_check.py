@@ -126,13 +126,6 @@ def test_a_model_without_metrics_still_checks_its_classes_against_the_model(tiny
         meta.pop("metrics")
         meta["classes"] = meta["classes"][:3]
     bundle = edited(tiny_bundle, tmp_path / "bundle", three_classes, restamp=True)
-    with pytest.raises(ModelInvalid, match="novelty.class_means must be 3 rows"):  # one centre per class
-        load_bundle(bundle)
-
-    def three_classes_and_centres(meta):
-        three_classes(meta)
-        meta["novelty"]["class_means"] = meta["novelty"]["class_means"][:3]
-    bundle = edited(tiny_bundle, tmp_path / "bundle2", three_classes_and_centres, restamp=True)
     with pytest.raises(ModelInvalid, match="lists 3 classes but model.tflite has 4 outputs"):
         load_bundle(bundle)
 
@@ -143,7 +136,8 @@ FIELDS = ["format", "classes", "input", "input.size", "input.dtype", "crop_geome
           "crop_geometry.input_size", "crop_geometry.trained_um_per_pixel", "quantization", "quantization.input",
           "quantization.input.scale", "quantization.input.zero_point", "quantization.output.dtype", "confidence",
           "confidence.temperature", "confidence.threshold", "colour", "model_sha256", "preprocessing", "name",
-          "metrics", "metrics.float", "novelty", "novelty.threshold", "novelty.class_means", "quantization.features"]
+          "metrics", "metrics.float", "novelty", "novelty.threshold", "novelty.dims", "novelty.features", "novelty.sha256", "novelty.file",
+          "quantization.features"]
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-300, 300) | st.floats(allow_nan=False)
                     | st.text(max_size=8), lambda inner: st.lists(inner, max_size=4)
                     | st.dictionaries(st.text(max_size=6), inner, max_size=4), max_leaves=8)

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from hematovision.classes import validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
-from hematovision.novelty import NoveltyModel
+from hematovision.novelty import ARRAYS_FILE
+from hematovision.novelty import METHOD as NOVELTY_METHOD
 from hematovision.pixels import PREPROCESSING
 from hematovision.stain import ColourStandard
 
@@ -31,6 +32,17 @@ class TensorQuantization:
 
 
 @dataclass(frozen=True)
+class NoveltyEntry:
+    """What bundle.json says of the novelty model: its threshold, and the arrays file with its hash."""
+
+    threshold: float
+    features: int
+    dims: int
+    file: str
+    sha256: str
+
+
+@dataclass(frozen=True)
 class BundleMeta:
     """The fields of bundle.json the device uses, each checked."""
 
@@ -44,7 +56,7 @@ class BundleMeta:
     threshold: float
     colour: ColourStandard
     model_sha256: str
-    novelty: NoveltyModel | None = None  # none in bundles made before novelty scores existed
+    novelty: NoveltyEntry | None = None  # none in bundles made before novelty scores existed
     features_quantization: TensorQuantization | None = None
 
 
@@ -99,19 +111,20 @@ def check_meta(meta: object, where: str) -> BundleMeta:
         classes, size, geometry, trained_um, _quantization(meta, "input", where), _quantization(meta, "output", where),
         _number(meta, "confidence.temperature", where, 0.0, 100.0, low_open=True),
         _number(meta, "confidence.threshold", where, 0.0, 1.0),
-        _colour(meta, where), _sha256(meta, where), *_novelty(meta, len(classes), where))
+        _colour(meta, where), _hex64(meta, "model_sha256", where), *_novelty(meta, where))
 
 
-def _novelty(meta: dict, n_classes: int, where: str) -> tuple[NoveltyModel | None, TensorQuantization | None]:
-    """The novelty model and the feature output's quantization, both or neither."""
-    novelty = _field(meta, "novelty", where, optional=True)
-    if novelty is None:
+def _novelty(meta: dict, where: str) -> tuple[NoveltyEntry | None, TensorQuantization | None]:
+    """The novelty entry and the feature output's quantization, both or neither."""
+    if _field(meta, "novelty", where, optional=True) is None:
         return None, None
-    try:
-        model = NoveltyModel.from_dict(novelty, n_classes, f"{where}: novelty")
-    except ModelInvalid as err:
-        raise ModelInvalid(f"{err}; {REEXPORT}") from err
-    return model, _quantization(meta, "features", where)
+    _choice(meta, "novelty.method", where, (NOVELTY_METHOD,))
+    file = _choice(meta, "novelty.file", where, (ARRAYS_FILE,))
+    entry = NoveltyEntry(_number(meta, "novelty.threshold", where, 0.0, 1e6, low_open=True),
+                         _integer(meta, "novelty.features", where, 1, 100_000),
+                         _integer(meta, "novelty.dims", where, 1, 100_000), file,
+                         _hex64(meta, "novelty.sha256", where))
+    return entry, _quantization(meta, "features", where)
 
 
 def _field(meta: dict, dotted: str, where: str, optional: bool = False):
@@ -191,8 +204,8 @@ def _colour(meta: dict, where: str) -> ColourStandard:
         raise ModelInvalid(str(err) if "re-export" in str(err) else f"{err}; {REEXPORT}") from err
 
 
-def _sha256(meta: dict, where: str) -> str:
-    value = _field(meta, "model_sha256", where)
+def _hex64(meta: dict, dotted: str, where: str) -> str:
+    value = _field(meta, dotted, where)
     if not isinstance(value, str) or len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ModelInvalid(f"{where}: model_sha256 = {value!r:.70} must be 64 lower-case hex digits; {REEXPORT}")
+        raise ModelInvalid(f"{where}: {dotted} = {value!r:.70} must be 64 lower-case hex digits; {REEXPORT}")
     return value

@@ -152,23 +152,36 @@ class Bundle:
 
 
 def load_bundle(path: str | Path, threads: int | None = None, stamp: bool = True) -> Bundle:
-    """Load and verify a bundle folder (bundle.json + model.tflite).
+    """Load and verify a bundle folder (bundle.json + model.tflite, and novelty.npz when bundle.json
+    names it).
 
     Raises ModelInvalid naming the file, the field and the fix: a missing or malformed
     bundle.json, a stamp (meta_sha256) that does not match its content (`stamp=False` skips
     that check, for re-stamping only), any field missing or out of range, an unknown format
-    version, a model sha256 mismatch, a corrupt model, or shapes / classes that disagree.
+    version, a model or arrays sha256 mismatch, a corrupt model, or shapes / classes that disagree.
     """
     path = Path(path)
     meta = read_meta(path / META_FILE)
     if stamp:
         verify_stamp(meta, str(path / META_FILE))
     checked = check_meta(meta, str(path / META_FILE))
-    content = _read_model(path / MODEL_FILE, checked.model_sha256)
+    content = _read_hashed(path / MODEL_FILE, checked.model_sha256)
     model = Int8Model(content, threads, str(path / MODEL_FILE))
     _check_shapes(path, checked, model)
     return Bundle(path, meta, checked.classes, checked.geometry, checked.temperature, checked.threshold, model,
-                  checked.colour, checked.novelty, checked.trained_um_per_pixel)
+                  checked.colour, _novelty(path, checked, model), checked.trained_um_per_pixel)
+
+
+def _novelty(path: Path, meta: BundleMeta, model: Int8Model) -> NoveltyModel | None:
+    entry = meta.novelty
+    if entry is None:
+        return None
+    data = _read_hashed(path / entry.file, entry.sha256)
+    novelty = NoveltyModel.from_arrays(data, entry.threshold, len(meta.classes), model.n_features, str(path / entry.file))
+    if novelty.dims != entry.dims:
+        raise ModelInvalid(f"{path / META_FILE}: novelty.dims {entry.dims} disagrees with {entry.file}'s "
+                           f"{novelty.dims}; re-export the bundle")
+    return novelty
 
 
 def read_meta(path: Path) -> dict:
@@ -189,7 +202,7 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def _read_model(path: Path, expected_sha256: str) -> bytes:
+def _read_hashed(path: Path, expected_sha256: str) -> bytes:
     try:
         content = path.read_bytes()
     except FileNotFoundError as err:
@@ -204,10 +217,10 @@ def _read_model(path: Path, expected_sha256: str) -> bytes:
 
 
 def _check_features(where: Path, meta: BundleMeta, model: Int8Model) -> None:
-    dims = meta.novelty.dims if meta.novelty is not None else 0
-    if dims != model.n_features and (dims or model.n_features):
-        raise ModelInvalid(f"{where}: novelty.class_means have {dims} dimensions but {MODEL_FILE} gives "
-                           f"{model.n_features} features; re-export the bundle")
+    features = meta.novelty.features if meta.novelty is not None else 0
+    if features != model.n_features:
+        raise ModelInvalid(f"{where}: novelty.features {features} disagrees with the {model.n_features} "
+                           f"features {MODEL_FILE} gives; re-export the bundle")
 
 
 def _check_shapes(path: Path, meta: BundleMeta, model: Int8Model) -> None:
