@@ -16,7 +16,8 @@ DEFAULT_CONFIG = Path("/etc/hematovision/config.toml")
 SOURCE_KINDS = ("replay", "opencv", "picamera2")
 COUNTING_MODES = ("fields", "scan")
 REPORT_LINKS = ("none", "astm", "jsonl", "usb")
-# The reference bundle shipped with the repository, used when no bundle is configured or given.
+# The reference bundle, used when no bundle is configured or given: models/reference in a checkout, and
+# the same folder installed as package data (site-packages/hematovision/models/reference) by `pip install .`.
 REFERENCE_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "reference"
 
 
