@@ -154,33 +154,158 @@ def test_systemd_analyze_security_exposure_is_at_most_3(tmp_path):
 
 # --- the install script ------------------------------------------------------------------
 
-def dry_run(*args: str) -> str:
-    result = subprocess.run(["bash", str(INSTALL), "--dry-run", *args], capture_output=True, text=True)
+RELEASES = {"bookworm": ("12", "numpy<2", "opencv-python-headless==4.11.0.86", "ai-edge-litert==1.4.0", "1."),
+            "trixie": ("13", "numpy<2.3", "opencv-python-headless==4.12.0.88", "ai-edge-litert==2.3.0", "2.")}
+
+
+def os_release(folder: Path, codename: str, version: str = "") -> Path:
+    """An os-release file of Raspberry Pi OS (Debian) `codename`."""
+    path = folder / f"os-release-{codename}"
+    path.write_text(f'PRETTY_NAME="Debian GNU/Linux {version} ({codename})"\nNAME="Debian GNU/Linux"\n'
+                    f'VERSION_ID="{version}"\nVERSION_CODENAME={codename}\nID=debian\n')
+    return path
+
+
+def dry_run(tmp_path: Path, *args: str, release: str = "bookworm", env: dict | None = None) -> str:
+    """The install script's dry run for `release`, with no camera to be found unless `env` provides one."""
+    cameras = tmp_path / "no-cameras"
+    cameras.mkdir(exist_ok=True)
+    environment = {**os.environ, "HEMATOVISION_V4L_SYSFS": str(cameras), **(env or {})}
+    environment.pop("SUDO_USER", None)
+    result = subprocess.run(["bash", str(INSTALL), "--dry-run", "--os-release",
+                             str(os_release(tmp_path, release, RELEASES.get(release, ("0",))[0])), *args],
+                            capture_output=True, text=True, env=environment)
     assert result.returncode == 0, result.stderr
     return result.stdout
 
 
-def test_install_dry_run_prints_every_step_in_order_and_changes_nothing(tmp_path):
-    prefix = tmp_path / "opt"
-    out = dry_run("--prefix", str(prefix))
-    order = ["apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-numpy "
-             "python3-picamera2", f"python3 -m venv --system-site-packages {prefix}/venv",
-             "numpy<2", "opencv-python-headless==4.11.0.86", f"--constraint {prefix}/constraints.txt",
-             "assert numpy.__version__.startswith('1.')", "useradd --system --user-group --groups video,dialout",
-             "write /etc/hematovision/config.toml", f'bundle = "{prefix}/src/models/reference"',
-             f'path = "{prefix}/src/samples/bccd/BCCD/JPEGImages"', "write /etc/systemd/system/hematovision.service",
-             f"ExecStart={prefix}/venv/bin/hematovision-edge run", "check-config --config /etc/hematovision/config.toml",
-             "systemctl daemon-reload", "systemctl enable --now hematovision.service"]
+def in_order(out: str, steps: list[str]) -> None:
     at = 0
-    for step in order:
+    for step in steps:
         found = out.find(step, at)
         assert found >= 0, f"{step!r} missing or out of order"
         at = found
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_install_dry_run_prints_every_step_in_order_and_changes_nothing(tmp_path, release):
+    _, numpy_pin, opencv_pin, litert_pin, numpy_major = RELEASES[release]
+    prefix = tmp_path / "opt"
+    out = dry_run(tmp_path, "--prefix", str(prefix), "--source", "picamera2", release=release)
+    in_order(out, [
+        "apt-get install -y --no-install-recommends python3 python3-venv python3-pip python3-numpy python3-picamera2",
+        f"python3 -m venv --system-site-packages {prefix}/venv", numpy_pin, opencv_pin, litert_pin,
+        f"--constraint {prefix}/constraints.txt", f"assert numpy.__version__.startswith('{numpy_major}')",
+        f"ln -sfn {prefix}/venv/bin/hematovision-edge /usr/local/bin/hematovision-edge",
+        "useradd --system --user-group --groups video,dialout", "write /etc/hematovision/config.toml",
+        'kind = "picamera2"', f'bundle = "{prefix}/src/models/reference"',
+        "write /etc/systemd/system/hematovision.service", f"ExecStart={prefix}/venv/bin/hematovision-edge run",
+        "UMask=0027", "systemctl daemon-reload", "check-config --config /etc/hematovision/config.toml",
+        "systemctl enable --now hematovision.service", "== done. Next:"])
     assert not prefix.exists() and "dtoverlay=dwc2" not in out
 
 
-def test_install_dry_run_with_usb_gadget_sets_up_dwc2_and_g_serial():
-    out = dry_run("--usb-gadget", "--no-enable")
+def test_install_dry_run_refuses_a_release_it_has_no_pins_for(tmp_path):
+    result = subprocess.run(["bash", str(INSTALL), "--dry-run", "--os-release", str(os_release(tmp_path, "bullseye", "11"))],
+                            capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "supported: Raspberry Pi OS Bookworm (Debian 12) and Trixie (Debian 13)" in result.stderr
+
+
+def _installed_config(out: str) -> str:
+    """The configuration file the dry run would write, as TOML text."""
+    block = out.split("+ write /etc/hematovision/config.toml (mode 0644):\n", 1)[1].splitlines()
+    end = next(i for i, line in enumerate(block) if not line.startswith("|"))
+    return "\n".join(line[4:] for line in block[:end])
+
+
+def _checked(tmp_path: Path, text: str):
+    """The installed configuration, loaded and checked as check-config would (minus the devices)."""
+    import tomllib
+
+    from hematovision.edge.config import load_config
+
+    data = tomllib.loads(text)
+    assert data["model"]["bundle"].endswith("/src/models/reference")
+    data["model"]["bundle"] = str(REPO / "models" / "reference")  # the copy the dry run did not make
+    data["source"]["replay"]["path"] = str(REPO / "samples" / "bccd" / "BCCD" / "JPEGImages")
+    path = tmp_path / "installed.toml"
+    from conftest import toml_text
+
+    path.write_text(toml_text({k: v for k, v in _flat(data).items()}))
+    return load_config(path)
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    """TOML tables as {"source.replay": {...}} for toml_text."""
+    out = {prefix.rstrip("."): {k: v for k, v in data.items() if not isinstance(v, dict)}} if prefix else {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+    return {k: v for k, v in out.items() if v}
+
+
+@pytest.mark.parametrize("release", sorted(RELEASES))
+def test_installed_configuration_names_a_camera_source_not_the_replay(tmp_path, release):
+    config = _checked(tmp_path, _installed_config(dry_run(tmp_path, release=release)))
+    assert config.source.kind == "picamera2"
+
+
+def test_install_picks_a_detected_usb_camera_when_no_pi_camera_is_there(tmp_path):
+    sysfs = tmp_path / "sysfs"
+    usb = tmp_path / "devices/platform/usb1/1-1/1-1:1.0"
+    codec = tmp_path / "devices/platform/soc/bcm2835-codec"
+    for name, device, index in (("video10", codec, 0), ("video2", usb, 0), ("video3", usb, 1)):
+        (sysfs / name).mkdir(parents=True)
+        device.mkdir(parents=True, exist_ok=True)
+        (sysfs / name / "device").symlink_to(device)
+        (sysfs / name / "index").write_text(f"{index}\n")
+    out = dry_run(tmp_path, env={"HEMATOVISION_V4L_SYSFS": str(sysfs)})
+    config = _checked(tmp_path, _installed_config(out))
+    assert (config.source.kind, config.source.opencv.device) == ("opencv", "/dev/video2")
+    assert "the USB camera /dev/video2 was detected" in out
+
+
+def test_install_picks_a_detected_pi_camera_first(tmp_path):
+    stub = tmp_path / "bin"
+    stub.mkdir()
+    (stub / "python3").write_text("#!/bin/sh\nexit 0\n")  # picamera2 lists a camera
+    (stub / "python3").chmod(0o755)
+    out = dry_run(tmp_path, env={"PATH": f"{stub}:{os.environ['PATH']}"})
+    assert _checked(tmp_path, _installed_config(out)).source.kind == "picamera2"
+    assert "a Raspberry Pi camera was detected" in out and "systemctl enable --now" in out
+
+
+def test_install_without_a_camera_enables_but_does_not_start_and_says_what_to_do(tmp_path):
+    out = dry_run(tmp_path)
+    assert "systemctl enable hematovision.service" in out and "enable --now" not in out
+    assert "== done. Next: connect the camera" in out
+
+
+def test_replay_is_an_explicit_demo_and_the_done_line_says_how_to_count_from_the_camera(tmp_path):
+    out = dry_run(tmp_path, "--source", "replay")
+    config = _checked(tmp_path, _installed_config(out))
+    assert config.source.kind == "replay"
+    done = out[out.index("== done."):]
+    assert "DEMO" in done and "--source auto" in done
+
+
+def test_install_lets_the_operator_read_the_reports_and_says_so(tmp_path):
+    out = dry_run(tmp_path, "--operator", "pi", "--source", "picamera2")
+    assert "+ usermod -a -G hematovision pi" in out
+    assert "reports: /var/lib/hematovision/reports, readable by pi" in out
+    settings = unit_settings()
+    assert settings["UMask"] == ["0027"] and settings["StateDirectoryMode"] == ["0750"]
+
+
+def test_install_puts_the_commands_on_path(tmp_path):
+    out = dry_run(tmp_path, "--source", "picamera2")
+    for command in ("hematovision-edge", "hematovision-calibrate"):
+        assert f"/venv/bin/{command} /usr/local/bin/{command}" in out
+
+
+def test_install_dry_run_with_usb_gadget_sets_up_dwc2_and_g_serial(tmp_path):
+    out = dry_run(tmp_path, "--usb-gadget", "--no-enable", "--source", "picamera2")
     assert "dtoverlay=dwc2" in out and "write /etc/modules-load.d/hematovision-gadget.conf" in out
     assert "g_serial" in out and "/dev/ttyGS0" in out and "systemctl enable" not in out.split("not enabled")[0]
 
