@@ -1,4 +1,4 @@
-"""hematovision-calibrate: make and inspect the microscope's calibration profile."""
+"""`hematovision-calibrate`: make and inspect the microscope's calibration profile; argument parsing and output."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from hematovision.commandline import add_command, new_parser, setup_logging
 from hematovision.errors import ConfigError, HematovisionError
 from hematovision.pixels import read_rgb
 
@@ -30,6 +31,12 @@ from .redcells import RedCellSettings, pixel_size_from_red_cells
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+
+DESCRIPTION = """Calibrate a microscope for the counter: flat field and white balance, pixel size, focus, colour.
+
+Each command adds its part to one profile (--profile FILE, JSON); a new profile replaces the old one
+only once complete, the previous one kept as FILE.prev. Give the profile to the counter with
+`hematovision-edge count --calibration FILE` or the daemon's calibration.profile."""
 
 
 class _UsageError(Exception):
@@ -70,10 +77,10 @@ def cmd_blank(args) -> int:
         images, controls = list(captured.frames), captured.controls
     else:
         images, controls = _images(args.images, args.max_pixels), _controls_from_args(args)
-    profile = _open_profile(args.out, images[0].shape, create=True)
+    profile = _open_profile(args.profile, images[0].shape, create=True)
     blank = measure_blank(images)
     profile = profile.updated(blank=blank, camera_controls=controls or profile.camera_controls)
-    save_profile(profile, args.out)
+    save_profile(profile, args.profile)
     corrected = apply_blank(images[0], blank)
     print(f"flat field: non-uniformity {non_uniformity(images[0]):.1%} before, {non_uniformity(corrected):.1%} after")
     print(f"white balance (R, G, B gains): {', '.join(f'{g:.3f}' for g in blank.white_balance)}")
@@ -196,54 +203,68 @@ def format_profile(profile: CalibrationProfile) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hematovision-calibrate", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    p = sub.add_parser("blank", help="flat field, white balance and exposure from blank-field images")
+    parser = new_parser("hematovision-calibrate", DESCRIPTION, parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser, metavar="COMMAND")
+    p = add_command(sub, "blank", "flat field, white balance and exposure from blank-field images")
     p.add_argument("images", nargs="*", metavar="IMAGE")
-    p.add_argument("--out", required=True, metavar="PROFILE", help="profile to create or update")
+    p.add_argument("--profile", metavar="PROFILE", help="profile to create or update")
+    p.add_argument("--out", metavar="PROFILE", help="deprecated: the old name of --profile")
     p.add_argument("--camera", choices=("picamera2", "opencv"), help="capture the frames instead of reading files")
     p.add_argument("--frames", type=int, default=5, help="frames to capture with --camera")
     p.add_argument("--exposure-us", type=int, help="ExposureTime the image files were taken with (picamera2)")
     p.add_argument("--analogue-gain", type=float, default=1.0, help="AnalogueGain the files were taken with")
-    p.add_argument("--colour-gains", type=float, nargs=2, default=(1.0, 1.0), metavar=("RED", "BLUE"))
+    p.add_argument("--colour-gains", type=float, nargs=2, default=(1.0, 1.0), metavar=("RED", "BLUE"),
+                   help="ColourGains the files were taken with")
     p.set_defaults(run=cmd_blank)
-    p = sub.add_parser("micrometer", help="pixel size from a stage-micrometer image")
+    p = add_command(sub, "micrometer", "pixel size from a stage-micrometer image")
     p.add_argument("image", nargs="?", metavar="IMAGE")
     p.add_argument("--division-um", type=float, required=True, help="spacing of the ruling's divisions")
-    p.add_argument("--profile", required=True)
-    p.add_argument("--camera", choices=("picamera2", "opencv"))
+    p.add_argument("--profile", required=True, help="profile to create or update")
+    p.add_argument("--camera", choices=("picamera2", "opencv"), help="capture the frame instead of reading a file")
     p.set_defaults(run=cmd_micrometer)
-    p = sub.add_parser("redcells", help="ESTIMATE the pixel size from red-cell diameters (no micrometer)")
+    p = add_command(sub, "redcells", "ESTIMATE the pixel size from red-cell diameters (no micrometer)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--profile", required=True)
-    p.add_argument("--rbc-diameter-um", type=float, default=RedCellSettings().rbc_diameter_um)
+    p.add_argument("--profile", required=True, help="profile to create or update")
+    p.add_argument("--rbc-diameter-um", type=float, default=RedCellSettings().rbc_diameter_um,
+                   help="median red-cell diameter assumed")
     p.set_defaults(run=cmd_redcells)
-    p = sub.add_parser("focus", help="focus threshold from a through-focus series")
+    p = add_command(sub, "focus", "focus threshold from a through-focus series")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--profile", required=True)
+    p.add_argument("--profile", required=True, help="profile to update")
     p.set_defaults(run=cmd_focus)
-    p = sub.add_parser("colour", help="colour transform toward the training data's stain statistics")
+    p = add_command(sub, "colour", "colour transform toward the training data's stain statistics")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--profile", required=True)
+    p.add_argument("--profile", required=True, help="profile to update")
     p.add_argument("--target", required=True, help="JSON with the training data's stain_stats (model bundle)")
     p.set_defaults(run=cmd_colour)
-    p = sub.add_parser("stain-stats", help="stain statistics of a set of images (for a model bundle)")
+    p = add_command(sub, "stain-stats", "stain statistics of a set of images (for a model bundle)")
     p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="JSON file to write")
     p.set_defaults(run=cmd_stain_stats)
-    p = sub.add_parser("apply", help="write the corrected image, as the device corrects frames")
+    p = add_command(sub, "apply", "write the corrected image, as the device corrects frames")
     p.add_argument("image", metavar="IMAGE")
-    p.add_argument("--profile", required=True)
-    p.add_argument("--out", required=True)
+    p.add_argument("--profile", required=True, help="profile to apply")
+    p.add_argument("--out", required=True, help="image file to write (.png, .jpg or .tif)")
     p.set_defaults(run=cmd_apply)
-    p = sub.add_parser("show", help="print a profile readably")
+    p = add_command(sub, "show", "print a profile readably")
     p.add_argument("profile", metavar="PROFILE")
     p.set_defaults(run=cmd_show)
     for p in sub.choices.values():
         p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
-                       help="refuse images of more pixels (default $HEMATOVISION_MAX_PIXELS, else 24 million)")
+                       help="refuse images of more pixels; default: $HEMATOVISION_MAX_PIXELS, else 24 million")
     return parser
+
+
+def _blank_profile(args) -> None:
+    """`blank --out` is the old name of --profile: still taken, with a warning. Raises _UsageError."""
+    if args.out is not None:
+        if args.profile is not None and args.profile != args.out:
+            raise _UsageError("blank: give --profile PROFILE only (--out is its old name)")
+        logger.warning("blank --out is deprecated and will be removed: use --profile %s, as the other "
+                       "calibrate commands do", args.out)
+        args.profile = args.out
+    if args.profile is None:
+        raise _UsageError("blank: give --profile PROFILE, the profile to create or update")
 
 
 def _pixel_count(text: str) -> int:
@@ -258,8 +279,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if getattr(args, "command", None) == "micrometer" and bool(args.image) == bool(args.camera):
             raise _UsageError("micrometer: give either one IMAGE or --camera")
-        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, stream=sys.stderr,
-                            format="%(levelname)s %(name)s: %(message)s")
+        setup_logging(args, normal=logging.WARNING, verbose=logging.INFO)
+        if args.command == "blank":
+            _blank_profile(args)
         return args.run(args)
     except _UsageError as err:
         print(f"hematovision-calibrate: error: {err}", file=sys.stderr)

@@ -116,7 +116,7 @@ def check_image_size(profile: CalibrationProfile, shape: tuple[int, ...], name: 
         raise ConfigError(
             f"{name} is {shape[1]}x{shape[0]} pixels but the profile was made for {width}x{height} frames "
             "from this camera; capture at the profile's resolution, or make a new profile with "
-            "'hematovision-calibrate blank ... --out NEW_PROFILE'"
+            "'hematovision-calibrate blank ... --profile NEW_PROFILE'"
         )
 
 
@@ -295,7 +295,7 @@ def load_profile(path: str | Path) -> CalibrationProfile:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
-        raise ConfigError(f"{path}: no such profile; create it with 'hematovision-calibrate blank ... --out {path}'") from err
+        raise ConfigError(f"{path}: no such profile; create it with 'hematovision-calibrate blank ... --profile {path}'") from err
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: not readable as JSON ({err}); restore {previous_path(path)} or recalibrate") from err
     return profile_from_dict(data, where=str(path))

@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -88,29 +89,42 @@ def calibration_crops(samples, config: TrainConfig, n: int, plain: np.ndarray | 
     return np.stack(crops)
 
 
-def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOptions()) -> dict:
+# What export_run tells its `step` callback as it starts each stage, in order.
+EXPORT_STEPS = ("loading the run", "cutting training crops", "converting to int8", "measuring held-out cells",
+                "fitting confidence and novelty", "writing the bundle")
+
+
+def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOptions(),
+               step: Callable[[str], None] = lambda name: None) -> dict:
     """Convert a finished run to int8, gate it, and write the bundle folder; returns bundle.json.
+    `step` is called with each name of EXPORT_STEPS as that stage starts (a progress bar's hook).
 
     Raises GateRefused (nothing written) when int8 loses more than the margins allow.
     """
+    step(EXPORT_STEPS[0])
     run = RunPaths(Path(run_dir))
     config = TrainConfig.load(run.config)
     rows = read_manifest(run.manifest)
     keras_model = load_run_model(run)
+    step(EXPORT_STEPS[1])
     train_s = samples_of(rows, "train")
     train_crops = crops_array(train_s, config.geometry, config.colour_standard)
     train_y = np.array([config.classes.index(s.label) for s in train_s])
+    step(EXPORT_STEPS[2])
     tflite = convert_int8(with_feature_output(keras_model),
                           calibration_crops(train_s, config, options.calibration_crops, train_crops),
                           options.per_channel)
     int8 = Int8Model(tflite, options.threads)
+    step(EXPORT_STEPS[3])
     test = evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
     val = evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
+    step(EXPORT_STEPS[4])
     novelty = fit_novelty(int8_outputs(int8, train_crops)[1], train_y, len(config.classes), val.int8_features)
     meta = _metadata(run, config, rows, tflite, int8, test, val, novelty, options)
     _log_figures(meta)
     if not meta["gate"]["passed"]:
         raise GateRefused("model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
+    step(EXPORT_STEPS[5])
     return write_bundle(Path(out_dir), tflite, meta, {ARRAYS_FILE: novelty.arrays_bytes()})
 
 

@@ -33,7 +33,7 @@ def sample_field(samples_bccd):
 
 def test_calibration_end_to_end_from_files(tmp_path, blanks, sample_field, capsys):
     profile = str(tmp_path / "profile.json")
-    assert main(["blank", *blanks, "--out", profile, "--exposure-us", "12000", "--colour-gains", "1.8", "1.4"]) == 0
+    assert main(["blank", *blanks, "--profile", profile, "--exposure-us", "12000", "--colour-gains", "1.8", "1.4"]) == 0
     ruling = _write(tmp_path / "ruling.png", ruling_image(23.7, 5.0))
     assert main(["micrometer", ruling, "--division-um", "10", "--profile", profile]) == 0
     printed = capsys.readouterr().out
@@ -55,7 +55,7 @@ def test_calibration_end_to_end_from_files(tmp_path, blanks, sample_field, capsy
 
 def test_apply_writes_the_flat_fielded_image(tmp_path, blanks):
     profile = str(tmp_path / "profile.json")
-    assert main(["blank", *blanks, "--out", profile]) == 0
+    assert main(["blank", *blanks, "--profile", profile]) == 0
     held_out = _write(tmp_path / "held_out.png", blank_field(seed=50))
     assert main(["apply", "--profile", profile, held_out, "--out", str(tmp_path / "out.png")]) == 0
     assert non_uniformity(read_rgb(tmp_path / "out.png")) <= 0.02
@@ -72,10 +72,10 @@ def test_redcells_stores_a_labelled_estimate(tmp_path, samples_bccd, capsys):
 
 def test_blank_with_cells_is_refused_and_the_old_profile_kept(tmp_path, blanks, sample_field, capsys):
     profile = tmp_path / "profile.json"
-    assert main(["blank", *blanks, "--out", str(profile)]) == 0
+    assert main(["blank", *blanks, "--profile", str(profile)]) == 0
     before = profile.read_bytes()
     smear = _write(tmp_path / "smear.png", sample_field)
-    assert main(["blank", smear, "--out", str(profile)]) == 1
+    assert main(["blank", smear, "--profile", str(profile)]) == 1
     assert "move to an empty area of the slide" in capsys.readouterr().err
     assert profile.read_bytes() == before and not previous_path(profile).exists()
 
@@ -83,14 +83,14 @@ def test_blank_with_cells_is_refused_and_the_old_profile_kept(tmp_path, blanks, 
 @pytest.mark.parametrize("scale, reason", [(1.6, "saturated"), (0.1, "too dark")])
 def test_saturated_or_dark_blank_exits_1_with_the_reason(tmp_path, scale, reason, capsys):
     image = np.clip(blank_field(seed=1).astype(np.float32) * scale, 0, 255).astype(np.uint8)
-    assert main(["blank", _write(tmp_path / "b.png", image), "--out", str(tmp_path / "p.json")]) == 1
+    assert main(["blank", _write(tmp_path / "b.png", image), "--profile", str(tmp_path / "p.json")]) == 1
     assert reason in capsys.readouterr().err
     assert not (tmp_path / "p.json").exists()
 
 
 def test_ruling_that_cannot_be_found_exits_1(tmp_path, blanks, sample_field, capsys):
     profile = str(tmp_path / "profile.json")
-    main(["blank", *blanks, "--out", profile])
+    main(["blank", *blanks, "--profile", profile])
     smear = _write(tmp_path / "smear.png", sample_field)
     assert main(["micrometer", smear, "--division-um", "10", "--profile", profile]) == 1
     assert "ruling" in capsys.readouterr().err
@@ -98,7 +98,7 @@ def test_ruling_that_cannot_be_found_exits_1(tmp_path, blanks, sample_field, cap
 
 def test_image_of_the_wrong_size_for_the_camera_exits_1(tmp_path, blanks, capsys):
     profile = str(tmp_path / "profile.json")
-    main(["blank", *blanks, "--out", profile])
+    main(["blank", *blanks, "--profile", profile])
     small = _write(tmp_path / "small.png", ruling_image(23.7, 0.0, size=(416, 416)))
     assert main(["micrometer", small, "--division-um", "10", "--profile", profile]) == 1
     assert "made for 640x480" in capsys.readouterr().err
@@ -106,8 +106,8 @@ def test_image_of_the_wrong_size_for_the_camera_exits_1(tmp_path, blanks, capsys
 
 
 @pytest.mark.parametrize("argv", [
-    [], ["frobnicate"], ["blank", "--out"], ["micrometer", "x.png", "--profile", "p.json"],
-    ["show"], ["blank", "--out", "p.json"],
+    [], ["frobnicate"], ["blank", "--profile"], ["micrometer", "x.png", "--profile", "p.json"],
+    ["show"], ["blank", "--profile", "p.json"],
 ])
 def test_bad_usage_exits_2(argv, capsys):
     assert main(argv) == 2

@@ -209,3 +209,50 @@ def test_a_crop_unlike_any_training_cell_is_unidentified_whatever_its_softmax_sa
     assert np.median([p.novelty for p in strange]) > 2 * np.median([p.novelty for p in familiar])
     assert all(p.unfamiliar and p.label == "unidentified" for p in strange)
     assert sum(p.unfamiliar for p in familiar) <= 2
+
+
+# TensorFlow's own log lines, as its C++ and Python code print them during an export.
+TENSORFLOW_NOISE = ("absl::InitializeLog", "oneDNN", "I0000", "W0000", "fully_quantize", "XNNPACK",
+                    "Assets written to", "cpu_feature_guard")
+
+
+def _on_a_terminal(command: list[str], columns: int = 120) -> tuple[int, str]:
+    """Run `command` with a pseudo-terminal of `columns` as its stdin, stdout and stderr; (exit code, output)."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
+    proc = subprocess.Popen(command, stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            data = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(leader)
+    return proc.wait(timeout=600), b"".join(chunks).decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+def test_export_on_a_terminal_shows_its_stages_and_hides_tensorflows_log(tiny_run, tmp_path):
+    import sys
+
+    out = tmp_path / "bundle"
+    code, text = _on_a_terminal([sys.executable, "-m", "hematovision.export.cli", str(tiny_run.root), "--out",
+                                 str(out), "--calibration-crops", "200", "--min-macro-f1", "0", "--min-recall", "0",
+                                 "--max-accuracy-drop", "100", "--max-recall-drop", "100", "--min-agreement", "0"])
+    assert code == 0, text[-3000:]
+    assert (out / "bundle.json").is_file()
+    assert "converting to int8" in text and "/6 [" in text  # the bar, at its stages
+    assert "gate PASSED" in text  # the program's own log stays
+    noise = [line for line in text.splitlines() if any(words in line for words in TENSORFLOW_NOISE)]
+    assert not noise, noise

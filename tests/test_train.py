@@ -96,3 +96,42 @@ def test_a_smaller_labs_cells_repeat_toward_the_larger_labs_count():
     assert sum(s.group.startswith("bccd:") for s in balanced) == 40  # 8x would match; at most 4x
     assert sum(s.group.startswith("pbc:") for s in balanced) == 80
     assert len(balance_labs(cells, 20)) == 160
+
+
+def _prepared_run(samples_bccd, folder, **settings):
+    """A run folder as `fit` leaves it before training (its config, manifest and data provenance)."""
+    config = TrainConfig(**{"backbone": "tiny_cnn", "weights": "none", "input_size": 64, **settings})
+    prepare_run(RunPaths(folder), config, load_bccd(samples_bccd))
+    return folder
+
+
+def test_resuming_with_other_settings_is_refused_naming_each_differing_option(samples_bccd, tmp_path, capsys):
+    run = _prepared_run(samples_bccd, tmp_path / "run", weights="imagenet", backbone="efficientnet_b0")
+    before = sorted(p.name for p in run.iterdir())
+    code = train_main(["fit", "--bccd", str(samples_bccd), "--out", str(run), "--weights", "none",
+                       "--backbone", "tiny_cnn", "--batch-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "--weights none (the run has imagenet)" in err and "--backbone tiny_cnn (the run has efficientnet_b0)" in err
+    assert "--batch-size" not in err  # given, but the same as the run's
+    assert "--restart" in err and "new --out" in err
+    assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_resuming_with_other_data_or_test_fields_is_refused(samples_bccd, samples_pbc, tmp_path, capsys):
+    run = _prepared_run(samples_bccd, tmp_path / "run")
+    assert train_main(["fit", "--cells", str(samples_pbc), "--out", str(run),
+                       "--test-fields", "train/kaggle_test_origins.csv"]) == 1
+    err = capsys.readouterr().err
+    assert "data cells:pbc (the run has bccd:bccd)" in err and "--test-fields kaggle_test_origins.csv" in err
+
+
+def test_restart_moves_the_old_run_aside_and_trains_anew(samples_bccd, tmp_path):
+    run = _prepared_run(samples_bccd, tmp_path / "run", weights="imagenet", backbone="efficientnet_b0")
+    code = train_main(["fit", "--bccd", str(samples_bccd), "--out", str(run), "--restart", "--backbone", "tiny_cnn",
+                       "--weights", "none", "--input-size", "64", "--batch-size", "8", "--head-epochs", "1",
+                       "--finetune-epochs", "0", "--patience", "10", "-q"])
+    assert code == 0
+    assert TrainConfig.load(run / "config.json").backbone == "tiny_cnn" and (run / "model.keras").is_file()
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert TrainConfig.load(aside / "config.json").backbone == "efficientnet_b0"

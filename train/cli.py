@@ -1,4 +1,4 @@
-"""`hematovision-train`: fit, evaluate and probe; argument parsing only, the work is in the library."""
+"""`hematovision-train`: fit, evaluate and probe; argument parsing here, the work in the library."""
 
 from __future__ import annotations
 
@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 from hematovision.classes import DEFAULT_CLASSES
+from hematovision.commandline import add_command, given_options, new_parser, setup_logging
 from hematovision.errors import DataError, HematovisionError
 
 logger = logging.getLogger("hematovision.train")
+
+DESCRIPTION = """Train white-cell classifiers on grouped splits and evaluate them (desktop).
+
+A run folder holds everything of one training: rerun the same `fit` command to resume it."""
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -28,22 +33,47 @@ def _data_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hematovision-train", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-    fit = sub.add_parser("fit", help="train a model (resumes when --out holds an unfinished run)")
+    parser = new_parser("hematovision-train", DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fit = add_command(sub, "fit", "train a model (resumes when --out holds an unfinished run)")
     _data_args(fit)
+    _fit_args(fit)
+    ev = add_command(sub, "evaluate", "metrics.json and report.md of a run on a labelled set")
+    ev.add_argument("run", type=Path)
+    _data_args(ev)
+    ev.add_argument("--split", default="test", choices=("train", "val", "test"),
+                    help="the run's own split to use when no data is given")
+    ev.add_argument("--out", type=Path, help="report folder (default RUN/eval/NAME)")
+    probe = add_command(sub, "probe", "logistic head on frozen ImageNet vs random features")
+    _data_args(probe)
+    probe.add_argument("--backbone", default="efficientnet_lite0", help="feature extractor")
+    probe.add_argument("--input-size", type=int, default=224, help="crop side in pixels")
+    probe.add_argument("--seed", type=int, default=0, help="random seed")
+    _origins_args(add_command(sub, "kaggle-origins", "match Kaggle images to the BCCD fields they were made from"))
+    hold = add_command(sub, "hold-out", "draw a seeded, class-stratified test set of groups and write it as a CSV")
+    _data_args(hold)
+    hold.add_argument("--fraction", type=float, default=0.15, help="share of each class's groups")
+    hold.add_argument("--seed", type=int, default=0, help="random seed")
+    hold.add_argument("--out", required=True, type=Path, help="CSV to write (group, label)")
+    return parser
+
+
+def _fit_args(fit: argparse.ArgumentParser) -> None:
     fit.add_argument("--out", required=True, type=Path, help="run folder")
+    fit.add_argument("--restart", action="store_true",
+                     help="start again in a run folder that holds a run made with other settings (the old run is "
+                          "moved aside to OUT.replaced-DATE)")
     fit.add_argument("--backbone", default="efficientnet_b0",
-                     choices=("efficientnet_b0", "resnet50", "efficientnet_lite0", "tiny_cnn"))
+                     choices=("efficientnet_b0", "resnet50", "efficientnet_lite0", "tiny_cnn"), help="network")
     fit.add_argument("--weights", default="imagenet", help="imagenet, none, or a local weights file")
-    fit.add_argument("--input-size", type=int, default=224)
+    fit.add_argument("--input-size", type=int, default=224, help="crop side in pixels")
     fit.add_argument("--crop-um", type=float, default=24.0, help="crop side in micrometres")
-    fit.add_argument("--batch-size", type=int, default=32)
+    fit.add_argument("--batch-size", type=int, default=32, help="crops per training step")
     fit.add_argument("--head-epochs", type=int, default=8, help="phase 1: frozen backbone")
     fit.add_argument("--finetune-epochs", type=int, default=22, help="phase 2: top layers")
     fit.add_argument("--finetune-fraction", type=float, default=0.3, help="share of backbone layers tuned")
-    fit.add_argument("--head-lr", type=float, default=1e-3)
-    fit.add_argument("--finetune-lr", type=float, default=1e-4)
+    fit.add_argument("--head-lr", type=float, default=1e-3, help="learning rate of phase 1")
+    fit.add_argument("--finetune-lr", type=float, default=1e-4, help="learning rate of phase 2")
     fit.add_argument("--patience", type=int, default=5, help="early-stopping patience in epochs")
     fit.add_argument("--augment", default="full", choices=("full", "stain", "crosslab", "geometric", "none"),
                      help="full: geometry and strong colour/stain; stain: geometry and mild stain and exposure; "
@@ -51,34 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "geometric: rotation, zoom, flips only")
     fit.add_argument("--colour", default="none", choices=("none", "reinhard", "reinhard+blur"),
                      help="standardisation of every crop, in training and on the device: Reinhard colour "
-                          "transfer to fixed Lab statistics, and a slight blur (default none)")
+                          "transfer to fixed Lab statistics, and a slight blur")
     fit.add_argument("--lab-repeat-max", type=int, default=1,
                      help="repeat a smaller lab's training cells toward the largest lab's count, at most this "
-                          "often per epoch (default 1: never)")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"))
+                          "often per epoch; 1: never")
+    fit.add_argument("--seed", type=int, default=0, help="random seed of the split, augmentation and weights")
+    fit.add_argument("--strategy", default="default", choices=("default", "mirrored", "multiworker"),
+                     help="TensorFlow distribution strategy")
     fit.add_argument("--test-fields", type=Path, metavar="CSV", action="append", default=[],
                      help="hold these out as the test split (repeatable): a CSV with a bccd_field column (BCCD "
                           "fields and their re-photographed partners, e.g. train/kaggle_test_origins.csv) or a "
                           "group column (e.g. train/pbc_test_cells.csv, made by hold-out)")
-    ev = sub.add_parser("evaluate", help="metrics.json and report.md of a run on a labelled set")
-    ev.add_argument("run", type=Path)
-    _data_args(ev)
-    ev.add_argument("--split", default="test", choices=("train", "val", "test"),
-                    help="the run's own split to use when no data is given (default: test)")
-    ev.add_argument("--out", type=Path, help="report folder (default RUN/eval/NAME)")
-    probe = sub.add_parser("probe", help="logistic head on frozen ImageNet vs random features")
-    _data_args(probe)
-    probe.add_argument("--backbone", default="efficientnet_lite0")
-    probe.add_argument("--input-size", type=int, default=224)
-    probe.add_argument("--seed", type=int, default=0)
-    _origins_args(sub.add_parser("kaggle-origins", help="match Kaggle images to the BCCD fields they were made from"))
-    hold = sub.add_parser("hold-out", help="draw a seeded, class-stratified test set of groups and write it as a CSV")
-    _data_args(hold)
-    hold.add_argument("--fraction", type=float, default=0.15, help="share of each class's groups (default 0.15)")
-    hold.add_argument("--seed", type=int, default=0, help="default 0")
-    hold.add_argument("--out", required=True, type=Path, help="CSV to write (group, label)")
-    return parser
 
 
 def _origins_args(p: argparse.ArgumentParser) -> None:
@@ -91,9 +104,10 @@ def _origins_args(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.given = given_options(build_parser(), argv)
+    setup_logging(args, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         commands = {"fit": _fit, "evaluate": _evaluate, "probe": _probe, "kaggle-origins": _kaggle_origins,
                     "hold-out": _hold_out}
@@ -106,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 def _load_data(args):
     from .datasets import Dataset, load_bccd, load_cell_images, load_folders
 
-    classes = tuple(c.strip() for c in args.classes.split(",") if c.strip())
+    classes = _classes(args.classes)
     data = Dataset()
     for root in args.bccd:
         data.extend(load_bccd(root, classes))
@@ -127,22 +141,83 @@ def _fit(args) -> int:
 
     run = RunPaths(args.out)
     if run.config.is_file():
-        logger.info("resuming the run in %s with its stored configuration and manifest", run.root)
-    else:
+        if args.restart:
+            _move_aside(run.root)
+        else:
+            _check_resume(args, run)
+            logger.info("resuming the run in %s with its stored configuration and manifest", run.root)
+    if not run.config.is_file():
         data, classes = _load_data(args)
         if not data.samples:
             raise DataError("no training data: give --bccd DIR, --cells DIR and/or --folders DIR")
-        config = TrainConfig(
-            backbone=args.backbone, weights=args.weights, classes=classes, input_size=args.input_size,
-            crop_side_um=args.crop_um, batch_size=args.batch_size, head_epochs=args.head_epochs,
-            finetune_epochs=args.finetune_epochs, finetune_fraction=args.finetune_fraction,
-            head_lr=args.head_lr, finetune_lr=args.finetune_lr, patience=args.patience,
-            augment=args.augment, colour=args.colour, lab_repeat_max=args.lab_repeat_max, seed=args.seed,
-            strategy=args.strategy).validate()
+        config = TrainConfig(**{name: getattr(args, dest) for dest, name in FIT_SETTINGS.items()
+                                if dest != "classes"}, classes=classes).validate()
         test_groups = read_held_out(args.test_fields) if args.test_fields else None
         prepare_run(run, config, data, test_groups, "+".join(p.name for p in args.test_fields) or None)
     print(train(run))
     return 0
+
+
+# The fit options that set a stored training setting, by the setting's name in the run's config.json.
+FIT_SETTINGS = {"backbone": "backbone", "weights": "weights", "classes": "classes", "input_size": "input_size",
+                "crop_um": "crop_side_um", "batch_size": "batch_size", "head_epochs": "head_epochs",
+                "finetune_epochs": "finetune_epochs", "finetune_fraction": "finetune_fraction",
+                "head_lr": "head_lr", "finetune_lr": "finetune_lr", "patience": "patience", "augment": "augment",
+                "colour": "colour", "lab_repeat_max": "lab_repeat_max", "seed": "seed", "strategy": "strategy"}
+
+
+def _check_resume(args, run) -> None:
+    """Raises DataError naming every option given now that differs from the stored run's settings."""
+    differing = _setting_changes(args, run) + _data_changes(args, run)
+    if differing:
+        raise DataError(f"{run.root} holds a run made with other settings: {'; '.join(differing)}. Rerun without "
+                        "these options to resume that run, give a new --out folder, or add --restart to move this "
+                        "run aside and start again")
+
+
+def _setting_changes(args, run) -> list[str]:
+    from .recipe import TrainConfig
+
+    stored = TrainConfig.load(run.config)
+    out = []
+    for dest, name in FIT_SETTINGS.items():
+        now = _classes(args.classes) if dest == "classes" else getattr(args, dest)
+        if dest in args.given and now != getattr(stored, name):
+            out.append(f"--{dest.replace('_', '-')} {_shown(now)} (the run has {_shown(getattr(stored, name))})")
+    return out
+
+
+def _data_changes(args, run) -> list[str]:
+    """Data options that name other sources (by folder name) or another test set than the run's."""
+    stored = json.loads(run.data.read_text()) if run.data.is_file() else {}
+    out = []
+    if args.given & {"bccd", "folders", "cells"}:
+        now = [f"{kind}:{p.name}" for kind in ("bccd", "folders", "cells") for p in getattr(args, kind)]
+        if now != stored.get("sources", now):
+            out.append(f"data {', '.join(now)} (the run has {', '.join(stored['sources'])})")
+    if "test_fields" in args.given:
+        now = "+".join(p.name for p in args.test_fields)
+        held = (stored.get("test_groups") or {}).get("source") or "none"
+        if now != held:
+            out.append(f"--test-fields {now} (the run has {held})")
+    return out
+
+
+def _classes(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+def _shown(value) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _move_aside(root: Path) -> None:
+    """--restart: the old run is kept, renamed, so that nothing trained is lost."""
+    from datetime import datetime
+
+    aside = root.with_name(f"{root.name}.replaced-{datetime.now():%Y%m%d-%H%M%S}")
+    root.rename(aside)
+    logger.info("--restart: the previous run in %s is now %s; starting again", root, aside)
 
 
 def _evaluate(args) -> int:

@@ -80,7 +80,7 @@ def add_send_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link", choices=LINKS, required=True, help="protocol of the receiver")
     parser.add_argument("--port", required=True,
                         help="serial device, pseudo-terminal or pyserial URL, e.g. /dev/ttyUSB0")
-    parser.add_argument("--baud", type=int, default=SerialSettings.baudrate)
+    parser.add_argument("--baud", type=int, default=SerialSettings.baudrate, help="serial speed")
     parser.add_argument("--timeout", type=float, default=AstmTiming.reply_timeout_s,
                         help="seconds to wait for each reply (ASTM) or the ack (JSON lines), and for a "
                              "receiver that stops taking bytes")
