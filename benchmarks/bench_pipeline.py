@@ -69,7 +69,8 @@ def stage_times(model: Path, paths: list[Path], threads: int, repeats: int) -> d
 
 
 def count_peak_rss_mb(model: Path, paths: list[Path]) -> float:
-    cmd = [str(REPO / ".venv" / "bin" / "hematovision-edge"), "count", "--model", str(model), "--json", *map(str, paths)]
+    cmd = [str(REPO / ".venv" / "bin" / "hematovision-edge"), "count", "--all", "--model", str(model), "--json",
+           *map(str, paths)]  # --all: every field, past the target
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 

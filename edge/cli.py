@@ -1,4 +1,4 @@
-"""`hematovision-edge`: classify crops and count fields; argument parsing only."""
+"""`hematovision-edge`: the device's commands; argument parsing here, the work in the library."""
 
 from __future__ import annotations
 
@@ -11,9 +11,18 @@ from pathlib import Path
 from hematovision.errors import DataError, HematovisionError
 from hematovision.pixels import read_rgb
 
+from hematovision.commandline import add_command, new_parser, progress_bar, progress_wanted, setup_logging
+
 from .config import DEFAULT_CONFIG, default_model
 
 logger = logging.getLogger("hematovision.edge")
+
+DESCRIPTION = """Count white blood cells in microscope fields and run the counter as a service.
+
+Cells the model is unsure of are counted as unidentified; every report is preliminary until a
+person has verified it. Without --model the reference bundle installed with the package is used."""
+# A white count above this (in 10^9/L) is a count per microlitre typed by mistake (7500/uL is 7.5).
+MAX_WBC = 1000.0
 
 
 def _positive_float(text: str) -> float:
@@ -26,53 +35,78 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number above 0")
+    return int(text)
+
+
 def _pixel_count(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of pixels above 0")
     return int(text)
 
 
+def white_count(text: str) -> float:
+    """The operator's white-cell count in 10^9/L, from the analyser or a chamber count."""
+    value = _positive_float(text)
+    if value > MAX_WBC:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a white count in 10^9/L; give it in 10^9/L "
+                                         f"(a count of 7500 per microlitre is 7.5)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hematovision-edge", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    cl = sub.add_parser("classify", help="classify single-cell images (the white cell at each image's centre)")
+    parser = new_parser("hematovision-edge", DESCRIPTION)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    cl = add_command(sub, "classify", "classify single-cell images (the white cell at each image's centre)")
     cl.add_argument("images", nargs="+", metavar="IMAGE_OR_FOLDER")
     cl.add_argument("--um-per-pixel", type=_positive_float, default=None,
                     help="pixel size of the images; default: measured from the red cells in view, else "
                          "assumed from the cell's size (the output says which)")
-    cn = sub.add_parser("count", help="find, classify and count the white cells of fields")
+    _count_arguments(add_command(sub, "count", "find, classify and count the white cells of fields"))
+    from .links.send import add_send_arguments
+
+    add_send_arguments(add_command(sub, "send", "send one report over a serial port (ASTM or JSON lines)"))
+    run = add_command(sub, "run", "the headless daemon (systemd service)")
+    check = add_command(sub, "check-config", "validate the configuration, model and profile, then exit")
+    spec = add_command(sub, "specimen", "tell the running daemon to start or finish a specimen")
+    spec.add_argument("action", choices=("start", "finish"))
+    spec.add_argument("--id", dest="specimen_id", help="specimen id; default: one from host name, date and time")
+    spec.add_argument("--target", type=_positive_int, help="cells to count; default: specimen.target of the "
+                      "configuration")
+    spec.add_argument("--wbc", type=white_count, metavar="X10E9_PER_L",
+                      help="the specimen's white-cell count in 10^9/L: the report adds absolute counts per class")
+    for p in (run, check, spec):
+        p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="the configuration file")
+    for p in (cl, sub.choices["count"]):
+        p.add_argument("--model", type=Path, default=None,
+                       help="model bundle; default: $HEMATOVISION_MODEL, else the reference bundle")
+        p.add_argument("--json", action="store_true", help="one JSON object per line, no progress bar")
+        p.add_argument("--threads", type=_positive_int, default=None,
+                       help="classifier threads; default: one per core")
+        p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
+                       help="refuse images of more pixels; default: $HEMATOVISION_MAX_PIXELS, else 24 million")
+    return parser
+
+
+def _count_arguments(cn: argparse.ArgumentParser) -> None:
     cn.add_argument("inputs", nargs="+", metavar="FIELD_OR_FOLDER")
     cn.add_argument("--calibration", type=Path, help="calibration profile (hematovision-calibrate)")
     cn.add_argument("--scan", action="store_true", help="inputs are consecutive frames of one specimen")
-    cn.add_argument("--target", type=int, default=100, help="cells to count (default 100)")
-    cn.add_argument("--report", type=Path, metavar="DIR", help="write JSON, CSV and HTML reports here")
+    cn.add_argument("--target", type=_positive_int, default=100,
+                    help="identified white cells to count: counting stops after the field that reaches it")
+    cn.add_argument("--all", action="store_true", help="count every input, past the target")
+    cn.add_argument("--wbc", type=white_count, metavar="X10E9_PER_L",
+                    help="the specimen's white-cell count in 10^9/L: adds absolute counts per class")
+    cn.add_argument("--report", type=Path, metavar="DIR",
+                    help="write JSON, CSV and HTML reports into this folder (created if missing)")
     cn.add_argument("--specimen-id", default="specimen", help="id used in the report")
-    from .links.send import add_send_arguments
-
-    add_send_arguments(sub.add_parser("send", help="send one report over a serial port (ASTM or JSON lines)"))
-
-    run = sub.add_parser("run", help="the headless daemon (systemd service)")
-    check = sub.add_parser("check-config", help="validate the configuration, model and profile, then exit")
-    spec = sub.add_parser("specimen", help="tell the running daemon to start or finish a specimen")
-    spec.add_argument("action", choices=("start", "finish"))
-    spec.add_argument("--id", dest="specimen_id")
-    spec.add_argument("--target", type=int)
-    for p in (run, check, spec):
-        p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help=f"default {DEFAULT_CONFIG}")
-    for p in (cl, cn):
-        p.add_argument("--model", type=Path, default=None, help="model bundle (default: the reference bundle)")
-        p.add_argument("--json", action="store_true", help="one JSON object per line")
-        p.add_argument("--threads", type=int, default=None)
-        p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
-                       help="refuse images of more pixels (default $HEMATOVISION_MAX_PIXELS, else 24 million)")
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(args)
     try:
         return COMMANDS[args.command](args)
     except HematovisionError as err:
@@ -99,7 +133,7 @@ def _check_config(args) -> int:
 def _specimen(args) -> int:
     from .service.daemon import command_main
 
-    return command_main(args.config, args.action, args.specimen_id, args.target)
+    return command_main(args.config, args.action, args.specimen_id, args.target, args.wbc)
 
 
 def _send(args) -> int:
@@ -144,21 +178,24 @@ def _classify(args) -> int:
 
 def _count(args) -> int:
     from .counting.count import CountRun, count_frames, expand_inputs
-    from .vision.pipeline import FieldPipeline
     from .counting.select import make_selector
     from .counting.tally import Counter
+    from .vision.pipeline import FieldPipeline
 
+    if args.report:
+        _check_report_output(args.report, args.specimen_id)
+    paths = expand_inputs(args.inputs)
     bundle = _bundle(args)
     profile = _profile(args.calibration)
-    pipeline = FieldPipeline(bundle, profile)
-    run = CountRun(Counter(bundle.classes, args.target))
-    paths = expand_inputs(args.inputs)
-    results = count_frames(pipeline, paths, run, make_selector("scan" if args.scan else "fields", None),
-                           args.max_pixels)
-    for path, result in results:
-        if args.json:
-            print(json.dumps({"path": str(path), "width": result.width, "height": result.height,
-                              "cells": [c.to_json() for c in result.cells]}), flush=True)
+    run = CountRun(Counter(bundle.classes, args.target), stop_at_target=not args.all, wbc_10e9_per_l=args.wbc)
+    frames = count_frames(FieldPipeline(bundle, profile), paths, run,
+                          make_selector("scan" if args.scan else "fields", None), args.max_pixels)
+    with progress_bar(len(paths), "counting", "field", progress_wanted(args, args.json)) as bar:
+        for path, result in frames:
+            bar.update()
+            if args.json and result is not None:
+                print(json.dumps({"path": str(path), "width": result.width, "height": result.height,
+                                  "cells": [c.to_json() for c in result.cells]}), flush=True)
     if len(run.skipped_files) == len(paths):
         path, reason = run.skipped_files[0]
         first = reason if reason.startswith(path) else f"{path}: {reason}"
@@ -169,6 +206,18 @@ def _count(args) -> int:
     if args.report:
         _write_reports(args, bundle, profile, run)
     return 0
+
+
+def _check_report_output(folder: Path, specimen_id: str) -> None:
+    """--report and --specimen-id checked before any counting. Raises DataError, ReportInvalid or LinkFailed
+    naming the problem."""
+    from .reports.files import check_report_folder, safe_file_stem
+
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"--report {folder}: this is a file, not a folder; give a folder for the JSON, CSV and "
+                        "HTML reports (it is created if missing)")
+    safe_file_stem(specimen_id)
+    check_report_folder(folder)
 
 
 def _profile(path: Path | None):
@@ -189,19 +238,37 @@ def _write_reports(args, bundle, profile, run) -> None:
 
 
 def format_table(summary: dict) -> str:
-    """The differential as a readable table, NRBC and rejected cells on lines of their own below it."""
-    reached = "reached" if summary["target_reached"] else "not reached"
-    lines = [f"Differential: {summary['identified']} cells identified, {summary['unidentified']} unidentified "
-             f"(target {summary['target']}: {reached}); {summary['fields']} fields",
-             f"{'class':<13}{'count':>6}{'%':>8}   95% CI"]
+    """The differential as a readable table (absolute counts beside the percentages when the white count
+    is known), NRBC and rejected cells on lines of their own below it."""
+    wbc = summary.get("wbc_10e9_per_l")
+    lines = [f"Differential: {summary['identified']} cells identified, {summary['unidentified']} unidentified; "
+             f"{summary['fields']} fields; {target_text(summary)}",
+             f"{'class':<13}{'count':>6}{'%':>8}   95% CI" + ("       x10^9/L" if wbc else "")]
     for c in summary["classes"]:
         lo, hi = c["ci95"]
-        lines.append(f"{c['name']:<13}{c['count']:>6}{c['percent']:>8.1f}   {lo:5.1f} - {hi:5.1f}")
+        absolute = f"   {c['absolute_10e9_per_l']:>8.2f}" if wbc else ""
+        lines.append(f"{c['name']:<13}{c['count']:>6}{c['percent']:>8.1f}   {lo:5.1f} - {hi:5.1f}{absolute}")
     lines.append(f"{'unidentified':<13}{summary['unidentified']:>6}")
+    if wbc:
+        lines.append(f"white count {wbc:g} x10^9/L (entered): absolute count = white count x percent / 100")
     lines += _beside_lines(summary)
     for skipped in summary["skipped_files"]:
         lines.append(f"skipped {skipped['path']}: {skipped['reason']}")
     return "\n".join(lines)
+
+
+def target_text(summary: dict) -> str:
+    """Where counting stood against its target: reached (and where counting stopped), or not."""
+    target, reached = summary["target"], summary.get("target_reached_after")
+    if not summary["target_reached"]:
+        return f"target {target} NOT reached"
+    if reached is None:
+        return f"target {target} reached"
+    text = f"target {target} reached after {reached['fields']} field(s)"
+    if reached["identified"] != summary["identified"]:
+        return f"{text} with {reached['identified']} identified; {summary['identified']} counted in all (--all)"
+    left = summary.get("inputs_not_counted", 0)
+    return text + (f", counting stopped there: {left} input(s) not counted (--all counts them)" if left else "")
 
 
 def _beside_lines(summary: dict) -> list[str]:

@@ -110,7 +110,7 @@ def test_table_shows_nrbc_per_100_wbc_and_rejected_cells_below_the_differential(
         for _ in range(n):
             counter.add(label)
     lines = format_table({**counter.tally().to_dict(), "fields": 3, "skipped_files": []}).splitlines()
-    assert lines[0] == "Differential: 100 cells identified, 2 unidentified (target 100: reached); 3 fields"
+    assert lines[0] == "Differential: 100 cells identified, 2 unidentified; 3 fields; target 100 reached"
     assert lines[2].split() == ["neutrophil", "50", "50.0", "39.8", "-", "60.2"]
     assert [line.split()[0] for line in lines[2:8]] == list(KNOWN_CLASSES[:6])
     assert lines[8].split() == ["unidentified", "2"]
@@ -246,3 +246,83 @@ def test_colour_mapping_of_crops_matches_cropping_the_mapped_frame(tiny_bundle, 
     assert cells and np.abs(crops.astype(int) - expected).mean() < 1.0
     got = pipeline.classify(image, cells, 0.072)
     assert [g.prediction.label for g in got] == [p.label for p in classify_crops(bundle, crops)]
+
+
+# --- outputs checked first, the target, the white count ------------------------------------------
+
+def test_count_with_report_naming_a_file_fails_before_counting(tiny_bundle, samples_bccd, tmp_path, capsys):
+    taken = tmp_path / "report.html"
+    taken.write_text("not a folder")
+    assert edge_main(["count", "--model", str(tiny_bundle), str(samples_bccd / FIELDS), "--report", str(taken)]) == 1
+    out, err = capsys.readouterr()
+    assert "this is a file, not a folder" in err and str(taken) in err
+    assert out == ""  # nothing counted: no table
+    assert taken.read_text() == "not a folder"
+
+
+def test_count_with_an_unwritable_report_folder_fails_before_counting(tiny_bundle, samples_bccd, tmp_path, capsys):
+    blocked = tmp_path / "link"
+    blocked.symlink_to(tmp_path)
+    assert edge_main(["count", "--model", str(tiny_bundle), str(samples_bccd / FIELDS),
+                      "--report", str(blocked / "reports")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "symlink" in err
+
+
+def test_count_stops_after_the_field_that_reaches_the_target_and_says_so(tiny_bundle, samples_bccd, capsys):
+    assert edge_main(["count", "--model", str(tiny_bundle), "--target", "5", "--json", str(samples_bccd / FIELDS)]) == 0
+    rows = _lines(capsys)
+    summary = rows[-1]["summary"]
+    reached = summary["target_reached_after"]
+    assert summary["target_reached"] and 5 <= summary["identified"] == reached["identified"]
+    assert summary["fields"] == reached["fields"] == len(rows) - 1 < 34
+    assert summary["inputs_not_counted"] == 34 - summary["fields"]
+    assert summary["identified"] - 5 < len(rows[-2]["cells"])  # the last field counted reached the target
+
+
+def test_count_table_says_where_counting_stopped_and_all_counts_every_field(tiny_bundle, samples_bccd, capsys):
+    assert edge_main(["count", "--model", str(tiny_bundle), "--target", "5", str(samples_bccd / FIELDS)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert "target 5 reached after" in first and "counting stopped there" in first and "not counted" in first
+    assert edge_main(["count", "--model", str(tiny_bundle), "--target", "5", "--all", "--json",
+                      str(samples_bccd / FIELDS)]) == 0
+    summary = _lines(capsys)[-1]["summary"]
+    assert summary["fields"] == 34 and summary["inputs_not_counted"] == 0
+    assert summary["identified"] > summary["target_reached_after"]["identified"] >= 5
+    from hematovision.edge.cli import format_table
+
+    assert f"{summary['identified']} counted in all" in format_table(summary).splitlines()[0]
+
+
+def test_count_with_the_white_count_gives_absolute_counts_per_class(tiny_bundle, samples_bccd, tmp_path, capsys):
+    assert edge_main(["count", "--model", str(tiny_bundle), "--wbc", "8", "--json", "--report", str(tmp_path),
+                      "--specimen-id", "W-1", str(samples_bccd / FIELDS)]) == 0
+    summary = _lines(capsys)[-1]["summary"]
+    assert summary["wbc_10e9_per_l"] == 8.0
+    for c in summary["classes"]:
+        assert c["absolute_10e9_per_l"] == pytest.approx(8.0 * c["percent"] / 100, abs=0.001)
+    report = json.loads((tmp_path / "W-1.json").read_text())
+    assert report["wbc_10e9_per_l"] == 8.0
+    assert '<th title="absolute count">x10^9/L</th>' in (tmp_path / "W-1.html").read_text()
+    csv_header = (tmp_path / "W-1.csv").read_text("utf-8-sig").splitlines()[0]
+    assert csv_header.endswith(",absolute_10e9_per_l")
+    from hematovision.edge.cli import format_table
+
+    table = format_table(summary)
+    assert "x10^9/L" in table.splitlines()[1] and "white count 8 x10^9/L" in table
+
+
+def test_a_white_count_per_microlitre_is_refused_naming_the_unit(tiny_bundle, samples_bccd, capsys):
+    with pytest.raises(SystemExit):
+        edge_main(["count", "--model", str(tiny_bundle), "--wbc", "7500", str(samples_bccd / FIELDS)])
+    assert "give it in 10^9/L" in capsys.readouterr().err
+
+
+def test_report_cells_name_the_field_they_were_found_in(tiny_bundle, samples_bccd, tmp_path):
+    assert edge_main(["count", "--model", str(tiny_bundle), "--report", str(tmp_path), "--specimen-id", "F-1",
+                      str(samples_bccd / FIELDS)]) == 0
+    report = json.loads((tmp_path / "F-1.json").read_text())
+    names = {p.name for p in (samples_bccd / FIELDS).iterdir()}
+    assert report["cells"] and all(c["field"] in names for c in report["cells"])
+    html = (tmp_path / "F-1.html").read_text()
+    assert f'<span class="field">{report["cells"][0]["field"]}</span>' in html

@@ -12,7 +12,7 @@ from hematovision.errors import DataError, ImageUnreadable
 from hematovision.pixels import IMAGE_SUFFIXES, list_images, read_rgb
 
 from ..vision.pipeline import CellResult, CellSelector, FieldPipeline, FieldResult
-from .tally import Counter
+from .tally import Counter, absolute_count
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,9 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 
 @dataclass
 class CountRun:
-    """The running state of one `count`: counted cells, the tally and what was skipped."""
+    """The running state of one `count`: counted cells, the tally, what was skipped, and when the target
+    was reached. With `stop_at_target` counting stops after the field that reaches it, as the daemon
+    finishes a specimen; the white count (10^9/L), when given, adds absolute counts per class."""
 
     counter: Counter
     cells: list[CellResult] = field(default_factory=list)
@@ -50,6 +52,10 @@ class CountRun:
     edge_cells: int = 0
     pixel_sizes: set = field(default_factory=set)
     started_at: str = field(default_factory=lambda: datetime.now().astimezone().isoformat(timespec="seconds"))
+    stop_at_target: bool = False
+    wbc_10e9_per_l: float | None = None
+    reached_after: tuple[int, int] | None = None  # (fields, identified cells) when the target was reached
+    inputs_not_counted: int = 0
 
     def record(self, result: FieldResult) -> None:
         """Count a frame's new cells at their slide positions, or count the frame as skipped."""
@@ -65,26 +71,47 @@ class CountRun:
                 self.cells.append(cell)
                 self.slide_xy_um.append(xy)
                 self.counter.add(cell.prediction.label)
+        if self.reached_after is None and self.counter.identified >= self.counter.target:
+            self.reached_after = (self.fields, self.counter.identified)
+
+    @property
+    def done(self) -> bool:
+        """True once the target is reached and counting is to stop there."""
+        return self.stop_at_target and self.reached_after is not None
 
     def summary(self) -> dict:
-        return {**self.counter.tally().to_dict(), "fields": self.fields,
-                "frames_skipped": {"blur": self.skipped_blur, "motion": self.skipped_motion},
-                "cells_cut_by_edge": self.edge_cells,
-                "pixel_size_source": sorted(self.pixel_sizes),
-                "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
+        tally = self.counter.tally().to_dict()
+        reached = None if self.reached_after is None else \
+            {"fields": self.reached_after[0], "identified": self.reached_after[1]}
+        out = {**tally, "fields": self.fields, "target_reached_after": reached,
+               "inputs_not_counted": self.inputs_not_counted,
+               "frames_skipped": {"blur": self.skipped_blur, "motion": self.skipped_motion},
+               "cells_cut_by_edge": self.edge_cells,
+               "pixel_size_source": sorted(self.pixel_sizes),
+               "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
+        if self.wbc_10e9_per_l is not None:
+            out["wbc_10e9_per_l"] = self.wbc_10e9_per_l
+            for c in out["classes"]:
+                c["absolute_10e9_per_l"] = round(absolute_count(c["percent"], self.wbc_10e9_per_l), 3)
+        return out
 
 
 def count_frames(pipeline: FieldPipeline, paths: list[Path], run: CountRun,
-                 selector: CellSelector, max_pixels: int | None = None) -> Iterator[tuple[Path, FieldResult]]:
+                 selector: CellSelector, max_pixels: int | None = None) -> Iterator[tuple[Path, FieldResult | None]]:
     """Count image files in order; the selector decides which cells are new (every whole cell of a
     field, or count-once across the frames of a scan). Unreadable, unusable or oversized files are
-    skipped and listed. Yields each file with the cells first counted in it."""
-    for path in paths:
+    skipped and listed. Yields each file with the cells first counted in it (None when skipped); once
+    `run.done` (the target reached, stopping there) the rest are only counted in `run.inputs_not_counted`."""
+    for i, path in enumerate(paths):
+        if run.done:
+            run.inputs_not_counted = len(paths) - i
+            return
         try:
             result = pipeline.process(read_rgb(path, max_pixels), str(path), selector)
         except (ImageUnreadable, DataError) as err:
             logger.warning("skipped %s", err)
             run.skipped_files.append((str(path), str(err)))
+            yield path, None
             continue
         run.record(result)
         yield path, result

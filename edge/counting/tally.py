@@ -141,8 +141,18 @@ class Counter:
     def add(self, label: str) -> None:
         self.counts[label] = self.counts.get(label, 0) + 1
 
+    @property
+    def identified(self) -> int:
+        """White cells of the differential counted so far: what the target counts."""
+        return sum(self.counts.get(c, 0) for c in differential_classes(self.class_names))
+
     def tally(self) -> Tally:
         return make_tally(self.counts, self.class_names, self.target)
+
+
+def absolute_count(percent: float, wbc_10e9_per_l: float) -> float:
+    """A class's absolute count in 10^9/L: its percent of the differential times the white count."""
+    return wbc_10e9_per_l * percent / 100.0
 
 
 def make_tally(counts: dict[str, int], class_names, target: int) -> Tally:

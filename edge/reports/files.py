@@ -34,10 +34,11 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # "role": differential (in the 100%), per_100_wbc (NRBC, beside it), reject (not a white cell),
-# unidentified or total; the last two columns were added after the first seven, which keep
-# their places.
+# unidentified or total; columns are only ever added at the end, so the earlier ones keep their places.
+# absolute_10e9_per_l: a differential class's absolute count, when the white count was entered.
 CSV_HEADER = ["specimen_id", "class", "count", "percent_of_identified",
-              "ci95_low_percent", "ci95_high_percent", "verification", "role", "per_100_wbc"]
+              "ci95_low_percent", "ci95_high_percent", "verification", "role", "per_100_wbc",
+              "absolute_10e9_per_l"]
 
 
 def safe_file_stem(specimen_id: str) -> str:
@@ -77,6 +78,20 @@ def write_report_files(report: Report, folder: Path | str) -> list[Path]:
     return paths
 
 
+def check_report_folder(folder: Path | str) -> None:
+    """Check, before a count and creating nothing, that reports can be written into `folder`: it, or the
+    nearest of its parents that exists, is a writable folder reached through no symlink. Raises LinkFailed
+    naming the folder."""
+    existing = Path(os.path.abspath(folder))
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    with open_folder_nofollow(existing):
+        pass
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise LinkFailed(f"cannot write reports into {folder}: {existing} is not writable; give a folder you "
+                         "can write to")
+
+
 def report_json(report: Report) -> bytes:
     text = json.dumps(report.to_dict(), indent=2, ensure_ascii=False, allow_nan=False)
     return (text + "\n").encode("utf-8")
@@ -96,11 +111,12 @@ def report_csv(report: Report) -> bytes:
 def _csv_rows(report: Report) -> list[list]:
     specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification)
 
-    def row(name, count, role, percent=("", "", ""), per=""):
-        return [specimen, name, count, *percent, verification, role, per]
+    def row(name, count, role, percent=("", "", ""), per="", absolute=None):
+        return [specimen, name, count, *percent, verification, role, per,
+                "" if absolute is None else f"{absolute:.3f}"]
 
-    rows = [row(c.name, c.count, DIFFERENTIAL, (f"{c.percent:.2f}", f"{c.ci95[0]:.2f}", f"{c.ci95[1]:.2f}"))
-            for c in report.classes]
+    rows = [row(c.name, c.count, DIFFERENTIAL, (f"{c.percent:.2f}", f"{c.ci95[0]:.2f}", f"{c.ci95[1]:.2f}"),
+                absolute=report.absolute(c)) for c in report.classes]
     rows.append(row("unidentified", report.unidentified, "unidentified"))
     if report.nrbc is not None:
         per = "" if report.nrbc.per_100_wbc is None else f"{report.nrbc.per_100_wbc:.2f}"
