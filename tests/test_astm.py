@@ -435,3 +435,16 @@ def test_fuzz_receiver_survives_any_byte_stream_and_answers_only_ack_or_nak(chun
     assert not receiver.receiving
     for message in receiver.messages:
         assert message[-1].startswith("L")
+
+
+def test_a_report_holding_the_white_count_sends_absolute_counts_without_send_wbc():
+    from dataclasses import replace
+
+    from hematovision.edge.reports.report import commissioning_report
+
+    report = replace(commissioning_report(), wbc_10e9_per_l=6.0)
+    results = parse_message(report_records(report, RecordSettings(), WHEN)).results
+    neutrophil = report.classes[0]
+    assert results["NEUT#"].value == f"{6.0 * neutrophil.percent / 100:.2f}"
+    overridden = parse_message(report_records(report, RecordSettings(), WHEN, wbc_10e9_per_l=10.0)).results
+    assert overridden["NEUT#"].value == f"{10.0 * neutrophil.percent / 100:.2f}"

@@ -644,3 +644,51 @@ def test_temporary_files_a_cut_write_left_are_removed_at_start_and_before_a_usb_
                                                                            media_roots=(tmp_path / "media",)))
     assert not cut.exists() and sorted(p.name for p in (drive / "hematovision").iterdir()) == \
         sorted(p.name for p in written)
+
+
+# --- the white count and the fields' names ---------------------------------------------------
+
+def test_specimen_started_with_a_white_count_reports_absolute_counts_and_each_cells_field(
+        tmp_path, tiny_bundle, samples_bccd):
+    from hematovision.edge.service.daemon import command_main
+
+    config = write_config(tmp_path, tiny_bundle, samples_bccd / "BCCD" / "JPEGImages",
+                          specimen={"auto_start": False})
+    assert command_main(config, "start", "S-W", 100000, 7.5) == 0
+    run_daemon(config)
+    with Store(tmp_path / "state" / STATE_FILE) as store:
+        report = store.report("S-W")
+    assert report["wbc_10e9_per_l"] == 7.5
+    first = Report.from_dict(report).classes[0]
+    assert Report.from_dict(report).absolute(first) == pytest.approx(7.5 * first.percent / 100)
+    names = {p.name for p in (samples_bccd / "BCCD" / "JPEGImages").iterdir()}
+    assert report["cells"] and all(c["field"] in names for c in report["cells"])
+
+
+def test_edge_cli_specimen_start_takes_the_white_count(tmp_path, tiny_bundle, samples_bccd):
+    from hematovision.edge.cli import main as edge_main
+
+    config = write_config(tmp_path, tiny_bundle, samples_bccd / "BCCD" / "JPEGImages")
+    assert edge_main(["specimen", "start", "--id", "S-9", "--wbc", "6.2", "--config", str(config)]) == 0
+    with Store(tmp_path / "state" / STATE_FILE) as store:
+        (command,) = store.pending_commands()
+    assert (command.specimen_id, command.wbc_10e9_per_l) == ("S-9", 6.2)
+
+
+def test_a_version_1_state_database_gains_the_new_columns_and_keeps_its_specimens(tmp_path):
+    path = tmp_path / STATE_FILE
+    with Store(path) as store:
+        store.start_specimen("OLD", 100)
+    db = sqlite3.connect(path)  # back to version 1: as a database made before this version
+    for table, column in (("specimens", "wbc"), ("cells", "field"), ("commands", "wbc")):
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    with Store(path) as store:
+        old = store.open_specimen()
+        assert (old.specimen_id, old.wbc_10e9_per_l, old.tracker_state) == ("OLD", None, None)
+        store.record_frame(FrameRecord(old, "test", 0, "used", (NewCell(1.0, 2.0, "neutrophil", 0.9, (0, 0, 4, 4),
+                                                                           b"jpeg", "f1.jpg"),), 0, {"n": 1}))
+        assert store.cells(old)[0][1].field == "f1.jpg" and store.open_specimen().tracker_state == {"n": 1}
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2

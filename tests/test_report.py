@@ -290,8 +290,9 @@ def test_html_is_self_contained_with_no_external_urls():
     page = render_html(sample_report())
     assert not re.search(r"(?i)(https?:|<script|<link|<iframe|@import|url\()", page)
     sources = re.findall(r'(?i)(?:src|href|xlink:href)\s*=\s*"([^"]*)"', page)
-    assert len(sources) == 4 and all(s.startswith("data:image/jpeg;base64,") for s in sources)
-    assert "img-src data:" in page
+    images = [s for s in sources if not re.fullmatch(r"#cell-\d+", s)]  # links within the page: enlarge a cell
+    assert len(images) == 4 and all(s.startswith("data:image/jpeg;base64,") for s in images)
+    assert len(sources) - len(images) == 5 and "img-src data:" in page
 
 
 def test_html_gallery_puts_the_lowest_confidence_first_inside_each_class():
@@ -442,3 +443,99 @@ def test_html_renders_in_headless_chromium_with_every_class_visible(tmp_path):
         assert f"<td>{name}</td>" in done.stdout
     assert "<script>" not in done.stdout
     assert "CONSOLE" not in done.stderr and "Refused to" not in done.stderr
+
+
+# --- verification thumbnails --------------------------------------------------------------
+
+def _field_with_a_cell_at_the_left_border() -> np.ndarray:
+    image = np.zeros((480, 640, 3), np.uint8)
+    image[:] = (230, 200, 210)  # the smear's pale background
+    cv2.circle(image, (10, 240), 20, (120, 40, 140), -1)  # a stained cell cut by the field's left edge
+    return image
+
+
+def _decoded(jpeg: bytes) -> np.ndarray:
+    return cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def test_thumbnail_of_a_cell_at_the_field_border_shows_no_mirrored_twin_but_grey_and_the_cut_edge():
+    from hematovision.crop import CropGeometry
+    from hematovision.edge.vision.pipeline import CUT_EDGE_RGB, THUMBNAIL_FILL_RGB, THUMBNAIL_PX, cell_thumbnails
+
+    (jpeg,) = cell_thumbnails(_field_with_a_cell_at_the_left_border(), [(60.0, 240.0)], 0.1, CropGeometry(24.0, 224))
+    thumb = _decoded(jpeg).astype(int)
+    assert thumb.shape == (THUMBNAIL_PX, THUMBNAIL_PX, 3)
+    edge = round(60 / 240 * THUMBNAIL_PX)  # the field's edge: 60 of the crop's 240 pixels lie outside
+    outside = thumb[:, : edge - 6]
+    assert np.abs(outside - THUMBNAIL_FILL_RGB).max() <= 12  # neutral grey: no second, mirrored cell
+    line = thumb[20:-20, edge + 1: edge + 3]  # drawn just inside the field
+    red, green, blue = line.mean(axis=(0, 1))
+    assert red > 220 and 140 < green < 210 and blue < 90 and CUT_EDGE_RGB[0] > CUT_EDGE_RGB[2]  # marked in orange
+    cell_row = thumb[THUMBNAIL_PX // 2, edge + 6: edge + 20]
+    assert cell_row.mean(axis=0)[1] < 90  # the real half cell is there, inside the field
+
+
+def test_thumbnail_of_a_cell_inside_the_field_is_the_plain_crop_larger_than_before():
+    from hematovision.crop import CropGeometry, cut_crop
+    from hematovision.edge.vision.pipeline import cell_thumbnails
+
+    image = _field_with_a_cell_at_the_left_border()
+    cv2.circle(image, (320, 240), 30, (120, 40, 140), -1)
+    (jpeg,) = cell_thumbnails(image, [(320.0, 240.0)], 0.1, CropGeometry(24.0, 224))
+    thumb = _decoded(jpeg).astype(int)
+    assert thumb.shape[0] >= 160
+    assert np.abs(thumb - cut_crop(image, (320.0, 240.0), 0.1, CropGeometry(24.0, 224))).mean() < 3
+
+
+# --- the page on a phone, on paper, in local time, with absolute counts --------------------
+
+def test_html_has_a_viewport_a_fluid_chart_and_an_a4_print_stylesheet():
+    page = render_html(sample_report())
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    svg = re.search(r"<svg[^>]*>", page).group(0)
+    assert "viewBox" in svg and "width=" not in svg  # scales with the page, no fixed 530 px
+    assert "@page{size:A4" in page and "@media print{" in page
+
+
+def test_html_shows_times_in_local_time_with_the_offset(monkeypatch):
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        page = render_html(sample_report())  # started and finished 2024-05-06 09:30 UTC
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    assert "<th>Started</th><td>2024-05-06 11:30:00 (UTC+02:00)</td>" in page
+    assert "<th>Finished</th><td>2024-05-06 11:30:00 (UTC+02:00)</td>" in page
+
+
+def test_html_and_csv_show_absolute_counts_when_the_white_count_was_entered(tmp_path):
+    report = replace(sample_report(), wbc_10e9_per_l=6.5)
+    assert Report.from_dict(report.to_dict()) == report
+    page = render_html(report)
+    neutrophil = report.classes[0]
+    assert '<th title="absolute count">x10^9/L</th>' in page and "the absolute count" in page
+    assert f'<td class="n absolute">{6.5 * neutrophil.percent / 100:.2f}</td>' in page
+    assert "6.5 x10^9/L (entered by the operator)" in page
+    rows = list(csv.reader(io.StringIO(write_report_files(report, tmp_path)[1].read_text("utf-8-sig"))))
+    assert rows[0][-1] == "absolute_10e9_per_l" and rows[1][-1] == f"{6.5 * neutrophil.percent / 100:.3f}"
+    assert "absolute" not in render_html(sample_report())
+
+
+def test_html_gallery_cells_enlarge_on_selection_and_name_their_field():
+    cells = tuple(replace(c, field=f"BloodImage_{c.id:05d}.jpg") for c in sample_report().cells)
+    page = render_html(replace(sample_report(), cells=cells))
+    assert '<figure id="cell-1"' in page and '<a href="#cell-1">' in page
+    assert "figure:target img{" in page
+    assert '<span class="field">BloodImage_00001.jpg</span>' in page
+
+
+def test_a_report_with_a_white_count_out_of_range_or_a_bad_field_name_is_refused():
+    data = sample_report().to_dict()
+    with pytest.raises(ReportInvalid, match="wbc_10e9_per_l"):
+        Report.from_dict({**data, "wbc_10e9_per_l": 7500})
+    cells = [{**data["cells"][0], "field": "a\nb"}]
+    with pytest.raises(ReportInvalid, match="field"):
+        Report.from_dict({**data, "cells": cells})

@@ -352,8 +352,9 @@ def report_records(report: Report, settings: RecordSettings, now: datetime,
                    wbc_10e9_per_l: float | None = None) -> list[str]:
     """H, P, O, C (one per quality flag), R (one per result) and L records of one report.
 
-    The results: each differential class in percent (and absolute when `wbc_10e9_per_l` is
-    given), NRBC per 100 WBC where the report has it, unidentified and counted white cells.
+    The results: each differential class in percent (and absolute when the white count is known:
+    `wbc_10e9_per_l`, else the report's), NRBC per 100 WBC where the report has it, unidentified and
+    counted white cells.
 
     Raises ConfigError when a class has no result code in `settings`.
     """
@@ -396,6 +397,7 @@ def _order(report: Report, s: RecordSettings, now: datetime) -> str:
 def _results(report: Report, s: RecordSettings, wbc: float | None) -> list[tuple[str, str, str]]:
     out = [(_code(s.percent_codes, c.name, "percent"), f"{c.percent:.1f}", "%")
            for c in report.classes]
+    wbc = report.wbc_10e9_per_l if wbc is None else wbc  # the white count given to send, else the report's
     if wbc is not None:
         out += [(_code(s.absolute_codes, c.name, "absolute"),
                  f"{wbc * c.percent / 100:.2f}", s.absolute_units) for c in report.classes]

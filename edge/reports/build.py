@@ -47,14 +47,14 @@ def quality_flags(tally, frames: FrameStats, limits: QualityLimits) -> tuple[str
 def cell_record(index: int, cell, slide_xy_um) -> CellRecord:
     uri = "data:image/jpeg;base64," + base64.b64encode(cell.thumbnail_jpeg).decode()
     return CellRecord(index, cell.prediction.label, round(cell.prediction.confidence, 4), uri,
-                      (round(slide_xy_um[0], 1), round(slide_xy_um[1], 1)))
+                      (round(slide_xy_um[0], 1), round(slide_xy_um[1], 1)), cell.field or None)
 
 
 def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
                     limits: QualityLimits = QualityLimits()) -> Report:
     """The specimen report of a `count` run (preliminary until a person verifies it): the
     differential, with nucleated red cells and rejected detections beside it where the model
-    has those classes."""
+    has those classes, and the white count when the operator entered one."""
     tally = run.counter.tally()
     frames = FrameStats(run.fields, run.skipped_blur, run.skipped_motion)
     cells = tuple(cell_record(i + 1, c, xy) for i, (c, xy) in enumerate(zip(run.cells, run.slide_xy_um)))
@@ -69,4 +69,5 @@ def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
         rejected=tally.rejected,
         unidentified=tally.unidentified, total=tally.total, target=tally.target,
         target_reached=tally.target_reached, frames=frames,
-        quality_flags=quality_flags(tally, frames, limits), verification=PRELIMINARY, cells=cells)
+        quality_flags=quality_flags(tally, frames, limits), verification=PRELIMINARY, cells=cells,
+        wbc_10e9_per_l=run.wbc_10e9_per_l)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from html import escape
 
 from ..counting.tally import NRBC_CLASS
@@ -11,30 +12,45 @@ from .report import CellRecord, ClassCount, Report
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 STYLE = """
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#111;max-width:60em}
+body{font-family:system-ui,sans-serif;margin:1em;color:#111;max-width:60em;overflow-wrap:break-word}
 h1{font-size:1.4em;margin-bottom:.2em} h2{font-size:1.1em;margin-top:1.5em}
 .banner{padding:.7em 1em;font-size:1.2em;font-weight:bold;border-radius:4px}
 .preliminary{background:#fde68a;border:3px solid #b45309;color:#7c2d12}
 .verified{background:#bbf7d0;border:3px solid #15803d;color:#14532d}
-table{border-collapse:collapse} td,th{padding:.25em .7em;border-bottom:1px solid #ccc}
-td.n{text-align:right;font-variant-numeric:tabular-nums} th{text-align:left}
-.flags li{color:#991b1b;font-weight:bold} .none{color:#555}
-.gallery{display:flex;flex-wrap:wrap;gap:6px}
-figure{margin:0;width:96px;font-size:.75em;text-align:center}
-figure img,.noimg{width:96px;height:96px;object-fit:contain;background:#eee;display:block}
-.noimg{line-height:96px;color:#777} .low{color:#b91c1c;font-weight:bold}
+table{border-collapse:collapse;max-width:100%} td,th{padding:.25em .6em;border-bottom:1px solid #ccc}
+td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} th{text-align:left}
+.flags li{color:#991b1b;font-weight:bold} .none{color:#555} .note{color:#444;font-size:.9em}
+.chart{width:100%;max-width:480px;height:auto;display:block} #run td{overflow-wrap:anywhere}
+.gallery{display:flex;flex-wrap:wrap;gap:8px}
+figure{margin:0;width:160px;font-size:.75em;text-align:center}
+figure a{display:block;color:inherit;text-decoration:none}
+figure img,.noimg{width:160px;height:160px;object-fit:contain;background:#eee;display:block}
+.noimg{line-height:160px;color:#777} .low{color:#b91c1c;font-weight:bold} .field{display:block;color:#555}
+figure:target{width:100%} figure:target img{width:min(448px,100%);height:auto;outline:3px solid #2563eb}
+@media (max-width:480px){body{margin:.5em;font-size:15px} td,th{padding:.2em .3em}}
+@page{size:A4;margin:12mm}
+@media print{
+body{margin:0;max-width:none;font-size:10pt}
+.banner{-webkit-print-color-adjust:exact;print-color-adjust:exact}
+.chart{max-width:120mm}
+figure{width:27mm;font-size:7pt} figure img,.noimg{width:27mm;height:27mm;line-height:27mm}
+figure:target{width:27mm} figure:target img{width:27mm;height:27mm;outline:none}
+figure,tr,.chart{break-inside:avoid} h2,h3{break-after:avoid}
+}
 """
 
 # Cells below this confidence are highlighted in the gallery for a second look.
 LOW_CONFIDENCE = 0.6
-_BAR_W, _ROW_H, _LABEL_W = 360, 26, 110
+_BAR_W, _ROW_H, _LABEL_W = 240, 26, 100
 
 
 def render_html(report: Report) -> str:
-    """The whole report page as a string; every value from the report is escaped."""
+    """The whole report page as a string; every value from the report is escaped. It reads on a phone
+    (400 px) and prints on A4; times are shown in this machine's local time with the UTC offset."""
     title = f"White-cell differential: specimen {report.specimen_id}"
     parts = [
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">",
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
@@ -48,6 +64,17 @@ def render_html(report: Report) -> str:
         "</body></html>\n",
     ]
     return "\n".join(parts)
+
+
+def local_time(iso: str) -> str:
+    """An ISO 8601 time in this machine's local time with its offset, e.g. "2024-05-06 11:30:00 (UTC+02:00)";
+    text that is not an ISO time is returned as it is."""
+    try:
+        when = datetime.fromisoformat(iso).astimezone()
+    except ValueError:
+        return iso
+    offset = when.strftime("%z")
+    return f"{when:%Y-%m-%d %H:%M:%S} (UTC{offset[:3]}:{offset[3:]})"
 
 
 def _e(value: object) -> str:
@@ -64,7 +91,8 @@ def _verification_banner(report: Report) -> str:
 def _run_table(report: Report) -> str:
     rows = [
         ("Specimen", report.specimen_id), ("Device", report.device_id),
-        ("Started", report.started_at), ("Finished", report.finished_at or "not finished"),
+        ("Started", local_time(report.started_at)),
+        ("Finished", local_time(report.finished_at) if report.finished_at else "not finished"),
         ("Model", f"{report.model.name} {report.model.version}"),
         ("Model SHA-256", report.model.sha256),
         ("Calibration profile", report.calibration_profile_id or "none"),
@@ -72,9 +100,11 @@ def _run_table(report: Report) -> str:
                    f"({'reached' if report.target_reached else 'NOT reached'})"),
         ("Frames", f"{report.frames.used} used, {report.frames.skipped_blur} skipped for blur, "
                    f"{report.frames.skipped_motion} skipped for motion"),
+        ("White count", "not entered" if report.wbc_10e9_per_l is None
+         else f"{report.wbc_10e9_per_l:g} x10^9/L (entered by the operator)"),
     ]
     body = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in rows)
-    return f"<h2>Run</h2><table>{body}</table>"
+    return f'<h2>Run</h2><table id="run">{body}</table>'
 
 
 def _flags_section(report: Report) -> str:
@@ -85,17 +115,24 @@ def _flags_section(report: Report) -> str:
 
 
 def _results_table(report: Report) -> str:
-    head = ("<tr><th>Class</th><th>Count</th><th>% of identified</th>"
-            "<th>95 % CI (exact)</th></tr>")
+    wbc = report.wbc_10e9_per_l is not None
+    head = ("<tr><th>Class</th><th>Count</th><th>%</th><th>95 % CI</th>"
+            + ('<th title="absolute count">x10^9/L</th>' if wbc else "") + "</tr>")
     rows = [f'<tr class="class-row"><td>{_e(c.name)}</td><td class="n">{c.count}</td>'
             f'<td class="n">{c.percent:.1f}</td>'
-            f'<td class="n">{c.ci95[0]:.1f} to {c.ci95[1]:.1f}</td></tr>'
+            f'<td class="n">{c.ci95[0]:.1f}\u2013{c.ci95[1]:.1f}</td>'
+            + (f'<td class="n absolute">{report.absolute(c):.2f}</td>' if wbc else "") + "</tr>"
             for c in report.classes]
-    rows.append(f'<tr><td>unidentified</td><td class="n">{report.unidentified}</td>'
-                '<td></td><td></td></tr>')
+    empty = "<td></td>" * (3 if wbc else 2)
+    rows.append(f'<tr><td>unidentified</td><td class="n">{report.unidentified}</td>{empty}</tr>')
     total = "total" if report.nrbc is None and not report.rejected else "total (with the cells below)"
-    rows.append(f'<tr><th>{total}</th><td class="n">{report.total}</td><td></td><td></td></tr>')
-    return f"<h2>Differential</h2><table id=\"results\">{head}{''.join(rows)}</table>"
+    rows.append(f'<tr><th>{total}</th><td class="n">{report.total}</td>{empty}</tr>')
+    note = ("%: of the identified cells (unidentified ones are not in the 100 %); 95 % CI: the exact binomial "
+            "interval of that percent.")
+    if wbc:
+        note += (f" x10^9/L: the absolute count, the white count entered ({report.wbc_10e9_per_l:g} x10^9/L) "
+                 "times the percent.")
+    return f'<h2>Differential</h2><table id="results">{head}{"".join(rows)}</table><p class="note">{note}</p>'
 
 
 def _beside_table(report: Report) -> str:
@@ -121,9 +158,9 @@ def _bar_chart(classes: tuple[ClassCount, ...]) -> str:
     bars = [_bar(i, c) for i, c in enumerate(classes)]
     axis = (f'<text x="{_LABEL_W}" y="{height - 4}" font-size="11">0 %</text>'
             f'<text x="{_LABEL_W + _BAR_W - 30}" y="{height - 4}" font-size="11">100 %</text>')
-    return (f'<h2>Chart</h2><svg role="img" '
-            f'aria-label="percent of identified cells with 95 % intervals" width="{width}" '
-            f'height="{height}" viewBox="0 0 {width} {height}">{"".join(bars)}{axis}</svg>')
+    return (f'<h2>Chart</h2><svg class="chart" role="img" '
+            f'aria-label="percent of identified cells with 95 % intervals" '
+            f'viewBox="0 0 {width} {height}">{"".join(bars)}{axis}</svg>')
 
 
 def _bar(index: int, c: ClassCount) -> str:
@@ -150,7 +187,8 @@ def _gallery_groups(report: Report) -> list[tuple[str, str]]:
 
 def _gallery(report: Report) -> str:
     """Every counted cell, grouped by class (NRBC and rejected ones too, for verification)."""
-    sections = ["<h2>Counted cells (lowest confidence first)</h2>"]
+    sections = ["<h2>Counted cells (lowest confidence first)</h2>",
+                '<p class="note">Select a cell to enlarge it. Grey beyond an orange line: outside the field.</p>']
     for name, heading in _gallery_groups(report):
         cells = sorted((c for c in report.cells if c.label == name),
                        key=lambda c: (c.confidence, c.id))
@@ -158,15 +196,19 @@ def _gallery(report: Report) -> str:
             figures = "".join(_figure(c) for c in cells)
             sections.append(f'<h3>{_e(heading)} ({len(cells)})</h3>'
                             f'<div class="gallery" data-class="{_e(name)}">{figures}</div>')
-    if len(sections) == 1:
+    if len(sections) == 2:
         sections.append('<p class="none">no cell images in this report</p>')
     return "".join(sections)
 
 
 def _figure(cell: CellRecord) -> str:
+    """One gallery cell: a link to itself, so that selecting it enlarges it (CSS :target, no script)."""
     image = (f'<img src="{_e(cell.thumbnail)}" alt="cell {cell.id}">' if cell.thumbnail
              else '<span class="noimg">no image</span>')
     low = ' class="low"' if cell.confidence < LOW_CONFIDENCE else ""
     x, y = cell.slide_xy_um
-    return (f'<figure title="cell {cell.id} at x={x:.0f} um, y={y:.0f} um">{image}'
-            f'<figcaption{low}>#{cell.id} {cell.confidence:.2f}</figcaption></figure>')
+    where = f"{cell.field}, " if cell.field else ""
+    field = f'<span class="field">{_e(cell.field)}</span>' if cell.field else ""
+    return (f'<figure id="cell-{cell.id}" title="cell {cell.id}: {_e(where)}x={x:.0f} um, y={y:.0f} um">'
+            f'<a href="#cell-{cell.id}">{image}</a>'
+            f'<figcaption><span{low}>#{cell.id} {cell.confidence:.2f}</span>{field}</figcaption></figure>')

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from ..counting.tally import NRBC_CLASS, ClassCount, NrbcCount, RejectedCount, clopper_pearson, per_100_wbc
+from ..counting.tally import (NRBC_CLASS, ClassCount, NrbcCount, RejectedCount, absolute_count, clopper_pearson,
+                              per_100_wbc)
 from .schema import SCHEMA_ID, ReportInvalid, validate_report_dict
 
 PRELIMINARY = "preliminary: not verified"
@@ -41,13 +42,14 @@ class FrameStats:
 
 @dataclass(frozen=True)
 class CellRecord:
-    """One counted cell as shown in the gallery."""
+    """One counted cell as shown in the gallery, with the name of the field it was found in."""
 
     id: int
     label: str
     confidence: float
     thumbnail: str | None
     slide_xy_um: tuple[float, float]
+    field: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,6 +78,7 @@ class Report:
     cells: tuple[CellRecord, ...]
     nrbc: NrbcCount | None = None
     rejected: tuple[RejectedCount, ...] = ()
+    wbc_10e9_per_l: float | None = None  # the white count the operator entered; None: not entered
 
     @property
     def identified(self) -> int:
@@ -90,6 +93,10 @@ class Report:
     def white_cells(self) -> int:
         """Cells counted for the differential: identified plus unidentified."""
         return self.identified + self.unidentified
+
+    def absolute(self, c: ClassCount) -> float | None:
+        """A class's absolute count in 10^9/L, or None without the white count."""
+        return None if self.wbc_10e9_per_l is None else absolute_count(c.percent, self.wbc_10e9_per_l)
 
     @property
     def verified(self) -> bool:
@@ -109,6 +116,7 @@ class Report:
             "started_at": self.started_at, "finished_at": self.finished_at,
             "model": vars(self.model).copy(),
             "calibration_profile_id": self.calibration_profile_id,
+            **({} if self.wbc_10e9_per_l is None else {"wbc_10e9_per_l": self.wbc_10e9_per_l}),
             "classes": [_class_dict(c) for c in self.classes],
             **self._beside_dict(),
             "unidentified": self.unidentified, "total": self.total, "target": self.target,
@@ -146,6 +154,7 @@ class Report:
             cells=tuple(_cell_from(c) for c in data["cells"]),
             nrbc=_nrbc_from(data.get("nrbc")),
             rejected=tuple(RejectedCount(r["name"], r["count"]) for r in data.get("rejected", ())),
+            wbc_10e9_per_l=data.get("wbc_10e9_per_l"),
         )
         check_consistency(report)
         return report
@@ -156,8 +165,9 @@ def _class_dict(c: ClassCount) -> dict:
 
 
 def _cell_dict(c: CellRecord) -> dict:
-    return {"id": c.id, "label": c.label, "confidence": c.confidence,
-            "thumbnail": c.thumbnail, "slide_xy_um": list(c.slide_xy_um)}
+    out = {"id": c.id, "label": c.label, "confidence": c.confidence,
+           "thumbnail": c.thumbnail, "slide_xy_um": list(c.slide_xy_um)}
+    return out if c.field is None else {**out, "field": c.field}
 
 
 def _class_from(d: dict) -> ClassCount:
@@ -175,7 +185,7 @@ def _nrbc_from(d: dict | None) -> NrbcCount | None:
 def _cell_from(d: dict) -> CellRecord:
     x, y = d["slide_xy_um"]
     return CellRecord(d["id"], d["label"], float(d["confidence"]), d["thumbnail"],
-                      (float(x), float(y)))
+                      (float(x), float(y)), d.get("field"))
 
 
 def check_consistency(report: Report) -> None:

@@ -210,9 +210,9 @@ class Daemon:
             name = f"{base}-{n}"
         return name
 
-    def start(self, specimen_id: str, target: int) -> Specimen:
+    def start(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None) -> Specimen:
         """Raises StateError when a specimen is open or the id was used."""
-        self.specimen = self.store.start_specimen(specimen_id, target)
+        self.specimen = self.store.start_specimen(specimen_id, target, wbc_10e9_per_l)
         self.selector = make_selector(self.config.counting.mode, None)
         self.counts = {}
         return self.specimen
@@ -248,7 +248,7 @@ class Daemon:
             if self.specimen is not None:
                 return f"refused: specimen {self.specimen.specimen_id} is open; finish it first"
             started = self.start(command.specimen_id or self.automatic_id(),
-                                 command.target or self.config.specimen.target)
+                                 command.target or self.config.specimen.target, command.wbc_10e9_per_l)
             return f"started {started.specimen_id}"
         except StorageFull:
             raise
@@ -261,7 +261,7 @@ class Daemon:
 def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
     return NewCell(float(slide_xy_um[0]), float(slide_xy_um[1]), result.prediction.label,
                    float(result.prediction.confidence), tuple(int(v) for v in result.detection.bbox),
-                   result.thumbnail_jpeg)
+                   result.thumbnail_jpeg, result.field)
 
 
 def pipeline_state(pipeline: FieldPipeline) -> dict:
@@ -283,11 +283,13 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> d
 
     run = CountRun(Counter(pipeline.bundle.classes, specimen.target), fields=specimen.fields,
                    skipped_blur=specimen.skipped_blur, skipped_motion=specimen.skipped_motion,
-                   edge_cells=specimen.edge_cells, started_at=specimen.started_at)
+                   edge_cells=specimen.edge_cells, started_at=specimen.started_at,
+                   wbc_10e9_per_l=specimen.wbc_10e9_per_l)
     for _, cell in store.cells(specimen):
         x0, y0, x1, y1 = cell.bbox
         detection = Detection(((x0 + x1) / 2, (y0 + y1) / 2), cell.bbox, 0.0, 0.0, False)
-        run.cells.append(CellResult(detection, Prediction(cell.label, cell.confidence, {}), cell.thumbnail))
+        run.cells.append(CellResult(detection, Prediction(cell.label, cell.confidence, {}), cell.thumbnail,
+                                    cell.field))
         run.slide_xy_um.append((cell.x_um, cell.y_um))
         run.counter.add(cell.label)
     return report_from_run(run, pipeline.bundle, pipeline.profile, specimen.specimen_id).to_dict()
@@ -408,9 +410,10 @@ def check_config_main(config_path: str | Path = DEFAULT_CONFIG) -> int:
 
 
 def command_main(config_path: str | Path, action: str, specimen_id: str | None = None,
-                 target: int | None = None) -> int:
+                 target: int | None = None, wbc_10e9_per_l: float | None = None) -> int:
     """`hematovision-edge specimen start|finish`: queue a command the running daemon takes at its
-    next frame. Returns 0 once queued, 78 for a bad configuration, 1 when the state cannot be opened.
+    next frame (a start may carry the white count, 10^9/L, for absolute counts in the report). Returns 0
+    once queued, 78 for a bad configuration, 1 when the state cannot be opened.
     """
     setup_logging()
     if action not in ("start", "finish"):
@@ -419,7 +422,7 @@ def command_main(config_path: str | Path, action: str, specimen_id: str | None =
     try:
         config = load_config(config_path)
         with Store(config.state_dir() / STATE_FILE) as store:
-            row = store.add_command(action, specimen_id, target)
+            row = store.add_command(action, specimen_id, target, wbc_10e9_per_l)
     except ConfigError as err:
         logger.error("%s", err)
         return EX_CONFIG

@@ -16,7 +16,7 @@ from hematovision.errors import HematovisionError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: specimens.wbc, commands.wbc, cells.field (added to a version 1 database)
 OPEN, FINISHED = "open", "finished"
 FRAME_KINDS = ("used", "blur", "motion", "unusable")
 
@@ -34,7 +34,8 @@ CREATE TABLE IF NOT EXISTS specimens (
     skipped_motion INTEGER NOT NULL DEFAULT 0,
     unusable INTEGER NOT NULL DEFAULT 0,
     edge_cells INTEGER NOT NULL DEFAULT 0,
-    tracker_state TEXT
+    tracker_state TEXT,
+    wbc REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_specimen ON specimens (status) WHERE status = 'open';
 CREATE TABLE IF NOT EXISTS cells (
@@ -48,6 +49,7 @@ CREATE TABLE IF NOT EXISTS cells (
     confidence REAL NOT NULL,
     bbox TEXT NOT NULL,
     thumbnail BLOB NOT NULL,
+    field TEXT,
     UNIQUE (specimen, frame, seq)
 );
 CREATE TABLE IF NOT EXISTS settings (
@@ -81,9 +83,14 @@ CREATE TABLE IF NOT EXISTS commands (
     target INTEGER,
     created_at TEXT NOT NULL,
     done_at TEXT,
-    result TEXT
+    result TEXT,
+    wbc REAL
 );
 """
+# Columns added since version 1, in the order of _SCHEMA: a version 1 database gains them at its first opening.
+_ADDED_COLUMNS = (("specimens", "wbc", "REAL"), ("cells", "field", "TEXT"), ("commands", "wbc", "REAL"))
+_SPECIMEN_COLUMNS = ("id, specimen_id, target, status, started_at, finished_at, finish_reason, fields, skipped_blur, "
+                     "skipped_motion, unusable, edge_cells, tracker_state, wbc")
 
 
 class StateError(HematovisionError):
@@ -115,11 +122,12 @@ class Specimen:
     unusable: int
     edge_cells: int
     tracker_state: dict | None
+    wbc_10e9_per_l: float | None = None  # the white count entered at its start; None: not entered
 
 
 @dataclass(frozen=True)
 class NewCell:
-    """A counted cell as stored: slide position in micrometres, class, thumbnail."""
+    """A counted cell as stored: slide position in micrometres, class, thumbnail, the field it was found in."""
 
     x_um: float
     y_um: float
@@ -127,6 +135,7 @@ class NewCell:
     confidence: float
     bbox: tuple[int, int, int, int]
     thumbnail: bytes
+    field: str = ""
 
 
 @dataclass(frozen=True)
@@ -170,6 +179,7 @@ class Command:
     action: str
     specimen_id: str | None
     target: int | None
+    wbc_10e9_per_l: float | None = None
 
 
 class Store:
@@ -194,10 +204,22 @@ class Store:
                 self.db.execute(f"PRAGMA max_page_count = {int(max_page_count)}").fetchone()
             if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise StateError(f"{self.path} is damaged (quick_check failed); move it aside to start afresh")
-            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
+            self._add_columns()
+            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         except sqlite3.DatabaseError as err:
             self.close()
             raise _state_error(err, self.path) from err
+
+    def _add_columns(self) -> None:
+        """Add the columns a version 1 database lacks, each checked and added under the write lock."""
+        for table, column, kind in _ADDED_COLUMNS:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+            finally:
+                self.db.execute("COMMIT")
 
     def close(self) -> None:
         self.db.close()
@@ -237,26 +259,28 @@ class Store:
     # --- specimens --------------------------------------------------------------
 
     def open_specimen(self) -> Specimen | None:
-        row = self.db.execute("SELECT * FROM specimens WHERE status = 'open'").fetchone()
+        row = self.db.execute(f"SELECT {_SPECIMEN_COLUMNS} FROM specimens WHERE status = 'open'").fetchone()
         return _specimen(row) if row else None
 
     def specimen(self, specimen_id: str) -> Specimen | None:
-        row = self.db.execute("SELECT * FROM specimens WHERE specimen_id = ?", (specimen_id,)).fetchone()
+        row = self.db.execute(f"SELECT {_SPECIMEN_COLUMNS} FROM specimens WHERE specimen_id = ?",
+                              (specimen_id,)).fetchone()
         return _specimen(row) if row else None
 
     def specimen_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT specimen_id FROM specimens ORDER BY id")]
 
-    def start_specimen(self, specimen_id: str, target: int) -> Specimen:
-        """A new open specimen. Raises StateError when one is open or the id was used."""
+    def start_specimen(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None) -> Specimen:
+        """A new open specimen (with the white count in 10^9/L when entered). Raises StateError when one is
+        open or the id was used."""
         self.check_space()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM specimens WHERE status = 'open'").fetchone():
                 raise StateError(f"cannot start {specimen_id!r}: a specimen is still open; finish it first")
             if db.execute("SELECT 1 FROM specimens WHERE specimen_id = ?", (specimen_id,)).fetchone():
                 raise StateError(f"specimen id {specimen_id!r} was counted before; give a new id")
-            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at) VALUES (?, ?, 'open', ?)",
-                       (specimen_id, target, now_iso()))
+            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at, wbc) "
+                       "VALUES (?, ?, 'open', ?, ?)", (specimen_id, target, now_iso(), wbc_10e9_per_l))
         logger.info("started specimen %s (target %d cells)", specimen_id, target)
         return self.specimen(specimen_id)
 
@@ -275,10 +299,10 @@ class Store:
                   "unusable": "unusable"}[frame.kind]
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO cells (specimen, frame, seq, x_um, y_um, label, confidence, bbox, thumbnail) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO cells (specimen, frame, seq, x_um, y_um, label, confidence, bbox, thumbnail, field) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(frame.specimen.row, frame.index, i, c.x_um, c.y_um, c.label, c.confidence,
-                  json.dumps(list(c.bbox)), c.thumbnail) for i, c in enumerate(frame.cells)])
+                  json.dumps(list(c.bbox)), c.thumbnail, c.field) for i, c in enumerate(frame.cells)])
             db.execute(f"UPDATE specimens SET {column} = {column} + 1, edge_cells = edge_cells + ?, "
                        "tracker_state = ? WHERE id = ? AND status = 'open'",
                        (frame.edge_cells, _json_or_none(frame.tracker_state), frame.specimen.row))
@@ -317,9 +341,10 @@ class Store:
 
     def cells(self, specimen: Specimen) -> list[tuple[int, NewCell]]:
         """(frame, cell) in counting order."""
-        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail FROM cells "
+        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail, field FROM cells "
                                "WHERE specimen = ? ORDER BY frame, seq", (specimen.row,))
-        return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]))) for r in rows]
+        return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7] or ""))
+                for r in rows]
 
     # --- finishing and the outbox -------------------------------------------------
 
@@ -382,14 +407,15 @@ class Store:
 
     # --- commands -----------------------------------------------------------------
 
-    def add_command(self, action: str, specimen_id: str | None = None, target: int | None = None) -> int:
+    def add_command(self, action: str, specimen_id: str | None = None, target: int | None = None,
+                    wbc_10e9_per_l: float | None = None) -> int:
         with self.transaction() as db:
-            cursor = db.execute("INSERT INTO commands (action, specimen_id, target, created_at) VALUES (?, ?, ?, ?)",
-                                (action, specimen_id, target, now_iso()))
+            cursor = db.execute("INSERT INTO commands (action, specimen_id, target, created_at, wbc) "
+                                "VALUES (?, ?, ?, ?, ?)", (action, specimen_id, target, now_iso(), wbc_10e9_per_l))
         return cursor.lastrowid
 
     def pending_commands(self) -> list[Command]:
-        rows = self.db.execute("SELECT id, action, specimen_id, target FROM commands WHERE done_at IS NULL "
+        rows = self.db.execute("SELECT id, action, specimen_id, target, wbc FROM commands WHERE done_at IS NULL "
                                "ORDER BY id")
         return [Command(*r) for r in rows]
 
@@ -403,8 +429,9 @@ class Store:
 
 
 def _specimen(row) -> Specimen:
+    """A Specimen from a row of _SPECIMEN_COLUMNS."""
     values = list(row)
-    values[-1] = json.loads(values[-1]) if values[-1] else None
+    values[12] = json.loads(values[12]) if values[12] else None
     return Specimen(*values)
 
 

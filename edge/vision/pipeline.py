@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -10,6 +11,7 @@ import cv2
 import numpy as np
 
 from hematovision.calibration.correct import correct_colour, correct_illumination
+from hematovision.crop import NO_JITTER, CropGeometry, crop_matrix, cut_crops
 from hematovision.errors import CalibrationError
 from hematovision.calibration.profile import CalibrationProfile, check_against_bundle, check_image_size
 
@@ -25,16 +27,22 @@ NO_PIXEL_SIZE = "unknown: no red cells measured"
 SETTLED_ESTIMATES = 5  # red-cell estimates on every field until this many ...
 REESTIMATE_EVERY = 20  # ... then on every twentieth field only
 ESTIMATE_HISTORY = 50  # the pixel size is the median of this many latest estimates
-THUMBNAIL_PX = 112  # side of the verification thumbnail kept per counted cell (half a 224 crop)
+THUMBNAIL_PX = 224  # side of the verification thumbnail kept per counted cell (the crop's square)
+# Outside the field a thumbnail is this neutral grey (never a mirror image, which would show a cell twice),
+# and the field's edge is drawn in CUT_EDGE_RGB, CUT_EDGE_PX wide.
+THUMBNAIL_FILL_RGB = (128, 128, 128)
+CUT_EDGE_RGB = (255, 176, 0)
+CUT_EDGE_PX = 3
 
 
 @dataclass(frozen=True)
 class CellResult:
-    """A classified white cell of one field."""
+    """A classified white cell of one field, with its verification thumbnail and the field's name."""
 
     detection: Detection
     prediction: Prediction
     thumbnail_jpeg: bytes
+    field: str = ""
 
     def to_json(self) -> dict:
         return {"bbox": list(self.detection.bbox), "label": self.prediction.label,
@@ -90,9 +98,41 @@ class FieldSelector:
         return ()
 
 
-def thumbnail(crop: np.ndarray) -> bytes:
-    small = cv2.resize(crop, (THUMBNAIL_PX, THUMBNAIL_PX), interpolation=cv2.INTER_AREA)
-    ok, data = cv2.imencode(".jpg", small[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 85])
+def outside_field(shape: tuple[int, ...], matrix: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) mask of the crop pixels that `matrix` (crop to image) maps outside an image of `shape`."""
+    v, u = np.mgrid[0:size, 0:size].astype(np.float64)
+    x = matrix[0, 0] * u + matrix[0, 1] * v + matrix[0, 2]
+    y = matrix[1, 0] * u + matrix[1, 1] * v + matrix[1, 2]
+    return (x < -0.5) | (y < -0.5) | (x > shape[1] - 0.5) | (y > shape[0] - 0.5)
+
+
+def mark_outside(crop: np.ndarray, outside: np.ndarray) -> np.ndarray:
+    """The crop with what lies outside the field neutral grey and the field's edge drawn as a line."""
+    if not outside.any():
+        return crop
+    out = crop.copy()
+    out[outside] = THUMBNAIL_FILL_RGB
+    kernel = np.ones((2 * CUT_EDGE_PX + 1, 2 * CUT_EDGE_PX + 1), np.uint8)
+    near_edge = cv2.dilate(outside.astype(np.uint8), kernel).astype(bool) & ~outside
+    out[near_edge] = CUT_EDGE_RGB
+    return out
+
+
+def cell_thumbnails(image: np.ndarray, centers, um_per_pixel: float, geometry: CropGeometry,
+                    colour=None) -> list[bytes]:
+    """JPEG verification thumbnails: the square the model sees around each cell, THUMBNAIL_PX wide,
+    colour-corrected by `colour` (a function of (N, S, S, 3) crops) when given; near the field's border
+    the part outside the field is grey, with the edge marked (`mark_outside`)."""
+    size = replace(geometry, input_size=THUMBNAIL_PX)
+    crops = cut_crops(image, list(centers), um_per_pixel, size)
+    if colour is not None and len(crops):
+        crops = colour(crops)
+    return [_jpeg(mark_outside(crop, outside_field(image.shape, crop_matrix(c, um_per_pixel, size, NO_JITTER),
+                                                   THUMBNAIL_PX))) for crop, c in zip(crops, centers)]
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, 85])
     return data.tobytes()
 
 
@@ -158,15 +198,21 @@ class FieldPipeline:
         seg = segment(image, self.params, self._estimated_um)
         return replace(seg, pixel_size_source=ESTIMATED_SOURCE)
 
-    def classify(self, image: np.ndarray, cells, um_per_pixel: float) -> tuple[CellResult, ...]:
-        """Crops of `cells` classified in one batch, with their verification thumbnails."""
+    def classify(self, image: np.ndarray, cells, um_per_pixel: float, field: str = "") -> tuple[CellResult, ...]:
+        """Crops of `cells` classified in one batch, with their verification thumbnails and the field's name."""
         if not cells:  # an empty field, perhaps with no pixel size measured yet: nothing to cut
             return ()
-        crops = cut_cells(image, [c.center for c in cells], um_per_pixel, self.bundle)
-        if self.profile is not None:
-            crops = correct_colour(crops.reshape(-1, crops.shape[2], 3), self.profile).reshape(crops.shape)
+        crops = self._colour(cut_cells(image, [c.center for c in cells], um_per_pixel, self.bundle))
         predictions = classify_crops(self.bundle, crops)
-        return tuple(CellResult(d, p, thumbnail(c)) for d, p, c in zip(cells, predictions, crops))
+        thumbnails = cell_thumbnails(image, [c.center for c in cells], um_per_pixel, self.bundle.geometry,
+                                     self._colour)
+        return tuple(CellResult(d, p, t, field) for d, p, t in zip(cells, predictions, thumbnails))
+
+    def _colour(self, crops: np.ndarray) -> np.ndarray:
+        """Crops mapped by the profile's colour calibration (as they are without one)."""
+        if self.profile is None:
+            return crops
+        return correct_colour(crops.reshape(-1, crops.shape[2], 3), self.profile).reshape(crops.shape)
 
     def process(self, image: np.ndarray, name: str = "frame", selector: CellSelector | None = None) -> FieldResult:
         """One frame: the cells the selector calls new (default: every whole white cell) classified;
@@ -174,6 +220,6 @@ class FieldPipeline:
         image = self.prepare(image, name)
         seg = self.detect(image)
         selection = (selector or FieldSelector()).select(image, seg)
-        cells = self.classify(image, selection.cells, seg.um_per_pixel)
+        cells = self.classify(image, selection.cells, seg.um_per_pixel, os.path.basename(name))
         return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
                            seg.pixel_size_source, selection.kind, selection.slide_xy_um)
