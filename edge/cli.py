@@ -8,10 +8,9 @@ import logging
 import sys
 from pathlib import Path
 
+from hematovision.commandline import add_command, new_parser, progress_bar, progress_wanted, setup_logging
 from hematovision.errors import DataError, HematovisionError
 from hematovision.pixels import read_rgb
-
-from hematovision.commandline import add_command, new_parser, progress_bar, progress_wanted, setup_logging
 
 from .config import DEFAULT_CONFIG, default_model
 

@@ -19,7 +19,8 @@ h1{font-size:1.4em;margin-bottom:.2em} h2{font-size:1.1em;margin-top:1.5em}
 .verified{background:#bbf7d0;border:3px solid #15803d;color:#14532d}
 table{border-collapse:collapse;max-width:100%} td,th{padding:.25em .6em;border-bottom:1px solid #ccc}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} th{text-align:left}
-.flags li{color:#991b1b;font-weight:bold} .none{color:#555} .note{color:#444;font-size:.9em}
+.flags li{color:#991b1b;font-weight:bold} .none{color:#555}
+.note{color:#444;font-size:.9em}
 .chart{width:100%;max-width:480px;height:auto;display:block} #run td{overflow-wrap:anywhere}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}
 figure{margin:0;width:160px;font-size:.75em;text-align:center}
