@@ -176,6 +176,7 @@ def _classify(args) -> int:
 
 
 def _count(args) -> int:
+    from .counting.checks import TrainingRange
     from .counting.count import CountRun, count_frames, expand_inputs
     from .counting.select import make_selector
     from .counting.tally import Counter
@@ -186,7 +187,8 @@ def _count(args) -> int:
     paths = expand_inputs(args.inputs)
     bundle = _bundle(args)
     profile = _profile(args.calibration)
-    run = CountRun(Counter(bundle.classes, args.target), stop_at_target=not args.all, wbc_10e9_per_l=args.wbc)
+    run = CountRun(Counter(bundle.classes, args.target), stop_at_target=not args.all, wbc_10e9_per_l=args.wbc,
+                   training=TrainingRange.of(bundle))
     frames = count_frames(FieldPipeline(bundle, profile), paths, run,
                           make_selector("scan" if args.scan else "fields", None), args.max_pixels)
     with progress_bar(len(paths), "counting", "field", progress_wanted(args, args.json)) as bar:
@@ -253,7 +255,19 @@ def format_table(summary: dict) -> str:
     lines += _beside_lines(summary)
     for skipped in summary["skipped_files"]:
         lines.append(f"skipped {skipped['path']}: {skipped['reason']}")
-    return "\n".join(lines)
+    return "\n".join(lines + _flag_lines(summary))
+
+
+def _flag_lines(summary: dict) -> list[str]:
+    """What is wrong with the specimen and what to do, worst first; a banner first when every cell must be
+    verified."""
+    from .counting.checks import FULL_REVIEW_BANNER, OUTSIDE_TRAINING
+
+    flags = summary.get("flags", [])
+    if not flags:
+        return []
+    banner = [f"*** {FULL_REVIEW_BANNER.upper()} ***"] if any(f["code"] == OUTSIDE_TRAINING for f in flags) else []
+    return ["", *banner, "Flags:", *(f"- {f['message']} [{f['code']}]" for f in flags)]
 
 
 def target_text(summary: dict) -> str:

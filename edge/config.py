@@ -124,6 +124,27 @@ class ServiceConfig:
 
 
 @dataclass(frozen=True)
+class ChecksConfig:
+    """When a specimen is flagged (edge/counting/checks.py), as shares and ratios; `count` uses the defaults."""
+
+    max_unfamiliar_share: float = _opt(0.15, "outside_training when more than this share of the classified "
+                                       "cells is unlike the training cells (bundles with a novelty model)",
+                                       min=0.0, max=1.0)
+    min_cells_for_unfamiliar: int = _opt(20, "... judged once at least this many cells are classified",
+                                         min=1, max=100_000)
+    stain_sd_limit: float = _opt(4.0, "outside_training when the frames' mean colour statistics lie more than this "
+                                 "many of a training lab's standard deviations from it (any channel), for every "
+                                 "training lab of the bundle", min=0.5, max=100.0)
+    max_pixel_size_ratio: float = _opt(2.0, "outside_training when the pixel size (um per pixel) is more than this "
+                                       "many times the bundle's trained pixel size (a lower magnification)",
+                                       min=1.0, max=100.0)
+    max_unidentified_share: float = _opt(0.10, "too_many_unidentified above this share of the counted white "
+                                         "cells", min=0.0, max=1.0)
+    min_used_frame_share: float = _opt(0.5, "low_focus when fewer than this share of the frames were sharp "
+                                       "enough to count", min=0.0, max=1.0)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `hematovision-edge run` needs, checked."""
 
@@ -135,6 +156,7 @@ class Config:
     state: StateConfig = field(default_factory=StateConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
     path: Path = field(default=Path("config.toml"), metadata={"internal": True})
 
     def resolve(self, value: str) -> Path:

@@ -103,6 +103,46 @@ def nrbc_bundle(tiny_bundle, tmp_path_factory):
     return out
 
 
+def edited_bundle(bundle: Path, out: Path, edit) -> Path:
+    """A copy of `bundle` whose bundle.json `edit(meta)` changed, stamped again as `hematovision-export
+    --restamp` would (the model is the same real one)."""
+    import json
+    import shutil
+
+    from hematovision.edge.vision.bundle_meta import stamped
+
+    shutil.copytree(bundle, out)
+    meta = json.loads((out / "bundle.json").read_text())
+    edit(meta)
+    (out / "bundle.json").write_text(json.dumps(stamped(meta), indent=2))
+    return out
+
+
+# A training lab whose stain colours are far from the sample fields' (L* 73, a* 5, b* -1): dark and blue.
+FOREIGN_STAIN = {"keys": ["L_mean", "a_mean", "b_mean", "L_std", "a_std", "b_std"], "images": 50,
+                 "mean": [55.0, 2.0, -20.0, 12.0, 6.0, 9.0], "sd": [2.0, 1.0, 2.0, 1.0, 1.0, 1.0]}
+
+
+@pytest.fixture(scope="session")
+def foreign_stain_bundle(tiny_bundle, tmp_path_factory):
+    """The tiny bundle as if trained on one lab stained unlike the sample fields: counting them is
+    outside its training range (stain)."""
+    def edit(meta):
+        meta["stain_range"] = {"elsewhere": FOREIGN_STAIN}
+
+    return edited_bundle(tiny_bundle, tmp_path_factory.mktemp("foreign_stain") / "bundle", edit)
+
+
+@pytest.fixture(scope="session")
+def unfamiliar_bundle(foreign_stain_bundle, tmp_path_factory):
+    """foreign_stain_bundle whose novelty threshold every cell exceeds: every cell is unlike its training
+    cells too (unidentified, and counted as unfamiliar)."""
+    def edit(meta):
+        meta["novelty"]["threshold"] = 1e-9
+
+    return edited_bundle(foreign_stain_bundle, tmp_path_factory.mktemp("unfamiliar") / "bundle", edit)
+
+
 # --- the daemon (edge/service/daemon.py): a configuration writer and the command that runs it ---------
 
 DAEMON_COMMAND = ["-c", "import sys; from hematovision.edge.service.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]

@@ -21,7 +21,7 @@ from hematovision.edge.links.astm import (ACK, ENQ, EOT, ETB, ETX, NAK, STX, Ast
                                     Write, build_frame, build_frames, checksum, parse_frame,
                                     parse_message, report_records, sender_steps)
 from hematovision.edge.links.astm_link import send_report_astm
-from hematovision.edge.reports.report import commissioning_report
+from hematovision.edge.reports.report import Flag, commissioning_report
 from hematovision.edge.links.send import SendSettings, send_report
 from hematovision.edge.links.serial_port import SerialSettings, open_serial
 from hematovision.errors import ConfigError, LinkFailed
@@ -35,7 +35,7 @@ FUZZ = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthC
 
 def sample_report(specimen_id: str = "S-2024-0001"):
     report = commissioning_report(specimen_id, "hv-pi-07", WHEN)
-    return replace(report, quality_flags=("low_focus", "target_not_reached"))
+    return replace(report, flags=(Flag.of("low_focus"), Flag.of("target_not_reached")))
 
 
 # --- a receiving computer system on the master end of a pseudo-terminal ----------------
@@ -152,7 +152,7 @@ def _assert_delivered_once(receiver: AstmReceiver, report) -> None:
     assert got.specimen_id == report.specimen_id
     assert got.patient_ids[0] == report.specimen_id
     assert got.sender == ("Hematovision", astm.__version__, report.device_id)
-    assert got.comments == report.quality_flags
+    assert got.comments == tuple((f.code, f.message) for f in report.flags)
     for c in report.classes:
         code = astm.DEFAULT_PERCENT_CODES[c.name]
         assert got.results[code] == astm.ReceivedResult(f"{c.percent:.1f}", "%", "P")

@@ -691,4 +691,4 @@ def test_a_version_1_state_database_gains_the_new_columns_and_keeps_its_specimen
         store.record_frame(FrameRecord(old, "test", 0, "used", (NewCell(1.0, 2.0, "neutrophil", 0.9, (0, 0, 4, 4),
                                                                            b"jpeg", "f1.jpg"),), 0, {"n": 1}))
         assert store.cells(old)[0][1].field == "f1.jpg" and store.open_specimen().tracker_state == {"n": 1}
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 3  # 3: with the flags' evidence

@@ -22,7 +22,7 @@ from hematovision.classes import KNOWN_CLASSES
 from hematovision.edge.cli import format_table
 from hematovision.edge.links.usb import (UsbReportLink, UsbSettings, choose_drive, parse_mounts,
                                         write_report_to_usb)
-from hematovision.edge.reports.report import (PRELIMINARY, CellRecord, NrbcCount, RejectedCount, Report,
+from hematovision.edge.reports.report import (PRELIMINARY, CellRecord, Flag, NrbcCount, RejectedCount, Report,
                                       ReportInvalid, build_classes, build_nrbc, clopper_pearson,
                                       commissioning_report)
 from hematovision.edge.reports.files import safe_file_stem, write_report_files
@@ -50,7 +50,7 @@ def sample_report(specimen_id: str = "S-2024-0001") -> Report:
              CellRecord(3, "neutrophil", 0.78, None, (12.5, 30.0)),
              CellRecord(4, "lymphocyte", 0.88, _thumbnail(210), (40.0, 20.0)),
              CellRecord(5, "unidentified", 0.30, _thumbnail(200), (50.0, 60.0)))
-    return replace(base, cells=cells, quality_flags=("too_many_unidentified", "low_focus"))
+    return replace(base, cells=cells, flags=(Flag.of("too_many_unidentified"), Flag.of("low_focus")))
 
 
 # 50 neutrophils, 50 lymphocytes, 7 nucleated red cells, 3 platelets and 2 unidentified cells.
@@ -74,7 +74,7 @@ def eight_class_report(specimen_id: str = "S-2024-0002") -> Report:
     return replace(base, classes=build_classes({c.name: c.count for c in tally.classes}),
                    nrbc=build_nrbc(tally.nrbc.count, tally.identified), rejected=tally.rejected,
                    unidentified=tally.unidentified, total=tally.total, target_reached=tally.target_reached,
-                   quality_flags=(), cells=cells)
+                   flags=(), cells=cells)
 
 
 def test_report_round_trips_through_its_dict():

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from hematovision.edge.links import astm
+from hematovision.edge.counting.checks import FULL_REVIEW_BANNER
 from hematovision.edge.links.astm import AstmReceiver, parse_message
 from hematovision.edge.service.daemon import STATE_FILE, run_main
 from hematovision.edge.service.state import Store
@@ -75,7 +76,8 @@ def assert_records_equal_report(records: list[str], report: dict) -> None:
     assert got.results["CELLCNT"].value == str(report["total"])
     assert report["total"] == sum(c["count"] for c in report["classes"]) + report["unidentified"] > 0
     assert len(got.results) == len(report["classes"]) + 2
-    assert got.comments == tuple(report["quality_flags"])
+    banner = [("needs_full_review", FULL_REVIEW_BANNER)] if report["needs_full_review"] else []
+    assert got.comments == tuple(banner + [(f["code"], f["message"]) for f in report["flags"]])
 
 
 def astm_config(tmp_path, tiny_bundle, frames) -> tuple[Path, Path]:

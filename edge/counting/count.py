@@ -11,7 +11,9 @@ from typing import Iterator
 from hematovision.errors import DataError, ImageUnreadable
 from hematovision.pixels import IMAGE_SUFFIXES, list_images, read_rgb
 
+from ..config import ChecksConfig
 from ..vision.pipeline import CellResult, CellSelector, FieldPipeline, FieldResult
+from .checks import ColourSums, Evidence, Flag, TrainingRange, specimen_flags
 from .tally import Counter, absolute_count
 
 logger = logging.getLogger(__name__)
@@ -40,7 +42,9 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 class CountRun:
     """The running state of one `count`: counted cells, the tally, what was skipped, and when the target
     was reached. With `stop_at_target` counting stops after the field that reaches it, as the daemon
-    finishes a specimen; the white count (10^9/L), when given, adds absolute counts per class."""
+    finishes a specimen; the white count (10^9/L), when given, adds absolute counts per class. The
+    evidence the specimen checks judge is gathered too, against the bundle's training range (`training`)
+    with `limits`."""
 
     counter: Counter
     cells: list[CellResult] = field(default_factory=list)
@@ -56,6 +60,11 @@ class CountRun:
     wbc_10e9_per_l: float | None = None
     reached_after: tuple[int, int] | None = None  # (fields, identified cells) when the target was reached
     inputs_not_counted: int = 0
+    training: TrainingRange = TrainingRange()
+    limits: ChecksConfig = ChecksConfig()
+    unfamiliar: int = 0
+    colour: ColourSums = ColourSums()
+    um_per_pixel: float | None = None  # of the latest used frame
 
     def record(self, result: FieldResult) -> None:
         """Count a frame's new cells at their slide positions, or count the frame as skipped."""
@@ -67,17 +76,31 @@ class CountRun:
             self.fields += 1
             self.edge_cells += result.edge_cells
             self.pixel_sizes.add(result.pixel_size_source)
+            self.colour = self.colour.add(result.colour) if result.colour is not None else self.colour
+            self.um_per_pixel = result.um_per_pixel if result.um_per_pixel > 0 else self.um_per_pixel
             for cell, xy in zip(result.cells, result.slide_xy_um):
-                self.cells.append(cell)
-                self.slide_xy_um.append(xy)
-                self.counter.add(cell.prediction.label)
+                self.add_cell(cell, xy)
         if self.reached_after is None and self.counter.identified >= self.counter.target:
             self.reached_after = (self.fields, self.counter.identified)
+
+    def add_cell(self, cell: CellResult, slide_xy_um: tuple[float, float]) -> None:
+        self.cells.append(cell)
+        self.slide_xy_um.append(slide_xy_um)
+        self.counter.add(cell.prediction.label)
+        self.unfamiliar += cell.prediction.unfamiliar
 
     @property
     def done(self) -> bool:
         """True once the target is reached and counting is to stop there."""
         return self.stop_at_target and self.reached_after is not None
+
+    def evidence(self) -> Evidence:
+        return Evidence(self.counter.tally(), len(self.cells), self.unfamiliar, self.fields, self.skipped_blur,
+                        self.skipped_motion, self.colour, self.um_per_pixel)
+
+    def flags(self) -> tuple[Flag, ...]:
+        """What is wrong with the specimen so far, worst first (edge/counting/checks.py)."""
+        return specimen_flags(self.evidence(), self.training, self.limits)
 
     def summary(self) -> dict:
         tally = self.counter.tally().to_dict()
@@ -88,7 +111,8 @@ class CountRun:
                "frames_skipped": {"blur": self.skipped_blur, "motion": self.skipped_motion},
                "cells_cut_by_edge": self.edge_cells,
                "pixel_size_source": sorted(self.pixel_sizes),
-               "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files]}
+               "skipped_files": [{"path": p, "reason": r} for p, r in self.skipped_files],
+               "unfamiliar": self.unfamiliar, "flags": [f.to_dict() for f in self.flags()]}
         if self.wbc_10e9_per_l is not None:
             out["wbc_10e9_per_l"] = self.wbc_10e9_per_l
             for c in out["classes"]:

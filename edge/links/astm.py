@@ -12,6 +12,7 @@ from types import MappingProxyType
 from hematovision import __version__
 from hematovision.errors import ConfigError, LinkFailed
 
+from ..counting.checks import FULL_REVIEW_BANNER
 from ..reports.report import Report
 
 logger = logging.getLogger(__name__)
@@ -350,7 +351,9 @@ def astm_time(iso: str | datetime) -> str:
 
 def report_records(report: Report, settings: RecordSettings, now: datetime,
                    wbc_10e9_per_l: float | None = None) -> list[str]:
-    """H, P, O, C (one per quality flag), R (one per result) and L records of one report.
+    """H, P, O, C, R (one per result) and L records of one report. The comment records carry
+    code^message: first "needs_full_review" with its banner when a flag (outside_training) says every
+    cell must be verified, then each flag, worst first.
 
     The results: each differential class in percent (and absolute when the white count is known:
     `wbc_10e9_per_l`, else the report's), NRBC per 100 WBC where the report has it, unidentified and
@@ -361,12 +364,17 @@ def report_records(report: Report, settings: RecordSettings, now: datetime,
     status = "F" if report.verified else "P"
     records = [_header(report, settings, now), _patient(report, settings),
                _order(report, settings, now)]
-    records += [_join(["C", str(i), "I", escape_field(flag), "G"])
-                for i, flag in enumerate(report.quality_flags, 1)]
+    records += [_join(["C", str(i), "I", f"{escape_field(code)}^{escape_field(text)}", "G"])
+                for i, (code, text) in enumerate(_comments(report), 1)]
     results = _results(report, settings, wbc_10e9_per_l)
     records += [_result(i, code, value, units, status, report)
                 for i, (code, value, units) in enumerate(results, 1)]
     return records + ["L|1|N"]
+
+
+def _comments(report: Report) -> list[tuple[str, str]]:
+    banner = [("needs_full_review", FULL_REVIEW_BANNER)] if report.needs_full_review else []
+    return banner + [(f.code, f.message) for f in report.flags]
 
 
 def _join(fields: list[str]) -> str:
@@ -444,7 +452,7 @@ class ReceivedReport:
     sender: tuple[str, ...]
     patient_ids: tuple[str, ...]
     specimen_id: str
-    comments: tuple[str, ...]
+    comments: tuple[tuple[str, ...], ...]  # each C record's text, as its components (code, message)
     results: Mapping[str, ReceivedResult]
 
 
@@ -468,7 +476,7 @@ def parse_message(records: list[str]) -> ReceivedReport:
         sender=tuple(unescape_field(c) for c in header[4].split("^")),
         patient_ids=tuple(unescape_field(v) for v in patient[2:5]),
         specimen_id=unescape_field(order[2]),
-        comments=tuple(unescape_field(_pad(c, 4)[3]) for c in by_type.get("C", [])),
+        comments=tuple(tuple(unescape_field(v) for v in _pad(c, 4)[3].split("^")) for c in by_type.get("C", [])),
         results=results)
 
 

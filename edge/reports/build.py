@@ -1,4 +1,4 @@
-"""From a finished count to its report: tally, provenance, frames, quality flags and thumbnails."""
+"""From a finished count to its report: tally, provenance, frames, flags and thumbnails."""
 
 from __future__ import annotations
 
@@ -6,21 +6,12 @@ import base64
 import hashlib
 import json
 import socket
-from dataclasses import dataclass
 from datetime import datetime
 
 from hematovision.calibration.profile import CalibrationProfile, profile_to_dict
 
 from ..vision.model_bundle import Bundle
 from .report import PRELIMINARY, CellRecord, FrameStats, ModelInfo, Report, build_classes, build_nrbc
-
-
-@dataclass(frozen=True)
-class QualityLimits:
-    """When a report carries a quality flag."""
-
-    max_unidentified_fraction: float = 0.10  # of the counted cells other than rejected ones
-    min_used_frame_fraction: float = 0.5  # below: "low_focus" (most frames were too blurred)
 
 
 def profile_id(profile: CalibrationProfile | None) -> str | None:
@@ -31,30 +22,17 @@ def profile_id(profile: CalibrationProfile | None) -> str | None:
     return "cal-" + hashlib.sha256(text).hexdigest()[:12]
 
 
-def quality_flags(tally, frames: FrameStats, limits: QualityLimits) -> tuple[str, ...]:
-    flags = []
-    cells = tally.total - tally.rejected_total  # rejected detections must not dilute the fraction
-    if cells and tally.unidentified / cells > limits.max_unidentified_fraction:
-        flags.append("too_many_unidentified")
-    seen = frames.used + frames.skipped_blur + frames.skipped_motion
-    if seen and frames.used / seen < limits.min_used_frame_fraction and frames.skipped_blur:
-        flags.append("low_focus")
-    if not tally.target_reached:
-        flags.append("target_not_reached")
-    return tuple(flags)
-
-
 def cell_record(index: int, cell, slide_xy_um) -> CellRecord:
     uri = "data:image/jpeg;base64," + base64.b64encode(cell.thumbnail_jpeg).decode()
     return CellRecord(index, cell.prediction.label, round(cell.prediction.confidence, 4), uri,
                       (round(slide_xy_um[0], 1), round(slide_xy_um[1], 1)), cell.field or None)
 
 
-def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
-                    limits: QualityLimits = QualityLimits()) -> Report:
+def report_from_run(run, bundle: Bundle, profile, specimen_id: str) -> Report:
     """The specimen report of a `count` run (preliminary until a person verifies it): the
     differential, with nucleated red cells and rejected detections beside it where the model
-    has those classes, and the white count when the operator entered one."""
+    has those classes, the white count when the operator entered one, and the run's flags (judged with
+    its own limits)."""
     tally = run.counter.tally()
     frames = FrameStats(run.fields, run.skipped_blur, run.skipped_motion)
     cells = tuple(cell_record(i + 1, c, xy) for i, (c, xy) in enumerate(zip(run.cells, run.slide_xy_um)))
@@ -69,5 +47,4 @@ def report_from_run(run, bundle: Bundle, profile, specimen_id: str,
         rejected=tally.rejected,
         unidentified=tally.unidentified, total=tally.total, target=tally.target,
         target_reached=tally.target_reached, frames=frames,
-        quality_flags=quality_flags(tally, frames, limits), verification=PRELIMINARY, cells=cells,
-        wbc_10e9_per_l=run.wbc_10e9_per_l)
+        flags=run.flags(), verification=PRELIMINARY, cells=cells, wbc_10e9_per_l=run.wbc_10e9_per_l)

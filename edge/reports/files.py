@@ -21,6 +21,7 @@ from hematovision.errors import LinkFailed
 
 from hematovision.classes import DIFFERENTIAL, PER_100_WBC, REJECT
 
+from ..counting.checks import FULL_REVIEW, FULL_REVIEW_BANNER
 from ..counting.tally import NRBC_CLASS
 from .html_page import render_html
 from .report import Report, ReportInvalid
@@ -99,10 +100,14 @@ def report_json(report: Report) -> bytes:
 
 def report_csv(report: Report) -> bytes:
     """One row per differential class, then unidentified, NRBC (per 100 WBC), each rejected class
-    and total; UTF-8 with a BOM for spreadsheets.
+    and total; UTF-8 with a BOM for spreadsheets. A specimen that needs full review (outside_training)
+    gets a line saying so, with why, above the column names: it cannot be read as a plain result.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
+    if report.needs_full_review:
+        why = " ".join(f.message for f in report.flags if f.severity == FULL_REVIEW)
+        writer.writerow([_csv_text(f"{FULL_REVIEW_BANNER.upper()}. {why}")])
     writer.writerow(CSV_HEADER)
     writer.writerows(_csv_rows(report))
     return buffer.getvalue().encode("utf-8-sig")

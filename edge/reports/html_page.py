@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from html import escape
 
+from ..counting.checks import FULL_REVIEW_BANNER
 from ..counting.tally import NRBC_CLASS
 from .report import CellRecord, ClassCount, Report
 
@@ -17,9 +18,10 @@ h1{font-size:1.4em;margin-bottom:.2em} h2{font-size:1.1em;margin-top:1.5em}
 .banner{padding:.7em 1em;font-size:1.2em;font-weight:bold;border-radius:4px}
 .preliminary{background:#fde68a;border:3px solid #b45309;color:#7c2d12}
 .verified{background:#bbf7d0;border:3px solid #15803d;color:#14532d}
+.full-review{background:#fee2e2;border:3px solid #b91c1c;color:#7f1d1d}
 table{border-collapse:collapse;max-width:100%} td,th{padding:.25em .6em;border-bottom:1px solid #ccc}
 td.n{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap} th{text-align:left}
-.flags li{color:#991b1b;font-weight:bold} .none{color:#555}
+.flags li{color:#991b1b;margin-bottom:.3em} .flags code{font-weight:bold} .none{color:#555}
 .note{color:#444;font-size:.9em}
 .chart{width:100%;max-width:480px;height:auto;display:block} #run td{overflow-wrap:anywhere}
 .gallery{display:flex;flex-wrap:wrap;gap:8px}
@@ -56,8 +58,9 @@ def render_html(report: Report) -> str:
         f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>",
         f"<h1>{_e(title)}</h1>",
         _verification_banner(report),
-        _run_table(report),
+        _full_review_banner(report),
         _flags_section(report),
+        _run_table(report),
         _results_table(report),
         _beside_table(report),
         _bar_chart(report.classes),
@@ -89,6 +92,12 @@ def _verification_banner(report: Report) -> str:
     return f'<p class="banner {kind}" id="verification">{_e(text)}</p>'
 
 
+def _full_review_banner(report: Report) -> str:
+    if not report.needs_full_review:
+        return ""
+    return f'<p class="banner full-review" id="full-review">{_e(FULL_REVIEW_BANNER)}</p>'
+
+
 def _run_table(report: Report) -> str:
     rows = [
         ("Specimen", report.specimen_id), ("Device", report.device_id),
@@ -109,10 +118,12 @@ def _run_table(report: Report) -> str:
 
 
 def _flags_section(report: Report) -> str:
-    if not report.quality_flags:
-        return '<h2>Quality flags</h2><p class="none" id="flags">none</p>'
-    items = "".join(f"<li>{_e(flag)}</li>" for flag in report.quality_flags)
-    return f'<h2>Quality flags</h2><ul class="flags" id="flags">{items}</ul>'
+    """Each flag's message (what is wrong and what to do), worst first, with its code."""
+    if not report.flags:
+        return '<h2>Flags</h2><p class="none" id="flags">none</p>'
+    items = "".join(f'<li data-code="{_e(f.code)}">{_e(f.message)} <code>{_e(f.code)}</code></li>'
+                    for f in report.flags)
+    return f'<h2>Flags</h2><ul class="flags" id="flags">{items}</ul>'
 
 
 def _results_table(report: Report) -> str:

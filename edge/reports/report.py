@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 
+from ..counting.checks import FULL_REVIEW, Flag
 from ..counting.tally import (NRBC_CLASS, ClassCount, NrbcCount, RejectedCount, absolute_count, clopper_pearson,
                               per_100_wbc)
 from .schema import SCHEMA_ID, ReportInvalid, validate_report_dict
@@ -17,7 +18,7 @@ PERCENT_TOLERANCE = 0.011
 
 __all__ = [
     "PRELIMINARY", "SCHEMA_ID", "ReportInvalid", "ModelInfo", "ClassCount", "NrbcCount",
-    "RejectedCount", "FrameStats", "CellRecord", "Report", "clopper_pearson", "build_classes",
+    "RejectedCount", "FrameStats", "CellRecord", "Flag", "Report", "clopper_pearson", "build_classes",
     "build_nrbc", "verification_text", "commissioning_report",
 ]
 
@@ -58,7 +59,8 @@ class Report:
 
     `classes` is the differential (the 100%). Nucleated red cells (`nrbc`, None when the model
     has no such class) and rejected detections (`rejected`, empty when the model has no reject
-    class) are counted beside it; `total` is every counted cell, each one in `cells`.
+    class) are counted beside it; `total` is every counted cell, each one in `cells`. `flags` say what is
+    wrong with the specimen, worst first (edge/counting/checks.py); their codes are `quality_flags`.
     """
 
     specimen_id: str
@@ -73,7 +75,7 @@ class Report:
     target: int
     target_reached: bool
     frames: FrameStats
-    quality_flags: tuple[str, ...]
+    flags: tuple[Flag, ...]
     verification: str
     cells: tuple[CellRecord, ...]
     nrbc: NrbcCount | None = None
@@ -99,6 +101,16 @@ class Report:
         return None if self.wbc_10e9_per_l is None else absolute_count(c.percent, self.wbc_10e9_per_l)
 
     @property
+    def quality_flags(self) -> tuple[str, ...]:
+        """The flags' codes (the JSON's "quality_flags", as older reports had them)."""
+        return tuple(f.code for f in self.flags)
+
+    @property
+    def needs_full_review(self) -> bool:
+        """A flag (outside_training) says every cell must be verified."""
+        return any(f.severity == FULL_REVIEW for f in self.flags)
+
+    @property
     def verified(self) -> bool:
         return self.verification != PRELIMINARY
 
@@ -121,7 +133,8 @@ class Report:
             **self._beside_dict(),
             "unidentified": self.unidentified, "total": self.total, "target": self.target,
             "target_reached": self.target_reached, "frames": vars(self.frames).copy(),
-            "quality_flags": list(self.quality_flags), "verification": self.verification,
+            "quality_flags": list(self.quality_flags), "flags": [f.to_dict() for f in self.flags],
+            "needs_full_review": self.needs_full_review, "verification": self.verification,
             "cells": [_cell_dict(c) for c in self.cells],
         }
 
@@ -150,7 +163,7 @@ class Report:
             classes=tuple(_class_from(c) for c in data["classes"]),
             unidentified=data["unidentified"], total=data["total"], target=data["target"],
             target_reached=data["target_reached"], frames=FrameStats(**data["frames"]),
-            quality_flags=tuple(data["quality_flags"]), verification=data["verification"],
+            flags=_flags_from(data), verification=data["verification"],
             cells=tuple(_cell_from(c) for c in data["cells"]),
             nrbc=_nrbc_from(data.get("nrbc")),
             rejected=tuple(RejectedCount(r["name"], r["count"]) for r in data.get("rejected", ())),
@@ -158,6 +171,25 @@ class Report:
         )
         check_consistency(report)
         return report
+
+
+def _flags_from(data: dict) -> tuple[Flag, ...]:
+    """The flags with their messages; a report written before flags had messages gets each code's plain one.
+
+    Raises ReportInvalid when "flags", "quality_flags" and "needs_full_review" disagree.
+    """
+    codes = list(data["quality_flags"])
+    if "flags" not in data:
+        flags = tuple(Flag.of(code) for code in codes)
+    elif [f["code"] for f in data["flags"]] != codes:
+        raise ReportInvalid(f"report flags {[f['code'] for f in data['flags']]} are not its quality_flags {codes}")
+    else:
+        flags = tuple(Flag.of(f["code"], f["message"]) for f in data["flags"])
+    full = any(f.severity == FULL_REVIEW for f in flags)
+    if data.get("needs_full_review", full) != full:
+        raise ReportInvalid(f"report needs_full_review is {data['needs_full_review']} but its flags "
+                            f"{codes} say {full}")
+    return flags
 
 
 def _class_dict(c: ClassCount) -> dict:
@@ -300,5 +332,5 @@ def commissioning_report(specimen_id: str = "TEST-LINK-0001", device_id: str = "
         finished_at=at.isoformat(), model=ModelInfo("commissioning", "0", "0" * 64),
         calibration_profile_id=None, classes=classes, unidentified=2, total=102, target=100,
         target_reached=True, frames=FrameStats(40, 3, 1),
-        quality_flags=("commissioning_test_not_a_patient",), verification=PRELIMINARY,
+        flags=(Flag.of("commissioning_test_not_a_patient"),), verification=PRELIMINARY,
         cells=())

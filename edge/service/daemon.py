@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import threading
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 
@@ -16,8 +17,9 @@ from hematovision.errors import CameraUnavailable, ConfigError, DataError, Hemat
 
 from ..capture.sources import Frame, FrameSource, open_source, source_key
 from ..config import DEFAULT_CONFIG, Config, ReportConfig, check_timings, load_config
+from ..counting.checks import TARGET_NOT_REACHED, ColourSums, Evidence, TrainingRange, specimen_flags, worst
 from ..counting.select import make_selector
-from ..counting.tally import NRBC_CLASS
+from ..counting.tally import NRBC_CLASS, make_tally
 from ..counting.track import DEFAULT_TRACK
 from ..vision.pipeline import CellResult, CellSelector, FieldPipeline
 from ..vision.segment import Detection
@@ -67,6 +69,8 @@ class Daemon:
         self.specimen: Specimen | None = None
         self.selector: CellSelector | None = None
         self.counts: dict[str, int] = {}
+        self.training = TrainingRange.of(pipeline.bundle)
+        self.last_finished: str | None = None  # the status line of the specimen finished last
         self.announced = self.refused_id = False
         self.fresh_pipeline = pipeline_state(pipeline)
         self.outbox: Outbox | None = None
@@ -108,6 +112,8 @@ class Daemon:
         keyframes = self.store.keyframes(self.specimen, DEFAULT_TRACK.max_keyframes) if state else None
         self.selector = make_selector(self.config.counting.mode, state, keyframes) if self.specimen else None
         self.counts = self.store.label_counts(self.specimen) if self.specimen else {}
+        last = self.store.last_finished()
+        self.last_finished = finished_text(*last) if last else None
         restore_pipeline_state(self.pipeline, {**self.fresh_pipeline, **(self.store.pipeline_state() or {})})
 
     def announce_ready(self) -> None:
@@ -159,8 +165,10 @@ class Daemon:
             logger.warning("frame %d unusable: %s", frame.index, err)
             return self.unusable(specimen, frame.index)
         cells = tuple(new_cell(r, xy) for r, xy in zip(result.cells, result.slide_xy_um))
+        um = result.um_per_pixel if result.kind == "used" and result.um_per_pixel > 0 else None
         return FrameRecord(specimen, self.key, frame.index, result.kind, cells, result.edge_cells,
-                           self.selector.to_dict(), pipeline_state(self.pipeline), self.selector.new_keyframes())
+                           self.selector.to_dict(), pipeline_state(self.pipeline), self.selector.new_keyframes(),
+                           result.colour, um)
 
     def unusable(self, specimen: Specimen, index: int) -> FrameRecord:
         return FrameRecord(specimen, self.key, index, "unusable", (), 0, self.selector.to_dict(),
@@ -180,15 +188,23 @@ class Daemon:
         return sum(self.counts.get(c, 0) for c in self.wbc_classes)
 
     def status_text(self) -> str:
+        """The counts of the open specimen, then its worst flag's message; with none open, the last one's."""
         if self.specimen is None:
-            return "no specimen open"
+            return "no specimen open" + (f"; last: {self.last_finished}" if self.last_finished else "")
         text = (f"specimen {self.specimen.specimen_id}: {self.identified}/{self.specimen.target} cells, "
                 f"{self.counts.get(UNIDENTIFIED, 0)} unidentified")
         if NRBC_CLASS in self.classes:
             text += f", {self.counts.get(NRBC_CLASS, 0)} NRBC"
         if self.reject_classes:
             text += f", {sum(self.counts.get(c, 0) for c in self.reject_classes)} rejected"
-        return text
+        flag = worst(f for f in self.flags() if f.code != TARGET_NOT_REACHED)  # not judged while counting
+        return text + (f"; {flag.message}" if flag else "")
+
+    def flags(self):
+        """The open specimen's flags as its stored evidence stands."""
+        specimen = self.store.specimen(self.specimen.specimen_id)
+        return specimen_flags(specimen_evidence(self.store, specimen, self.classes), self.training,
+                              self.config.checks)
 
     def auto_start(self) -> Specimen | None:
         if not self.config.specimen.auto_start:
@@ -229,8 +245,9 @@ class Daemon:
     def finish(self, reason: str) -> None:
         """Close the open specimen; its report goes into the outbox in the same commit."""
         specimen = self.store.specimen(self.specimen.specimen_id)
-        report = build_report(self.store, specimen, self.pipeline)
+        report = build_report(self.store, specimen, self.pipeline, self.config)
         self.store.finish_specimen(specimen, reason, report)
+        self.last_finished = finished_text(replace(specimen, finish_reason=reason), report)
         self.specimen, self.selector, self.counts = None, None, {}
         self.outbox.wake()
 
@@ -261,7 +278,30 @@ class Daemon:
 def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
     return NewCell(float(slide_xy_um[0]), float(slide_xy_um[1]), result.prediction.label,
                    float(result.prediction.confidence), tuple(int(v) for v in result.detection.bbox),
-                   result.thumbnail_jpeg, result.field)
+                   result.thumbnail_jpeg, result.field, bool(result.prediction.unfamiliar))
+
+
+def specimen_evidence(store: Store, specimen: Specimen, classes) -> Evidence:
+    """What the specimen checks judge, as stored: counts, unfamiliar cells, frames, colour, pixel size."""
+    counts = store.label_counts(specimen)
+    return Evidence(make_tally(counts, classes, specimen.target), sum(counts.values()),
+                    store.unfamiliar_count(specimen), specimen.fields, specimen.skipped_blur,
+                    specimen.skipped_motion, specimen_colour(specimen), specimen.um_per_pixel)
+
+
+def specimen_colour(specimen: Specimen) -> ColourSums:
+    return ColourSums(specimen.colour_frames, specimen.colour_sums) if specimen.colour_sums else ColourSums()
+
+
+def finished_text(specimen: Specimen, report: dict | None) -> str:
+    """A finished specimen in the status line: its counts and its worst flag (flags are stored worst first)."""
+    if report is None:  # pruned: the report was delivered long ago
+        return f"specimen {specimen.specimen_id} finished ({specimen.finish_reason})"
+    identified = sum(c["count"] for c in report["classes"])
+    flags = report.get("flags") or [{"message": code} for code in report["quality_flags"]]
+    text = (f"specimen {specimen.specimen_id} finished ({specimen.finish_reason}): {identified}/{report['target']} "
+            f"cells, {report['unidentified']} unidentified")
+    return text + (f"; {flags[0]['message']}" if flags else "")
 
 
 def pipeline_state(pipeline: FieldPipeline) -> dict:
@@ -274,8 +314,8 @@ def restore_pipeline_state(pipeline: FieldPipeline, state: dict | None) -> None:
     pipeline.restore(state)
 
 
-def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> dict:
-    """The report of a specimen from its stored cells (schema hematovision.report/1, as a dict)."""
+def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline, config: Config) -> dict:
+    """The report of a specimen from its stored cells and evidence (schema hematovision.report/1, as a dict)."""
     from ..vision.classify import Prediction  # noqa: PLC0415
     from ..counting.count import CountRun  # noqa: PLC0415
     from ..reports.build import report_from_run  # noqa: PLC0415
@@ -284,14 +324,13 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline) -> d
     run = CountRun(Counter(pipeline.bundle.classes, specimen.target), fields=specimen.fields,
                    skipped_blur=specimen.skipped_blur, skipped_motion=specimen.skipped_motion,
                    edge_cells=specimen.edge_cells, started_at=specimen.started_at,
-                   wbc_10e9_per_l=specimen.wbc_10e9_per_l)
+                   wbc_10e9_per_l=specimen.wbc_10e9_per_l, training=TrainingRange.of(pipeline.bundle),
+                   limits=config.checks, colour=specimen_colour(specimen), um_per_pixel=specimen.um_per_pixel)
     for _, cell in store.cells(specimen):
         x0, y0, x1, y1 = cell.bbox
         detection = Detection(((x0 + x1) / 2, (y0 + y1) / 2), cell.bbox, 0.0, 0.0, False)
-        run.cells.append(CellResult(detection, Prediction(cell.label, cell.confidence, {}), cell.thumbnail,
-                                    cell.field))
-        run.slide_xy_um.append((cell.x_um, cell.y_um))
-        run.counter.add(cell.label)
+        prediction = Prediction(cell.label, cell.confidence, {}, unfamiliar=cell.unfamiliar)
+        run.add_cell(CellResult(detection, prediction, cell.thumbnail, cell.field), (cell.x_um, cell.y_um))
     return report_from_run(run, pipeline.bundle, pipeline.profile, specimen.specimen_id).to_dict()
 
 

@@ -16,7 +16,7 @@ from hematovision.errors import HematovisionError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: specimens.wbc, commands.wbc, cells.field (added to a version 1 database)
+SCHEMA_VERSION = 3  # 2: specimens.wbc, commands.wbc, cells.field; 3: the evidence of the specimen checks
 OPEN, FINISHED = "open", "finished"
 FRAME_KINDS = ("used", "blur", "motion", "unusable")
 
@@ -35,7 +35,10 @@ CREATE TABLE IF NOT EXISTS specimens (
     unusable INTEGER NOT NULL DEFAULT 0,
     edge_cells INTEGER NOT NULL DEFAULT 0,
     tracker_state TEXT,
-    wbc REAL
+    wbc REAL,
+    colour_frames INTEGER NOT NULL DEFAULT 0,
+    colour_sums TEXT,
+    um_per_pixel REAL
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_specimen ON specimens (status) WHERE status = 'open';
 CREATE TABLE IF NOT EXISTS cells (
@@ -50,6 +53,7 @@ CREATE TABLE IF NOT EXISTS cells (
     bbox TEXT NOT NULL,
     thumbnail BLOB NOT NULL,
     field TEXT,
+    unfamiliar INTEGER NOT NULL DEFAULT 0,
     UNIQUE (specimen, frame, seq)
 );
 CREATE TABLE IF NOT EXISTS settings (
@@ -87,10 +91,15 @@ CREATE TABLE IF NOT EXISTS commands (
     wbc REAL
 );
 """
-# Columns added since version 1, in the order of _SCHEMA: a version 1 database gains them at its first opening.
-_ADDED_COLUMNS = (("specimens", "wbc", "REAL"), ("cells", "field", "TEXT"), ("commands", "wbc", "REAL"))
+# Columns added since version 1, in the order of _SCHEMA, with their declarations: a database of an earlier
+# version gains them in place at its first opening (version 3's evidence: cells counted before are familiar,
+# with no colour or pixel size).
+_ADDED_COLUMNS = (("specimens", "wbc", "REAL"), ("cells", "field", "TEXT"), ("commands", "wbc", "REAL"),
+                  ("specimens", "colour_frames", "INTEGER NOT NULL DEFAULT 0"), ("specimens", "colour_sums", "TEXT"),
+                  ("specimens", "um_per_pixel", "REAL"), ("cells", "unfamiliar", "INTEGER NOT NULL DEFAULT 0"))
 _SPECIMEN_COLUMNS = ("id, specimen_id, target, status, started_at, finished_at, finish_reason, fields, skipped_blur, "
-                     "skipped_motion, unusable, edge_cells, tracker_state, wbc")
+                     "skipped_motion, unusable, edge_cells, tracker_state, wbc, colour_frames, colour_sums, "
+                     "um_per_pixel")
 
 
 class StateError(HematovisionError):
@@ -123,11 +132,15 @@ class Specimen:
     edge_cells: int
     tracker_state: dict | None
     wbc_10e9_per_l: float | None = None  # the white count entered at its start; None: not entered
+    colour_frames: int = 0  # used frames whose colour summaries are summed in colour_sums
+    colour_sums: tuple[float, ...] | None = None
+    um_per_pixel: float | None = None  # of the latest used frame
 
 
 @dataclass(frozen=True)
 class NewCell:
-    """A counted cell as stored: slide position in micrometres, class, thumbnail, the field it was found in."""
+    """A counted cell as stored: slide position in micrometres, class, thumbnail, the field it was found in,
+    and whether it is unlike the training cells."""
 
     x_um: float
     y_um: float
@@ -136,6 +149,7 @@ class NewCell:
     bbox: tuple[int, int, int, int]
     thumbnail: bytes
     field: str = ""
+    unfamiliar: bool = False
 
 
 @dataclass(frozen=True)
@@ -151,6 +165,8 @@ class FrameRecord:
     tracker_state: dict | None
     pipeline_state: dict | None = None  # what the pipeline carries from field to field
     keyframes: tuple[tuple[int, dict], ...] = ()  # (number, keyframe) the scan tracker added in this frame
+    colour: tuple[float, ...] | None = None  # a used frame's colour summary, added to the specimen's sums
+    um_per_pixel: float | None = None  # a used frame's pixel size
 
 
 @dataclass(frozen=True)
@@ -204,22 +220,32 @@ class Store:
                 self.db.execute(f"PRAGMA max_page_count = {int(max_page_count)}").fetchone()
             if self.db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
                 raise StateError(f"{self.path} is damaged (quick_check failed); move it aside to start afresh")
-            self.db.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} COMMIT;")
-            self._add_columns()
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            self._create_or_upgrade()
         except sqlite3.DatabaseError as err:
             self.close()
             raise _state_error(err, self.path) from err
+        except StateError:
+            self.close()
+            raise
 
-    def _add_columns(self) -> None:
-        """Add the columns a version 1 database lacks, each checked and added under the write lock."""
-        for table, column, kind in _ADDED_COLUMNS:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                if column not in {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}:
-                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-            finally:
-                self.db.execute("COMMIT")
+    def _create_or_upgrade(self) -> None:
+        """The tables of this version, in one transaction: created, or an earlier version's upgraded in place.
+
+        Raises StateError for a database of a later version (its columns would be lost on the way back).
+        """
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StateError(f"{self.path} was written by a newer Hematovision (state version {version}, this one "
+                             f"reads up to {SCHEMA_VERSION}); install that version again or move the file aside")
+        with self.transaction() as db:
+            for statement in filter(str.strip, _SCHEMA.split(";")):
+                db.execute(statement)
+            for table, column, declaration in _ADDED_COLUMNS:
+                if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+                    db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        if 0 < version < SCHEMA_VERSION:
+            logger.info("state database %s upgraded from version %d to %d", self.path, version, SCHEMA_VERSION)
 
     def close(self) -> None:
         self.db.close()
@@ -267,6 +293,12 @@ class Store:
                               (specimen_id,)).fetchone()
         return _specimen(row) if row else None
 
+    def last_finished(self) -> tuple[Specimen, dict | None] | None:
+        """The specimen finished last and its report (None once pruned), or None before the first."""
+        row = self.db.execute(f"SELECT {_SPECIMEN_COLUMNS} FROM specimens WHERE status = 'finished' "
+                              "ORDER BY finished_at DESC, id DESC LIMIT 1").fetchone()
+        return (_specimen(row), self.report(row[1])) if row else None
+
     def specimen_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT specimen_id FROM specimens ORDER BY id")]
 
@@ -291,7 +323,7 @@ class Store:
         return row[0] if row else 0
 
     def record_frame(self, frame: FrameRecord) -> None:
-        """The frame's new cells, the specimen's statistics and tracker state, and the source
+        """The frame's new cells, the specimen's statistics, evidence and tracker state, and the source
         position, in one transaction. Raises StorageFull (nothing written), StateError.
         """
         self.check_space()
@@ -299,19 +331,34 @@ class Store:
                   "unusable": "unusable"}[frame.kind]
         with self.transaction() as db:
             db.executemany(
-                "INSERT INTO cells (specimen, frame, seq, x_um, y_um, label, confidence, bbox, thumbnail, field) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO cells (specimen, frame, seq, x_um, y_um, label, confidence, bbox, thumbnail, field, "
+                "unfamiliar) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(frame.specimen.row, frame.index, i, c.x_um, c.y_um, c.label, c.confidence,
-                  json.dumps(list(c.bbox)), c.thumbnail, c.field) for i, c in enumerate(frame.cells)])
+                  json.dumps(list(c.bbox)), c.thumbnail, c.field, int(c.unfamiliar))
+                 for i, c in enumerate(frame.cells)])
             db.execute(f"UPDATE specimens SET {column} = {column} + 1, edge_cells = edge_cells + ?, "
                        "tracker_state = ? WHERE id = ? AND status = 'open'",
                        (frame.edge_cells, _json_or_none(frame.tracker_state), frame.specimen.row))
+            self._add_evidence(db, frame)
             self._set_position(db, frame.source, frame.index + 1)
             db.executemany("INSERT OR REPLACE INTO keyframes (specimen, seq, data) VALUES (?, ?, ?)",
                            [(frame.specimen.row, n, _json_or_none(k)) for n, k in frame.keyframes])
             if frame.pipeline_state is not None:
                 db.execute("INSERT OR REPLACE INTO settings (key, value) VALUES ('pipeline_state', ?)",
                            (_json_or_none(frame.pipeline_state),))
+
+    @staticmethod
+    def _add_evidence(db: sqlite3.Connection, frame: FrameRecord) -> None:
+        """A used frame's colour summary added to the specimen's sums, and its pixel size (same transaction)."""
+        if frame.colour is not None:
+            frames, sums = db.execute("SELECT colour_frames, colour_sums FROM specimens WHERE id = ?",
+                                      (frame.specimen.row,)).fetchone()
+            total = [a + b for a, b in zip(json.loads(sums), frame.colour)] if sums else list(frame.colour)
+            db.execute("UPDATE specimens SET colour_frames = ?, colour_sums = ? WHERE id = ? AND status = 'open'",
+                       (frames + 1, json.dumps(total, allow_nan=False), frame.specimen.row))
+        if frame.um_per_pixel is not None:
+            db.execute("UPDATE specimens SET um_per_pixel = ? WHERE id = ? AND status = 'open'",
+                       (frame.um_per_pixel, frame.specimen.row))
 
     def pipeline_state(self) -> dict | None:
         row = self.db.execute("SELECT value FROM settings WHERE key = 'pipeline_state'").fetchone()
@@ -339,11 +386,17 @@ class Store:
                                (specimen.row,))
         return dict(rows.fetchall())
 
+    def unfamiliar_count(self, specimen: Specimen) -> int:
+        """Cells of the specimen unlike the training cells."""
+        row = self.db.execute("SELECT COUNT(*) FROM cells WHERE specimen = ? AND unfamiliar", (specimen.row,))
+        return row.fetchone()[0]
+
     def cells(self, specimen: Specimen) -> list[tuple[int, NewCell]]:
         """(frame, cell) in counting order."""
-        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail, field FROM cells "
-                               "WHERE specimen = ? ORDER BY frame, seq", (specimen.row,))
-        return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7] or ""))
+        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail, field, unfamiliar "
+                               "FROM cells WHERE specimen = ? ORDER BY frame, seq", (specimen.row,))
+        return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7] or "",
+                               bool(r[8])))
                 for r in rows]
 
     # --- finishing and the outbox -------------------------------------------------
@@ -430,9 +483,9 @@ class Store:
 
 def _specimen(row) -> Specimen:
     """A Specimen from a row of _SPECIMEN_COLUMNS."""
-    values = list(row)
-    values[12] = json.loads(values[12]) if values[12] else None
-    return Specimen(*values)
+    *values, tracker, wbc, colour_frames, colour_sums, um = row
+    return Specimen(*values, json.loads(tracker) if tracker else None, wbc, colour_frames,
+                    tuple(json.loads(colour_sums)) if colour_sums else None, um)
 
 
 def _timestamp(iso: str | None) -> float:

@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import dataclass
 
+from hematovision.calibration.colour import SUMMARY_KEYS
 from hematovision.classes import validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
@@ -43,6 +44,17 @@ class NoveltyEntry:
 
 
 @dataclass(frozen=True)
+class StainRange:
+    """One training lab's colour: the mean and standard deviation, over its training images, of each
+    image's colour summary (calibration.colour.SUMMARY_KEYS: Lab means and spreads)."""
+
+    lab: str
+    images: int
+    mean: tuple[float, ...]
+    sd: tuple[float, ...]
+
+
+@dataclass(frozen=True)
 class BundleMeta:
     """The fields of bundle.json the device uses, each checked."""
 
@@ -58,6 +70,7 @@ class BundleMeta:
     model_sha256: str
     novelty: NoveltyEntry | None = None  # none in bundles made before novelty scores existed
     features_quantization: TensorQuantization | None = None
+    stain_range: tuple[StainRange, ...] = ()  # none in bundles made before stain ranges existed
 
 
 def meta_digest(meta: dict) -> str:
@@ -111,7 +124,7 @@ def check_meta(meta: object, where: str) -> BundleMeta:
         classes, size, geometry, trained_um, _quantization(meta, "input", where), _quantization(meta, "output", where),
         _number(meta, "confidence.temperature", where, 0.0, 100.0, low_open=True),
         _number(meta, "confidence.threshold", where, 0.0, 1.0),
-        _colour(meta, where), _hex64(meta, "model_sha256", where), *_novelty(meta, where))
+        _colour(meta, where), _hex64(meta, "model_sha256", where), *_novelty(meta, where), _stain_range(meta, where))
 
 
 def _novelty(meta: dict, where: str) -> tuple[NoveltyEntry | None, TensorQuantization | None]:
@@ -125,6 +138,35 @@ def _novelty(meta: dict, where: str) -> tuple[NoveltyEntry | None, TensorQuantiz
                          _integer(meta, "novelty.dims", where, 1, 100_000), file,
                          _hex64(meta, "novelty.sha256", where))
     return entry, _quantization(meta, "features", where)
+
+
+def _stain_range(meta: dict, where: str) -> tuple[StainRange, ...]:
+    """Each training lab's colour range; empty when the bundle has none (made before it existed)."""
+    labs = _field(meta, "stain_range", where, optional=True)
+    if labs is None:
+        return ()
+    if not isinstance(labs, dict) or not labs or not all(isinstance(lab, str) and lab for lab in labs):
+        raise ModelInvalid(f"{where}: stain_range must be a JSON object of training labs; {REEXPORT}")
+    out = []
+    for lab in sorted(labs):
+        key = f"stain_range.{lab}"
+        if _field(meta, f"{key}.keys", where) != list(SUMMARY_KEYS):
+            raise ModelInvalid(f"{where}: {key}.keys must be {list(SUMMARY_KEYS)}; {REEXPORT}")
+        out.append(StainRange(lab, _integer(meta, f"{key}.images", where, 1, 10**9),
+                              _numbers(meta, f"{key}.mean", where, -200.0), _numbers(meta, f"{key}.sd", where, 0.0)))
+    return tuple(out)
+
+
+def _numbers(meta: dict, dotted: str, where: str, low: float) -> tuple[float, ...]:
+    """One finite number from `low` to 200 per colour summary key."""
+    value = _field(meta, dotted, where)
+    ok = isinstance(value, list) and len(value) == len(SUMMARY_KEYS) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and low <= v <= 200.0
+        for v in value)
+    if not ok:
+        raise ModelInvalid(f"{where}: {dotted} = {value!r:.80} must be {len(SUMMARY_KEYS)} numbers from {low:g} "
+                           f"to 200; {REEXPORT}")
+    return tuple(float(v) for v in value)
 
 
 def _field(meta: dict, dotted: str, where: str, optional: bool = False):

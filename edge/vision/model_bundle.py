@@ -16,7 +16,7 @@ from hematovision.errors import DataError, ModelInvalid
 from hematovision.novelty import NoveltyModel
 from hematovision.stain import NO_STANDARD, ColourStandard
 
-from .bundle_meta import BUNDLE_FORMAT, BundleMeta, check_meta, verify_stamp  # noqa: F401 - BUNDLE_FORMAT for export
+from .bundle_meta import BUNDLE_FORMAT, BundleMeta, StainRange, check_meta, verify_stamp  # noqa: F401 - BUNDLE_FORMAT for export
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Bundle:
     colour: ColourStandard = NO_STANDARD  # applied to every crop before the model
     novelty: NoveltyModel | None = None  # a cell whose features score above its threshold is "unidentified"
     trained_um_per_pixel: float | None = None
+    stain_range: tuple[StainRange, ...] = ()  # each training lab's colour, for the specimen checks
 
     @property
     def um_per_pixel(self) -> float | None:
@@ -169,7 +170,8 @@ def load_bundle(path: str | Path, threads: int | None = None, stamp: bool = True
     model = Int8Model(content, threads, str(path / MODEL_FILE))
     _check_shapes(path, checked, model)
     return Bundle(path, meta, checked.classes, checked.geometry, checked.temperature, checked.threshold, model,
-                  checked.colour, _novelty(path, checked, model), checked.trained_um_per_pixel)
+                  checked.colour, _novelty(path, checked, model), checked.trained_um_per_pixel,
+                  checked.stain_range)
 
 
 def _novelty(path: Path, meta: BundleMeta, model: Int8Model) -> NoveltyModel | None:

@@ -10,6 +10,7 @@ from typing import Protocol
 import cv2
 import numpy as np
 
+from hematovision.calibration.colour import colour_sample, lab_summary
 from hematovision.calibration.correct import correct_colour, correct_illumination
 from hematovision.crop import NO_JITTER, CropGeometry, crop_matrix, cut_crops
 from hematovision.errors import CalibrationError
@@ -61,6 +62,7 @@ class FieldResult:
     pixel_size_source: str
     kind: str = "used"  # or "blur" / "motion": a scan frame that counted nothing
     slide_xy_um: tuple[tuple[float, float], ...] = ()  # of `cells`
+    colour: tuple[float, ...] | None = None  # a used frame's colour summary (calibration.colour.SUMMARY_KEYS)
 
 
 @dataclass(frozen=True)
@@ -214,12 +216,20 @@ class FieldPipeline:
             return crops
         return correct_colour(crops.reshape(-1, crops.shape[2], 3), self.profile).reshape(crops.shape)
 
+    def colour(self, image: np.ndarray) -> tuple[float, ...]:
+        """The colour summary of a prepared frame as the classifier sees it (the profile's colour mapping
+        applied), from a few thousand of its pixels: compared with the bundle's training labs."""
+        sample = colour_sample(image)
+        return lab_summary(correct_colour(sample, self.profile) if self.profile is not None else sample)
+
     def process(self, image: np.ndarray, name: str = "frame", selector: CellSelector | None = None) -> FieldResult:
         """One frame: the cells the selector calls new (default: every whole white cell) classified;
-        cells cut by the edge counted apart. Raises DataError for a frame that cannot be used."""
+        cells cut by the edge counted apart; a used frame's colour summarised. Raises DataError for a
+        frame that cannot be used."""
         image = self.prepare(image, name)
         seg = self.detect(image)
         selection = (selector or FieldSelector()).select(image, seg)
         cells = self.classify(image, selection.cells, seg.um_per_pixel, os.path.basename(name))
+        colour = self.colour(image) if selection.kind == "used" else None
         return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
-                           seg.pixel_size_source, selection.kind, selection.slide_xy_um)
+                           seg.pixel_size_source, selection.kind, selection.slide_xy_um, colour)
