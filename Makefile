@@ -67,7 +67,7 @@ bench: $(STAMP)
 RESULTS ?= benchmarks/results
 RERUN ?=
 DAEMON_MINUTES ?= 30
-BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab cv
+BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab flags cv
 RERUN_NAMES = $(if $(filter all,$(RERUN)),$(BENCHMARKS),$(RERUN))
 .PHONY: results cv $(addprefix result-,$(BENCHMARKS))
 
@@ -92,6 +92,8 @@ result-faults: $(STAMP)
 	$(PY) benchmarks/bench_faults.py --json $(RESULTS)/faults.json
 result-crosslab: $(STAMP)
 	$(PY) benchmarks/crosslab.py --out runs/crosslab --json $(RESULTS)/crosslab.json
+result-flags: $(STAMP)
+	$(PY) benchmarks/bench_flags.py --json $(RESULTS)/flags.json
 result-cv: $(STAMP)
 	@set -e; for d in runs/cv_*/; do \
 	    if ls $$d/fold*_bundle/bundle.json >/dev/null 2>&1; then \
