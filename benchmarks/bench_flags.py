@@ -1,4 +1,4 @@
-"""Specimen flags on simulated specimens: per lab and per synthetic shift, accuracy and how often outside_training fires.
+"""Specimen flags on simulated specimens: per lab and per shift, accuracy and how often outside_training fires.
 
 Prints figures (not a test); --json FILE writes them through benchmarks/provenance.py. From the repository root
 (needs ../shared/data; a few minutes on 2 cores with the defaults):
@@ -296,8 +296,10 @@ def lab_plan(lab: str, trained: set[str], held_out: set[str] | None) -> tuple[st
 
 
 def describe_bundle(bundle, training, trained) -> list[str]:
-    lines = [f"bundle {repo_path(bundle.path)}: classes {', '.join(bundle.classes)}; trained on {', '.join(sorted(trained))}"]
-    lines.append("  novelty model: " + ("yes" if training.novelty else "no novelty model (unfamiliar cells not judged)"))
+    lines = [f"bundle {repo_path(bundle.path)}: classes {', '.join(bundle.classes)}; "
+             f"trained on {', '.join(sorted(trained))}"]
+    lines.append("  novelty model: " + ("yes" if training.novelty else
+                                        "no novelty model (unfamiliar cells not judged)"))
     lines.append("  stain_range: " + (", ".join(r.lab for r in training.stain) if training.stain
                                        else "none (no stain check)"))
     lines.append(f"  trained pixel size: {training.um_per_pixel:.4f} um/px" if training.um_per_pixel

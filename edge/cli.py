@@ -261,12 +261,13 @@ def format_table(summary: dict) -> str:
 def _flag_lines(summary: dict) -> list[str]:
     """What is wrong with the specimen and what to do, worst first; a banner first when every cell must be
     verified."""
-    from .counting.checks import FULL_REVIEW_BANNER, OUTSIDE_TRAINING
+    from .counting.checks import FULL_REVIEW, FULL_REVIEW_BANNER, SEVERITY
 
     flags = summary.get("flags", [])
     if not flags:
         return []
-    banner = [f"*** {FULL_REVIEW_BANNER.upper()} ***"] if any(f["code"] == OUTSIDE_TRAINING for f in flags) else []
+    full = any(SEVERITY.get(f["code"]) == FULL_REVIEW for f in flags)
+    banner = [f"*** {FULL_REVIEW_BANNER.upper()} ***"] if full else []
     return ["", *banner, "Flags:", *(f"- {f['message']} [{f['code']}]" for f in flags)]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import signal
 import socket
@@ -284,9 +285,16 @@ def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
 def specimen_evidence(store: Store, specimen: Specimen, classes) -> Evidence:
     """What the specimen checks judge, as stored: counts, unfamiliar cells, frames, colour, pixel size."""
     counts = store.label_counts(specimen)
-    return Evidence(make_tally(counts, classes, specimen.target), sum(counts.values()),
+    return Evidence(cached_tally(tuple(sorted(counts.items())), tuple(classes), specimen.target), sum(counts.values()),
                     store.unfamiliar_count(specimen), specimen.fields, specimen.skipped_blur,
                     specimen.skipped_motion, specimen_colour(specimen), specimen.um_per_pixel)
+
+
+@functools.lru_cache(maxsize=8)
+def cached_tally(counts: tuple[tuple[str, int], ...], classes: tuple[str, ...], target: int):
+    """make_tally, once per set of counts: its exact intervals take tens of milliseconds, and most frames
+    add no cell, so the status line of each frame reuses them."""
+    return make_tally(dict(counts), classes, target)
 
 
 def specimen_colour(specimen: Specimen) -> ColourSums:
