@@ -215,6 +215,17 @@ def test_a_strong_colour_shift_of_real_fields_lies_outside_the_range_built_from_
     assert cause is not None and "stain colours outside the training range" in cause.finding
 
 
+def test_cells_of_another_lab_lie_outside_the_stain_range_of_the_sample_fields(samples_bccd, samples_pbc):
+    summaries = np.array([colour_summary(im) for im in sample_fields(samples_bccd)])
+    bccd = StainRange("bccd", len(summaries), tuple(summaries.mean(0)), tuple(summaries.std(0)))
+    pbc_frames = colour_of(*(colour_summary(read_rgb(p)) for p in sorted(samples_pbc.glob("*/*.jpg"))))
+    cause = stain_cause(evidence(colour=pbc_frames), TrainingRange((bccd,), 0.072, True), ChecksConfig())
+    assert cause is not None and "contrast (spread of lightness)" in cause.finding  # PBC's fields: paler, more contrast
+    pbc = StainRange("pbc", 16, pbc_frames.mean, (2.0,) * 6)
+    both = TrainingRange((bccd, pbc), 0.072, True)
+    assert stain_cause(evidence(colour=pbc_frames), both, ChecksConfig()) is None  # a lab it was trained on
+
+
 def test_the_pipeline_summarises_each_used_frames_colour(tiny_bundle, samples_bccd):
     image = sample_fields(samples_bccd, 1)[0]
     result = FieldPipeline(load_bundle(tiny_bundle, 1)).process(image)

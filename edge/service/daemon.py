@@ -285,9 +285,9 @@ def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
 def specimen_evidence(store: Store, specimen: Specimen, classes) -> Evidence:
     """What the specimen checks judge, as stored: counts, unfamiliar cells, frames, colour, pixel size."""
     counts = store.label_counts(specimen)
-    return Evidence(cached_tally(tuple(sorted(counts.items())), tuple(classes), specimen.target), sum(counts.values()),
-                    store.unfamiliar_count(specimen), specimen.fields, specimen.skipped_blur,
-                    specimen.skipped_motion, specimen_colour(specimen), specimen.um_per_pixel)
+    tally = cached_tally(tuple(sorted(counts.items())), tuple(classes), specimen.target)
+    return Evidence(tally, sum(counts.values()), store.unfamiliar_count(specimen), specimen.fields,
+                    specimen.skipped_blur, specimen.skipped_motion, specimen_colour(specimen), specimen.um_per_pixel)
 
 
 @functools.lru_cache(maxsize=8)
