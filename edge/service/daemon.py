@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 EX_CONFIG = 78  # sysexits.h: the unit's RestartPreventExitStatus, a configuration error is not retried
 STATE_FILE = "state.db"
+# The open specimen's worst flag in the status line is judged again at most this often: the tally's
+# exact intervals cost tens of milliseconds, more than a frame's segmentation.
+FLAG_STATUS_EVERY_S = 5.0
 
 
 # --- the service -----------------------------------------------------------------------
@@ -72,6 +75,7 @@ class Daemon:
         self.counts: dict[str, int] = {}
         self.training = TrainingRange.of(pipeline.bundle)
         self.last_finished: str | None = None  # the status line of the specimen finished last
+        self.flag_status: tuple[float, str] | None = None  # (when, text) of the open specimen's worst flag
         self.announced = self.refused_id = False
         self.fresh_pipeline = pipeline_state(pipeline)
         self.outbox: Outbox | None = None
@@ -113,6 +117,7 @@ class Daemon:
         keyframes = self.store.keyframes(self.specimen, DEFAULT_TRACK.max_keyframes) if state else None
         self.selector = make_selector(self.config.counting.mode, state, keyframes) if self.specimen else None
         self.counts = self.store.label_counts(self.specimen) if self.specimen else {}
+        self.flag_status = None
         last = self.store.last_finished()
         self.last_finished = finished_text(*last) if last else None
         restore_pipeline_state(self.pipeline, {**self.fresh_pipeline, **(self.store.pipeline_state() or {})})
@@ -198,8 +203,16 @@ class Daemon:
             text += f", {self.counts.get(NRBC_CLASS, 0)} NRBC"
         if self.reject_classes:
             text += f", {sum(self.counts.get(c, 0) for c in self.reject_classes)} rejected"
-        flag = worst(f for f in self.flags() if f.code != TARGET_NOT_REACHED)  # not judged while counting
-        return text + (f"; {flag.message}" if flag else "")
+        return text + self.worst_flag_text()
+
+    def worst_flag_text(self) -> str:
+        """The open specimen's worst flag as "; message", or nothing (its target is judged at the end only);
+        judged again every FLAG_STATUS_EVERY_S."""
+        now = time.monotonic()
+        if self.flag_status is None or now - self.flag_status[0] >= FLAG_STATUS_EVERY_S:
+            flag = worst(f for f in self.flags() if f.code != TARGET_NOT_REACHED)
+            self.flag_status = (now, f"; {flag.message}" if flag else "")
+        return self.flag_status[1]
 
     def flags(self):
         """The open specimen's flags as its stored evidence stands."""
@@ -231,7 +244,7 @@ class Daemon:
         """Raises StateError when a specimen is open or the id was used."""
         self.specimen = self.store.start_specimen(specimen_id, target, wbc_10e9_per_l)
         self.selector = make_selector(self.config.counting.mode, None)
-        self.counts = {}
+        self.counts, self.flag_status = {}, None
         return self.specimen
 
     def finish_if_due(self) -> None:
@@ -249,7 +262,7 @@ class Daemon:
         report = build_report(self.store, specimen, self.pipeline, self.config)
         self.store.finish_specimen(specimen, reason, report)
         self.last_finished = finished_text(replace(specimen, finish_reason=reason), report)
-        self.specimen, self.selector, self.counts = None, None, {}
+        self.specimen, self.selector, self.counts, self.flag_status = None, None, {}, None
         self.outbox.wake()
 
     def run_commands(self) -> None:
@@ -285,16 +298,9 @@ def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
 def specimen_evidence(store: Store, specimen: Specimen, classes) -> Evidence:
     """What the specimen checks judge, as stored: counts, unfamiliar cells, frames, colour, pixel size."""
     counts = store.label_counts(specimen)
-    tally = cached_tally(tuple(sorted(counts.items())), tuple(classes), specimen.target)
-    return Evidence(tally, sum(counts.values()), store.unfamiliar_count(specimen), specimen.fields,
+    return Evidence(make_tally(counts, classes, specimen.target), sum(counts.values()),
+                    store.unfamiliar_count(specimen), specimen.fields,
                     specimen.skipped_blur, specimen.skipped_motion, specimen_colour(specimen), specimen.um_per_pixel)
-
-
-@functools.lru_cache(maxsize=8)
-def cached_tally(counts: tuple[tuple[str, int], ...], classes: tuple[str, ...], target: int):
-    """make_tally, once per set of counts: its exact intervals take tens of milliseconds, and most frames
-    add no cell, so the status line of each frame reuses them."""
-    return make_tally(dict(counts), classes, target)
 
 
 def specimen_colour(specimen: Specimen) -> ColourSums:
