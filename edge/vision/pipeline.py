@@ -150,6 +150,7 @@ class FieldPipeline:
         self._fields = 0
         if self.um_per_pixel and bundle.um_per_pixel:
             check_against_bundle(profile, bundle.um_per_pixel)
+        lab_summary(np.zeros((2, 2, 3), np.uint8))  # OpenCV builds its Lab tables once (0.1 s): here, not in a frame
 
     def state(self) -> dict:
         """What the pipeline carries from field to field, for the daemon to persist."""
