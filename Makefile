@@ -92,8 +92,15 @@ result-faults: $(STAMP)
 	$(PY) benchmarks/bench_faults.py --json $(RESULTS)/faults.json
 result-crosslab: $(STAMP)
 	$(PY) benchmarks/crosslab.py --out runs/crosslab --json $(RESULTS)/crosslab.json
+# The reference bundle (its own labs' held-out cells and shifts), then each leave-one-lab-out bundle
+# of `make result-crosslab` (a lab it never saw): the flag must fire where accuracy is low.
 result-flags: $(STAMP)
 	$(PY) benchmarks/bench_flags.py --json $(RESULTS)/flags.json
+	@set -e; for d in bccd_to_pbc pbc_to_bccd; do \
+	    if [ -f runs/crosslab/$${d}_bundle/bundle.json ]; then \
+	        $(PY) benchmarks/bench_flags.py --bundle runs/crosslab/$${d}_bundle --json $(RESULTS)/flags_$$d.json; \
+	    fi; \
+	done
 result-cv: $(STAMP)
 	@set -e; for d in runs/cv_*/; do \
 	    if ls $$d/fold*_bundle/bundle.json >/dev/null 2>&1; then \

@@ -453,3 +453,12 @@ def test_tables_end_with_where_each_file_was_measured(results, reference, tmp_pa
     assert "`pipeline.json` commit abc1234, 2 cores, 2026-11-30" in line
     assert "`kaggle.json` commit, cores and date not recorded" in line
     assert "Measured: " not in render(tmp_path / "no_results", reference)
+
+
+def test_specimen_flag_rows_show_each_bundle_lab_and_shift(tmp_path, reference):
+    out = tmp_path / "results"
+    row_ = {"lab": "pbc", "condition": "none", "accuracy": 0.48, "selective_accuracy": 0.9, "coverage": 0.31,
+            "outside_training": 0.99, "target": "accuracy < 0.80: flag >= 95% met"}
+    write(out / "flags_bccd_to_pbc.json", {"bundle": "runs/crosslab/bccd_to_pbc_bundle", "rows": [row_]})
+    cells = table_row(render(out, reference), "`runs/crosslab/bccd_to_pbc_bundle`")
+    assert cells[1:] == ["pbc", "none", "0.480", "90.0%", "31.0%", "99.0%", "accuracy < 0.80: flag >= 95% met"]
