@@ -109,12 +109,13 @@ SHIFTS = {
 # --- cells of each lab -------------------------------------------------------------------------------
 
 def training_labs(meta: dict) -> set[str]:
-    """The labs a bundle was trained on: its data licences, else its stain range, else its data sources."""
+    """The labs a bundle was trained on: its stain range (made from the training split), else its data
+    licences, else its data sources."""
     provenance_ = meta.get("provenance") or {}
-    if isinstance(provenance_.get("data_licences"), dict):
-        return set(provenance_["data_licences"])
     if isinstance(meta.get("stain_range"), dict):
         return set(meta["stain_range"])
+    if isinstance(provenance_.get("data_licences"), dict):
+        return set(provenance_["data_licences"])
     labs = set()
     for source in provenance_.get("sources", []):  # "bccd:bccd (segmenter centres)", "cells:pbc"
         kind, _, rest = source.partition(":")
@@ -151,6 +152,8 @@ def pbc_samples(data: Path, classes, wanted, limit: int, rng) -> list:
     chosen = [(label, p) for label, p in chosen if label in classes and wanted(f"pbc:{label}/{p.stem}")]
     if limit and len(chosen) > limit:
         chosen = [chosen[i] for i in sorted(rng.choice(len(chosen), limit, replace=False))]
+    if not chosen:
+        return []
     with tempfile.TemporaryDirectory(prefix="bench_flags_") as tmp:
         root = Path(tmp) / "pbc"
         for label, path in chosen:
@@ -344,6 +347,10 @@ def measure(args) -> dict:
         role, wanted, conditions = plan
         samples = LOADERS[lab](args.data, bundle.classes, wanted, args.cells_per_lab, rng)
         logger.info("%s: %d cells (%s)", lab, len(samples), role)
+        if not samples:  # a leave-one-lab-out bundle holds out the other lab only
+            result["left_out"][lab] = "no held-out cells of this lab in the bundle's test groups"
+            print(f"{lab}: left out: {result['left_out'][lab]}")
+            continue
         for condition in conditions:
             pool = classify_pool(bundle, samples, SHIFTS[condition])
             row = {"lab": lab, "role": role, "condition": condition, **pool_figures(pool),

@@ -170,7 +170,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> d
         "provenance": {"run": run.root.name, "backbone": config.backbone, "weights": config.weights,
                        "manifest_sha256": manifest_hash(run.manifest),
                        "sources": data["sources"], "train_config": asdict(config),
-                       "data_licences": licences_of([r.sample for r in rows]),
+                       "data_licences": licences_of(samples_of(rows, "train")),  # the labs trained on
                        "test_groups": data.get("test_groups")},  # held-out groups, when fixed (--test-fields)
         "stain_stats": stain, "stain_range": stain_range,
         "model_sha256": hashlib.sha256(tflite).hexdigest(),
