@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -69,15 +70,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_send_arguments(add_command(sub, "send", "send one report over a serial port (ASTM or JSON lines)"))
     run = add_command(sub, "run", "the headless daemon (systemd service)")
     check = add_command(sub, "check-config", "validate the configuration, model and profile, then exit")
-    spec = add_command(sub, "specimen", "tell the running daemon to start or finish a specimen")
-    spec.add_argument("action", choices=("start", "finish"))
+    spec = add_command(sub, "specimen", "tell the running daemon to start or finish a specimen, or show its status "
+                       "(through its web page when web.enabled, else its state folder)")
+    spec.add_argument("action", choices=("start", "finish", "status"))
     spec.add_argument("--id", dest="specimen_id", help="specimen id; default: one from host name, date and time")
+    spec.add_argument("--accession", help="the laboratory's accession number, shown in the report")
+    spec.add_argument("--operator", help="who counts it, shown in the report")
+    spec.add_argument("--json", action="store_true", help="print the answer as one JSON object")
     spec.add_argument("--target", type=_positive_int, help="cells to count; default: specimen.target of the "
                       "configuration")
     spec.add_argument("--wbc", type=white_count, metavar="X10E9_PER_L",
                       help="the specimen's white-cell count in 10^9/L: the report adds absolute counts per class")
     for p in (run, check, spec):
         p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="the configuration file")
+    _web_arguments(add_command(sub, "web", "the web page over a folder of reports (review and sign-off on a "
+                                           "desktop); the device's page runs with `run` (config [web])"))
     for p in (cl, sub.choices["count"]):
         p.add_argument("--model", type=Path, default=None,
                        help="model bundle; default: $HEMATOVISION_MODEL, else the reference bundle")
@@ -87,6 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--max-pixels", type=_pixel_count, default=None, metavar="N",
                        help="refuse images of more pixels; default: $HEMATOVISION_MAX_PIXELS, else 24 million")
     return parser
+
+
+def _web_arguments(web: argparse.ArgumentParser) -> None:
+    web.add_argument("reports", type=Path, metavar="REPORTS_FOLDER", help="the folder of JSON reports")
+    web.add_argument("--host", default="127.0.0.1", help="address to listen on; another than 127.0.0.1 needs "
+                     "$HEMATOVISION_WEB_TOKEN (the password)")
+    web.add_argument("--port", type=_positive_int, default=8080, help="TCP port")
 
 
 def _count_arguments(cn: argparse.ArgumentParser) -> None:
@@ -130,9 +144,17 @@ def _check_config(args) -> int:
 
 
 def _specimen(args) -> int:
-    from .service.daemon import command_main
+    from .service.control import specimen_main
+    from .web.backend import StartRequest
 
-    return command_main(args.config, args.action, args.specimen_id, args.target, args.wbc)
+    start = StartRequest(args.specimen_id, args.accession, args.operator, args.target, args.wbc)
+    return specimen_main(args.config, args.action, start, args.json)
+
+
+def _web(args) -> int:
+    from .web.server import serve_folder
+
+    return serve_folder(args.reports, args.host, args.port, os.environ.get("HEMATOVISION_WEB_TOKEN", ""))
 
 
 def _send(args) -> int:
@@ -300,7 +322,7 @@ def _beside_lines(summary: dict) -> list[str]:
 
 
 COMMANDS = {"classify": _classify, "count": _count, "send": _send, "run": _run,
-            "check-config": _check_config, "specimen": _specimen}
+            "check-config": _check_config, "specimen": _specimen, "web": _web}
 
 
 if __name__ == "__main__":

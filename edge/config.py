@@ -145,6 +145,18 @@ class ChecksConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    enabled: bool = _opt(False, "serve the web page (live view, specimen entry, review and sign-off)")
+    host: str = _opt("127.0.0.1", "address to listen on; another than 127.0.0.1 / ::1 / localhost needs web.token")
+    port: int = _opt(8080, "TCP port of the web page", min=1, max=65535)
+    token: str = _opt("", "password of the web page and API (at least 12 characters); set, every change "
+                      "needs it, and every request from another machine")
+    max_request_kb: int = _opt(64, "larger requests are refused (413)", min=1, max=10_240)
+    live_width: int = _opt(640, "width in pixels of the live view's frame", min=160, max=4096)
+    threads: int = _opt(4, "requests served at once", min=1, max=32)
+
+
+@dataclass(frozen=True)
 class Config:
     """Everything `hematovision-edge run` needs, checked."""
 
@@ -157,6 +169,7 @@ class Config:
     report: ReportConfig = field(default_factory=ReportConfig)
     service: ServiceConfig = field(default_factory=ServiceConfig)
     checks: ChecksConfig = field(default_factory=ChecksConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     path: Path = field(default=Path("config.toml"), metadata={"internal": True})
 
     def resolve(self, value: str) -> Path:
@@ -279,6 +292,23 @@ def check_config(config: Config) -> None:
             raise ConfigError(f"{where}: source.picamera2 frames of {camera.width}x{camera.height} exceed "
                               f"source.max_pixels ({source.max_pixels}); lower the size or raise the limit")
     check_timings(config, config.service.watchdog_s)
+    check_web(config.web, where)
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+MIN_TOKEN = 12
+
+
+def check_web(web: WebConfig, where: str) -> None:
+    """A web page listening beyond this machine has a password, and a password is not a short one.
+    Raises ConfigError naming the key and the fix."""
+    if web.token and (len(web.token) < MIN_TOKEN or web.token != web.token.strip()):
+        raise ConfigError(f"{where}: web.token is shorter than {MIN_TOKEN} characters or starts or ends with a "
+                          "space; choose a longer password (e.g. the output of: openssl rand -hex 16)")
+    if web.enabled and web.host not in LOOPBACK_HOSTS and not web.token:
+        raise ConfigError(f"{where}: web.host = {web.host!r} lets other machines reach the web page, which then "
+                          "needs a password: set web.token (e.g. the output of: openssl rand -hex 16), or "
+                          "web.host = \"127.0.0.1\"")
 
 
 def frame_loop_waits(config: Config, every_key: bool = True) -> dict[str, float]:

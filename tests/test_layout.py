@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 EDGE = REPO / "edge"
 # Along the data's way: a module may import from its own place or an earlier one, never a later one.
 # config is first: every stage's shell reads its settings, so it imports no stage; cli is last.
-ORDER = ("config", "capture", "vision", "counting", "reports", "links", "service", "cli")
+ORDER = ("config", "capture", "vision", "counting", "reports", "links", "web", "service", "cli")
 
 
 def module_name(path: Path) -> str:
@@ -93,3 +93,6 @@ def test_every_edge_package_is_installed_with_its_data():
     assert packages <= listed, f"add to setup.cfg's packages: {sorted(packages - listed)}"
     data = config["options.package_data"]["hematovision.edge.reports"]
     assert "report_schema.json" in data and (EDGE / "reports" / "report_schema.json").is_file()
+    web = config["options.package_data"]["hematovision.edge.web"].split()
+    assert {"templates/*.html", "static/*"} <= set(web)
+    assert list((EDGE / "web" / "templates").glob("*.html")) and list((EDGE / "web" / "static").glob("*.js"))

@@ -361,11 +361,26 @@ def test_a_symlink_at_a_report_file_name_is_not_followed(tmp_path):
 
 
 def test_writing_again_replaces_the_files_and_leaves_no_temporary_files(tmp_path):
-    write_report_files(sample_report(), tmp_path)
+    write_report_files(replace(sample_report(), device_id="first"), tmp_path)
+    paths = write_report_files(sample_report(), tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
+    assert '"device_id": "hv-pi-07"' in paths[0].read_text("utf-8")
+
+
+def test_a_verified_report_is_written_beside_the_preliminary_one_which_is_kept(tmp_path):
+    preliminary = write_report_files(sample_report(), tmp_path)
+    before = [p.read_bytes() for p in preliminary]
     verified = sample_report().with_verification("Ada", datetime(2024, 5, 6, 11, 0))
     paths = write_report_files(verified, tmp_path)
-    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in paths)
-    assert "verified by Ada" in paths[0].read_text("utf-8")
+    assert [p.name for p in paths] == ["S-2024-0001.verified.json", "S-2024-0001.verified.csv",
+                                       "S-2024-0001.verified.html"]
+    assert [p.read_bytes() for p in preliminary] == before
+    assert json.loads(paths[0].read_text("utf-8"))["verification"]["operator"] == "Ada"
+    assert "verified by Ada" in paths[1].read_text("utf-8-sig") and "verified by Ada" in paths[2].read_text()
+
+
+def test_an_id_ending_in_verified_never_takes_the_name_of_another_ids_verified_files():
+    assert safe_file_stem("S-1.verified") != safe_file_stem("S-1") + ".verified"
 
 
 def _mounts_file(tmp_path: Path, *lines: str) -> Path:
@@ -520,7 +535,8 @@ def test_html_and_csv_show_absolute_counts_when_the_white_count_was_entered(tmp_
     assert f'<td class="n absolute">{6.5 * neutrophil.percent / 100:.2f}</td>' in page
     assert "6.5 x10^9/L (entered by the operator)" in page
     rows = list(csv.reader(io.StringIO(write_report_files(report, tmp_path)[1].read_text("utf-8-sig"))))
-    assert rows[0][-1] == "absolute_10e9_per_l" and rows[1][-1] == f"{6.5 * neutrophil.percent / 100:.3f}"
+    column = rows[0].index("absolute_10e9_per_l")
+    assert column == 9 and rows[1][column] == f"{6.5 * neutrophil.percent / 100:.3f}"
     assert "absolute" not in render_html(sample_report())
 
 

@@ -357,24 +357,39 @@ def report_records(report: Report, settings: RecordSettings, now: datetime,
 
     The results: each differential class in percent (and absolute when the white count is known:
     `wbc_10e9_per_l`, else the report's), NRBC per 100 WBC where the report has it, unidentified and
-    counted white cells.
+    counted white cells. Their status (E1394 R.9): P while the report is preliminary; once a person has
+    signed it, F (final) for a result the same as in the preliminary report, C (correction of a result
+    transmitted before) for one the person's changes altered; the order's report type (O.26) is C when
+    any result is.
 
     Raises ConfigError when a class has no result code in `settings`.
     """
-    status = "F" if report.verified else "P"
+    results = _results(report, settings, wbc_10e9_per_l)
+    statuses = _statuses(report, results, settings, wbc_10e9_per_l)
+    report_type = "P" if not report.verified else "C" if "C" in statuses else "F"
     records = [_header(report, settings, now), _patient(report, settings),
-               _order(report, settings, now)]
+               _order(report, settings, now, report_type)]
     records += [_join(["C", str(i), "I", f"{escape_field(code)}^{escape_field(text)}", "G"])
                 for i, (code, text) in enumerate(_comments(report), 1)]
-    results = _results(report, settings, wbc_10e9_per_l)
     records += [_result(i, code, value, units, status, report)
-                for i, (code, value, units) in enumerate(results, 1)]
+                for i, ((code, value, units), status) in enumerate(zip(results, statuses), 1)]
     return records + ["L|1|N"]
 
 
 def _comments(report: Report) -> list[tuple[str, str]]:
     banner = [("needs_full_review", FULL_REVIEW_BANNER)] if report.needs_full_review else []
     return banner + [(f.code, f.message) for f in report.flags]
+
+
+def _statuses(report: Report, results: list[tuple[str, str, str]], settings: RecordSettings,
+              wbc: float | None) -> list[str]:
+    """Each result's status: P (preliminary); F, or C where it differs from the preliminary report's."""
+    if not report.verified:
+        return ["P"] * len(results)
+    from ..reports.review import preliminary_of  # noqa: PLC0415
+
+    before = {code: value for code, value, _ in _results(preliminary_of(report), settings, wbc)}
+    return ["F" if before.get(code) == value else "C" for code, value, _ in results]
 
 
 def _join(fields: list[str]) -> str:
@@ -393,12 +408,12 @@ def _patient(report: Report, s: RecordSettings) -> str:
     return _join(fields)
 
 
-def _order(report: Report, s: RecordSettings, now: datetime) -> str:
+def _order(report: Report, s: RecordSettings, now: datetime, report_type: str) -> str:
     fields = [""] * 26
     fields[:6] = ["O", "1", escape_field(report.specimen_id), "",
                   "^^^" + escape_field(s.order_test_id), "R"]
     fields[22] = astm_time(report.finished_at or now)
-    fields[25] = "F" if report.verified else "P"
+    fields[25] = report_type
     return _join(fields)
 
 
@@ -427,8 +442,7 @@ def _code(codes: Mapping[str, str], name: str, kind: str) -> str:
 
 
 def _result(seq: int, code: str, value: str, units: str, status: str, report: Report) -> str:
-    operator = report.verification.rsplit(" at ", 1)[0].removeprefix("verified by ") \
-        if report.verified else ""
+    operator = report.verified_by
     started = astm_time(report.started_at)
     finished = astm_time(report.finished_at) if report.finished_at else ""
     return _join(["R", str(seq), "^^^" + escape_field(code), escape_field(value),

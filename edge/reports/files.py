@@ -37,9 +37,13 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 # "role": differential (in the 100%), per_100_wbc (NRBC, beside it), reject (not a white cell),
 # unidentified or total; columns are only ever added at the end, so the earlier ones keep their places.
 # absolute_10e9_per_l: a differential class's absolute count, when the white count was entered.
+# change: on the rows of role "change" (a verified report's audit trail, one row per cell changed before
+# signing; class is the new label), "cell N: FROM -> TO by NAME at TIME".
 CSV_HEADER = ["specimen_id", "class", "count", "percent_of_identified",
               "ci95_low_percent", "ci95_high_percent", "verification", "role", "per_100_wbc",
-              "absolute_10e9_per_l"]
+              "absolute_10e9_per_l", "change"]
+# A verified report's files: <stem>.verified.json, ... beside the preliminary <stem>.json, which stays.
+VERIFIED_SUFFIX = ".verified"
 
 
 def safe_file_stem(specimen_id: str) -> str:
@@ -53,21 +57,27 @@ def safe_file_stem(specimen_id: str) -> str:
         raise ReportInvalid("specimen id is empty; scan or type the specimen id again")
     text = unicodedata.normalize("NFKC", specimen_id)
     stem = _UNSAFE.sub("_", text).strip("._-")[:MAX_STEM] or "specimen"
-    if stem != specimen_id:
+    if stem != specimen_id or stem.endswith(VERIFIED_SUFFIX):  # never the name of another id's verified files
         digest = hashlib.sha256(specimen_id.encode("utf-8", "surrogatepass")).hexdigest()
         stem = f"{stem}-{digest[:10]}"
     return stem
 
 
+def report_stem(report: Report) -> str:
+    """The file name stem of a report: its specimen's, with VERIFIED_SUFFIX once a person signed it."""
+    return safe_file_stem(report.specimen_id) + (VERIFIED_SUFFIX if report.verified else "")
+
+
 def write_report_files(report: Report, folder: Path | str) -> list[Path]:
-    """Write <stem>.json, <stem>.csv and <stem>.html into `folder`, each atomically.
+    """Write <stem>.json, <stem>.csv and <stem>.html into `folder`, each atomically (a verified report as
+    <stem>.verified.json, ...: the preliminary files are kept).
 
     Missing folders are created. Raises ReportInvalid (before writing anything) when the
     report breaks its schema or has an unusable specimen id, LinkFailed when the folder or
     a file name is a symlink or cannot be written.
     """
     Report.from_dict(report.to_dict())  # what is written always follows the schema
-    stem = safe_file_stem(report.specimen_id)
+    stem = report_stem(report)
     contents = {f"{stem}.json": report_json(report), f"{stem}.csv": report_csv(report),
                 f"{stem}.html": render_html(report).encode("utf-8")}
     with open_folder_nofollow(Path(folder)) as dir_fd:
@@ -99,9 +109,10 @@ def report_json(report: Report) -> bytes:
 
 
 def report_csv(report: Report) -> bytes:
-    """One row per differential class, then unidentified, NRBC (per 100 WBC), each rejected class
-    and total; UTF-8 with a BOM for spreadsheets. A specimen that needs full review (outside_training)
-    gets a line saying so, with why, above the column names: it cannot be read as a plain result.
+    """One row per differential class, then unidentified, NRBC (per 100 WBC), each rejected class,
+    total and (verified) one row per changed cell; UTF-8 with a BOM for spreadsheets. A specimen that needs full
+    review (outside_training) gets a line saying so, with why, above the column names: it cannot be read as a
+    plain result.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
@@ -114,11 +125,11 @@ def report_csv(report: Report) -> bytes:
 
 
 def _csv_rows(report: Report) -> list[list]:
-    specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification)
+    specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification_text)
 
-    def row(name, count, role, percent=("", "", ""), per="", absolute=None):
+    def row(name, count, role, percent=("", "", ""), per="", absolute=None, change=""):
         return [specimen, name, count, *percent, verification, role, per,
-                "" if absolute is None else f"{absolute:.3f}"]
+                "" if absolute is None else f"{absolute:.3f}", change]
 
     rows = [row(c.name, c.count, DIFFERENTIAL, (f"{c.percent:.2f}", f"{c.ci95[0]:.2f}", f"{c.ci95[1]:.2f}"),
                 absolute=report.absolute(c)) for c in report.classes]
@@ -128,6 +139,8 @@ def _csv_rows(report: Report) -> list[list]:
         rows.append(row(NRBC_CLASS, report.nrbc.count, PER_100_WBC, per=per))
     rows += [row(r.name, r.count, REJECT) for r in report.rejected]
     rows.append(row("total", report.total, "total"))
+    rows += [row(c.to_label, "", "change", change=_csv_text(f"cell {c.cell}: {c.from_label} -> {c.to_label} by "
+                                                            f"{c.operator} at {c.at}")) for c in report.changes]
     return rows
 
 

@@ -64,6 +64,7 @@ def render_html(report: Report) -> str:
         _results_table(report),
         _beside_table(report),
         _bar_chart(report.classes),
+        _audit_trail(report),
         _gallery(report),
         "</body></html>\n",
     ]
@@ -87,7 +88,7 @@ def _e(value: object) -> str:
 
 def _verification_banner(report: Report) -> str:
     kind = "verified" if report.verified else "preliminary"
-    text = report.verification if report.verified else (
+    text = report.verification_text if report.verified else (
         "PRELIMINARY: not verified by a person. Do not use for diagnosis until verified.")
     return f'<p class="banner {kind}" id="verification">{_e(text)}</p>'
 
@@ -98,9 +99,25 @@ def _full_review_banner(report: Report) -> str:
     return f'<p class="banner full-review" id="full-review">{_e(FULL_REVIEW_BANNER)}</p>'
 
 
+def _audit_trail(report: Report) -> str:
+    """The cells the person who signed changed, in order (verified reports only)."""
+    if not report.verified:
+        return ""
+    if not report.changes:
+        return '<h2>Changes before sign-off</h2><p class="none" id="changes">none: every cell as classified</p>'
+    head = "<tr><th>Cell</th><th>From</th><th>To</th><th>By</th><th>When</th></tr>"
+    rows = "".join(f'<tr><td><a href="#cell-{c.cell}">#{c.cell}</a></td><td>{_e(c.from_label)}</td>'
+                   f"<td>{_e(c.to_label)}</td><td>{_e(c.operator)}</td><td>{_e(local_time(c.at))}</td></tr>"
+                   for c in report.changes)
+    return f'<h2>Changes before sign-off</h2><table id="changes">{head}{rows}</table>'
+
+
 def _run_table(report: Report) -> str:
     rows = [
-        ("Specimen", report.specimen_id), ("Device", report.device_id),
+        ("Specimen", report.specimen_id),
+        *((("Accession number", report.accession),) if report.accession else ()),
+        *((("Counted by", report.operator),) if report.operator else ()),
+        ("Device", report.device_id),
         ("Started", local_time(report.started_at)),
         ("Finished", local_time(report.finished_at) if report.finished_at else "not finished"),
         ("Model", f"{report.model.name} {report.model.version}"),

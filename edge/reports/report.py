@@ -18,8 +18,8 @@ PERCENT_TOLERANCE = 0.011
 
 __all__ = [
     "PRELIMINARY", "SCHEMA_ID", "ReportInvalid", "ModelInfo", "ClassCount", "NrbcCount",
-    "RejectedCount", "FrameStats", "CellRecord", "Flag", "Report", "clopper_pearson", "build_classes",
-    "build_nrbc", "verification_text", "commissioning_report",
+    "RejectedCount", "FrameStats", "CellRecord", "CellChange", "Verification", "Flag", "Report", "clopper_pearson",
+    "build_classes", "build_nrbc", "verification_text", "commissioning_report",
 ]
 
 
@@ -54,6 +54,38 @@ class CellRecord:
 
 
 @dataclass(frozen=True)
+class CellChange:
+    """One line of the audit trail: who changed which cell from what to what, and when (ISO 8601)."""
+
+    cell: int
+    from_label: str
+    to_label: str
+    operator: str
+    at: str
+
+    def to_dict(self) -> dict:
+        return {"cell": self.cell, "from": self.from_label, "to": self.to_label, "operator": self.operator,
+                "at": self.at}
+
+
+@dataclass(frozen=True)
+class Verification:
+    """A person's sign-off: who, when (ISO 8601), and every cell they changed before signing."""
+
+    operator: str
+    signed_at: str
+    changes: tuple[CellChange, ...] = ()
+
+    @property
+    def text(self) -> str:
+        return f"verified by {self.operator} at {self.signed_at}"
+
+    def to_dict(self) -> dict:
+        return {"operator": self.operator, "signed_at": self.signed_at,
+                "changes": [c.to_dict() for c in self.changes]}
+
+
+@dataclass(frozen=True)
 class Report:
     """A differential count report (schema hematovision.report/1).
 
@@ -76,11 +108,13 @@ class Report:
     target_reached: bool
     frames: FrameStats
     flags: tuple[Flag, ...]
-    verification: str
+    verification: str | Verification  # PRELIMINARY, a person's sign-off (or an older "verified by" text)
     cells: tuple[CellRecord, ...]
     nrbc: NrbcCount | None = None
     rejected: tuple[RejectedCount, ...] = ()
     wbc_10e9_per_l: float | None = None  # the white count the operator entered; None: not entered
+    accession: str | None = None  # the laboratory's accession number, entered at the specimen's start
+    operator: str | None = None  # who started the count at the microscope (not who verified it)
 
     @property
     def identified(self) -> int:
@@ -114,12 +148,32 @@ class Report:
     def verified(self) -> bool:
         return self.verification != PRELIMINARY
 
-    def with_verification(self, name: str, at: datetime) -> Report:
-        """The same report marked as verified by `name` at `at`.
+    @property
+    def verification_text(self) -> str:
+        """"preliminary: not verified" or "verified by NAME at TIME"."""
+        return self.verification.text if isinstance(self.verification, Verification) else self.verification
+
+    @property
+    def verified_by(self) -> str:
+        """The name of the person who signed the report; empty while it is preliminary."""
+        if isinstance(self.verification, Verification):
+            return self.verification.operator
+        return self.verification.rsplit(" at ", 1)[0].removeprefix("verified by ") if self.verified else ""
+
+    @property
+    def changes(self) -> tuple[CellChange, ...]:
+        """The cells a person changed before signing (the audit trail); none while preliminary."""
+        return self.verification.changes if isinstance(self.verification, Verification) else ()
+
+    def with_verification(self, name: str, at: datetime, changes: tuple[CellChange, ...] = ()) -> Report:
+        """The same report signed by `name` at `at` (a time without a zone is local time), with the audit
+        trail of the cells changed before (the report's cells already carry the changed labels).
 
         Raises ReportInvalid when the name is empty or holds control characters.
         """
-        return Report.from_dict(replace(self, verification=verification_text(name, at)).to_dict())
+        at = at if at.tzinfo is not None else at.astimezone()
+        signed = Verification(name.strip(), at.isoformat(timespec="seconds"), tuple(changes))
+        return Report.from_dict(replace(self, verification=signed).to_dict())
 
     def to_dict(self) -> dict:
         """The plain JSON-ready dict of the schema."""
@@ -129,12 +183,15 @@ class Report:
             "model": vars(self.model).copy(),
             "calibration_profile_id": self.calibration_profile_id,
             **({} if self.wbc_10e9_per_l is None else {"wbc_10e9_per_l": self.wbc_10e9_per_l}),
+            **{k: v for k, v in (("accession", self.accession), ("operator", self.operator)) if v is not None},
             "classes": [_class_dict(c) for c in self.classes],
             **self._beside_dict(),
             "unidentified": self.unidentified, "total": self.total, "target": self.target,
             "target_reached": self.target_reached, "frames": vars(self.frames).copy(),
             "quality_flags": list(self.quality_flags), "flags": [f.to_dict() for f in self.flags],
-            "needs_full_review": self.needs_full_review, "verification": self.verification,
+            "needs_full_review": self.needs_full_review,
+            "verification": self.verification.to_dict() if isinstance(self.verification, Verification)
+            else self.verification,
             "cells": [_cell_dict(c) for c in self.cells],
         }
 
@@ -163,11 +220,12 @@ class Report:
             classes=tuple(_class_from(c) for c in data["classes"]),
             unidentified=data["unidentified"], total=data["total"], target=data["target"],
             target_reached=data["target_reached"], frames=FrameStats(**data["frames"]),
-            flags=_flags_from(data), verification=data["verification"],
+            flags=_flags_from(data), verification=_verification_from(data["verification"]),
             cells=tuple(_cell_from(c) for c in data["cells"]),
             nrbc=_nrbc_from(data.get("nrbc")),
             rejected=tuple(RejectedCount(r["name"], r["count"]) for r in data.get("rejected", ())),
             wbc_10e9_per_l=data.get("wbc_10e9_per_l"),
+            accession=data.get("accession"), operator=data.get("operator"),
         )
         check_consistency(report)
         return report
@@ -214,6 +272,13 @@ def _nrbc_from(d: dict | None) -> NrbcCount | None:
     return NrbcCount(d["count"], None if per is None else float(per))
 
 
+def _verification_from(d: str | dict) -> str | Verification:
+    if isinstance(d, str):
+        return d
+    changes = tuple(CellChange(c["cell"], c["from"], c["to"], c["operator"], c["at"]) for c in d["changes"])
+    return Verification(d["operator"], d["signed_at"], changes)
+
+
 def _cell_from(d: dict) -> CellRecord:
     x, y = d["slide_xy_um"]
     return CellRecord(d["id"], d["label"], float(d["confidence"]), d["thumbnail"],
@@ -236,6 +301,7 @@ def check_consistency(report: Report) -> None:
         _check_nrbc(report.nrbc, report.identified)
     _check_times(report)
     _check_cells(report, set(names))
+    _check_changes(report)
 
 
 def _check_total(report: Report) -> None:
@@ -290,6 +356,23 @@ def _check_cells(report: Report, names: set[str]) -> None:
     if unknown:
         raise ReportInvalid(f"report cells have labels that are not report classes, nrbc or rejected: "
                             f"{sorted(unknown)}")
+
+
+def _check_changes(report: Report) -> None:
+    """Each change names a cell of the report, and a cell's last change is the label it has."""
+    labels = {c.id: c.label for c in report.cells}
+    last = {}
+    for change in report.changes:
+        if change.cell not in labels:
+            raise ReportInvalid(f"verification change names cell {change.cell}, which the report does not have")
+        _parse_time(change.at, "verification change time")
+        last[change.cell] = change.to_label
+    wrong = sorted(cell for cell, label in last.items() if labels[cell] != label)
+    if wrong:
+        raise ReportInvalid(f"verification: cell {wrong[0]} was last changed to {last[wrong[0]]!r} but is "
+                            f"labelled {labels[wrong[0]]!r}")
+    if isinstance(report.verification, Verification):
+        _parse_time(report.verification.signed_at, "verification signed_at")
 
 
 def verification_text(name: str, at: datetime) -> str:

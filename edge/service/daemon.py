@@ -22,8 +22,9 @@ from ..counting.checks import TARGET_NOT_REACHED, ColourSums, Evidence, Training
 from ..counting.select import make_selector
 from ..counting.tally import NRBC_CLASS, make_tally
 from ..counting.track import DEFAULT_TRACK
-from ..vision.pipeline import CellResult, CellSelector, FieldPipeline
+from ..vision.pipeline import CellResult, CellSelector, FieldPipeline, FieldResult
 from ..vision.segment import Detection
+from ..web.live import LiveBox, LiveFrame, LiveSlot
 from .notify import Notifier, watchdog_interval_s
 from .outbox import DeliverySettings, Outbox
 from .preflight import check_devices
@@ -62,9 +63,9 @@ class Daemon:
     """
 
     def __init__(self, config: Config, pipeline: FieldPipeline, store: Store, notifier: Notifier,
-                 stop: threading.Event, link=None):
+                 stop: threading.Event, link=None, live: LiveSlot | None = None):
         self.config, self.pipeline, self.store, self.notifier, self.stop = config, pipeline, store, notifier, stop
-        self.link = link
+        self.link, self.live = link, live
         self.key, self.replay = source_key(config), config.source.kind == "replay"
         self.classes = pipeline.bundle.classes
         self.wbc_classes = differential_classes(self.classes)  # what the target counts
@@ -156,25 +157,32 @@ class Daemon:
         if specimen is None:
             if self.replay:
                 self.store.skip_frame(self.key, frame.index)
+            self.show(frame, None, "no specimen")
             return
-        record = self.frame_record(specimen, frame)
+        record, result = self.frame_record(specimen, frame)
         self.store.record_frame(record)
         for cell in record.cells:
             self.counts[cell.label] = self.counts.get(cell.label, 0) + 1
         logger.debug("frame %d: %s, %d new cell(s)", frame.index, record.kind, len(record.cells))
+        self.show(frame, result, record.kind)
         self.finish_if_due()
 
-    def frame_record(self, specimen: Specimen, frame: Frame) -> FrameRecord:
+    def frame_record(self, specimen: Specimen, frame: Frame) -> tuple[FrameRecord, FieldResult | None]:
         try:
             result = self.pipeline.process(frame.image, frame.name, self.selector)
         except DataError as err:
             logger.warning("frame %d unusable: %s", frame.index, err)
-            return self.unusable(specimen, frame.index)
+            return self.unusable(specimen, frame.index), None
         cells = tuple(new_cell(r, xy) for r, xy in zip(result.cells, result.slide_xy_um))
         um = result.um_per_pixel if result.kind == "used" and result.um_per_pixel > 0 else None
         return FrameRecord(specimen, self.key, frame.index, result.kind, cells, result.edge_cells,
                            self.selector.to_dict(), pipeline_state(self.pipeline), self.selector.new_keyframes(),
-                           result.colour, um)
+                           result.colour, um), result
+
+    def show(self, frame: Frame, result: FieldResult | None, kind: str) -> None:
+        """Hand the frame to the live view: one reference replaced, nothing drawn or copied here."""
+        if self.live is not None:
+            self.live.publish(live_frame(frame, result, kind, self.pipeline.pixel_size_um))
 
     def unusable(self, specimen: Specimen, index: int) -> FrameRecord:
         return FrameRecord(specimen, self.key, index, "unusable", (), 0, self.selector.to_dict(),
@@ -240,9 +248,10 @@ class Daemon:
             name = f"{base}-{n}"
         return name
 
-    def start(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None) -> Specimen:
+    def start(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None,
+              accession: str | None = None, operator: str | None = None) -> Specimen:
         """Raises StateError when a specimen is open or the id was used."""
-        self.specimen = self.store.start_specimen(specimen_id, target, wbc_10e9_per_l)
+        self.specimen = self.store.start_specimen(specimen_id, target, wbc_10e9_per_l, accession, operator)
         self.selector = make_selector(self.config.counting.mode, None)
         self.counts, self.flag_status = {}, None
         return self.specimen
@@ -279,7 +288,8 @@ class Daemon:
             if self.specimen is not None:
                 return f"refused: specimen {self.specimen.specimen_id} is open; finish it first"
             started = self.start(command.specimen_id or self.automatic_id(),
-                                 command.target or self.config.specimen.target, command.wbc_10e9_per_l)
+                                 command.target or self.config.specimen.target, command.wbc_10e9_per_l,
+                                 command.accession, command.operator)
             return f"started {started.specimen_id}"
         except StorageFull:
             raise
@@ -288,6 +298,15 @@ class Daemon:
 
 
 # --- values between the pipeline and the store ------------------------------------------
+
+def live_frame(frame: Frame, result: FieldResult | None, kind: str, um_per_pixel: float) -> LiveFrame:
+    """What the live view shows of a frame: every cell found, with its class where it was counted in it."""
+    if result is None:
+        return LiveFrame(frame.index, frame.name, frame.image, kind, (), um_per_pixel, time.time())
+    labels = {c.detection.bbox: c.prediction.label for c in result.cells}
+    boxes = tuple(LiveBox(tuple(d.bbox), labels.get(d.bbox, ""), d.touches_edge) for d in result.found)
+    return LiveFrame(frame.index, frame.name, frame.image, kind, boxes, result.um_per_pixel, time.time())
+
 
 def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
     return NewCell(float(slide_xy_um[0]), float(slide_xy_um[1]), result.prediction.label,
@@ -345,7 +364,8 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline, conf
         detection = Detection(((x0 + x1) / 2, (y0 + y1) / 2), cell.bbox, 0.0, 0.0, False)
         prediction = Prediction(cell.label, cell.confidence, {}, unfamiliar=cell.unfamiliar)
         run.add_cell(CellResult(detection, prediction, cell.thumbnail, cell.field), (cell.x_um, cell.y_um))
-    return report_from_run(run, pipeline.bundle, pipeline.profile, specimen.specimen_id).to_dict()
+    report = report_from_run(run, pipeline.bundle, pipeline.profile, specimen.specimen_id)
+    return replace(report, accession=specimen.accession, operator=specimen.operator).to_dict()
 
 
 def delivery_settings(config: Config) -> DeliverySettings:
@@ -395,7 +415,33 @@ def serve(config: Config, stop: threading.Event) -> int:
     pipeline = open_pipeline(config)
     min_free = config.state.min_free_mb * 2**20
     with Store(config.state_dir() / STATE_FILE, min_free) as store, Notifier() as notifier:
-        return Daemon(config, pipeline, store, notifier, stop, make_link(config.report, stop)).run()
+        daemon = Daemon(config, pipeline, store, notifier, stop, make_link(config.report, stop),
+                        LiveSlot() if config.web.enabled else None)
+        with web_page(config, daemon):
+            return daemon.run()
+
+
+@contextlib.contextmanager
+def web_page(config: Config, daemon: Daemon):
+    """The web page (config [web]) for the daemon's life: its own threads and database connection, the live view
+    of the frame loop's latest frame. Raises WebUnavailable when it cannot listen."""
+    if not config.web.enabled:
+        yield None
+        return
+    from ..web.app import create_app  # noqa: PLC0415
+    from ..web.live import LiveView  # noqa: PLC0415
+    from ..web.server import WebServer  # noqa: PLC0415
+    from .specimens import StateSpecimens  # noqa: PLC0415
+
+    specimens = StateSpecimens(daemon.store.path, daemon.classes,
+                               lambda store, specimen: build_report(store, specimen, daemon.pipeline, config),
+                               lambda: daemon.outbox and daemon.outbox.wake())
+    try:
+        app = create_app(specimens, config.web, LiveView(daemon.live, config.web.live_width))
+        with WebServer(app, config.web) as server:
+            yield server
+    finally:
+        specimens.close()
 
 
 @contextlib.contextmanager

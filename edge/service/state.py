@@ -16,7 +16,8 @@ from hematovision.errors import HematovisionError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: specimens.wbc, commands.wbc, cells.field; 3: the evidence of the specimen checks
+SCHEMA_VERSION = 4  # 2: specimens.wbc, commands.wbc, cells.field; 3: the evidence of the specimen checks;
+# 4: outbox.kind (a specimen's preliminary and verified reports), review_changes, the accession and operator
 OPEN, FINISHED = "open", "finished"
 FRAME_KINDS = ("used", "blur", "motion", "unusable")
 
@@ -38,7 +39,9 @@ CREATE TABLE IF NOT EXISTS specimens (
     wbc REAL,
     colour_frames INTEGER NOT NULL DEFAULT 0,
     colour_sums TEXT,
-    um_per_pixel REAL
+    um_per_pixel REAL,
+    accession TEXT,
+    operator TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_specimen ON specimens (status) WHERE status = 'open';
 CREATE TABLE IF NOT EXISTS cells (
@@ -66,13 +69,24 @@ CREATE TABLE IF NOT EXISTS source_positions (
 );
 CREATE TABLE IF NOT EXISTS outbox (
     id INTEGER PRIMARY KEY,
-    specimen INTEGER NOT NULL UNIQUE REFERENCES specimens (id),
+    specimen INTEGER NOT NULL REFERENCES specimens (id),
     report TEXT NOT NULL,
     created_at TEXT NOT NULL,
     files_written INTEGER NOT NULL DEFAULT 0,
     link_sent INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 0,
-    last_error TEXT
+    last_error TEXT,
+    kind TEXT NOT NULL DEFAULT 'preliminary' CHECK (kind IN ('preliminary', 'verified')),
+    UNIQUE (specimen, kind)
+);
+CREATE TABLE IF NOT EXISTS review_changes (
+    id INTEGER PRIMARY KEY,
+    specimen INTEGER NOT NULL REFERENCES specimens (id),
+    cell INTEGER NOT NULL,
+    from_label TEXT NOT NULL,
+    to_label TEXT NOT NULL,
+    operator TEXT NOT NULL,
+    at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS keyframes (
     specimen INTEGER NOT NULL REFERENCES specimens (id),
@@ -88,18 +102,24 @@ CREATE TABLE IF NOT EXISTS commands (
     created_at TEXT NOT NULL,
     done_at TEXT,
     result TEXT,
-    wbc REAL
+    wbc REAL,
+    accession TEXT,
+    operator TEXT
 );
 """
 # Columns added since version 1, in the order of _SCHEMA, with their declarations: a database of an earlier
 # version gains them in place at its first opening (version 3's evidence: cells counted before are familiar,
-# with no colour or pixel size).
+# with no colour or pixel size; version 4: no accession number or operator).
 _ADDED_COLUMNS = (("specimens", "wbc", "REAL"), ("cells", "field", "TEXT"), ("commands", "wbc", "REAL"),
                   ("specimens", "colour_frames", "INTEGER NOT NULL DEFAULT 0"), ("specimens", "colour_sums", "TEXT"),
-                  ("specimens", "um_per_pixel", "REAL"), ("cells", "unfamiliar", "INTEGER NOT NULL DEFAULT 0"))
+                  ("specimens", "um_per_pixel", "REAL"), ("cells", "unfamiliar", "INTEGER NOT NULL DEFAULT 0"),
+                  ("specimens", "accession", "TEXT"), ("specimens", "operator", "TEXT"),
+                  ("commands", "accession", "TEXT"), ("commands", "operator", "TEXT"))
+PRELIMINARY_REPORT, VERIFIED_REPORT = "preliminary", "verified"  # outbox.kind
+_OUTBOX_COLUMNS = "id, specimen, report, created_at, files_written, link_sent, attempts, last_error"
 _SPECIMEN_COLUMNS = ("id, specimen_id, target, status, started_at, finished_at, finish_reason, fields, skipped_blur, "
                      "skipped_motion, unusable, edge_cells, tracker_state, wbc, colour_frames, colour_sums, "
-                     "um_per_pixel")
+                     "um_per_pixel, accession, operator")
 
 
 class StateError(HematovisionError):
@@ -135,6 +155,8 @@ class Specimen:
     colour_frames: int = 0  # used frames whose colour summaries are summed in colour_sums
     colour_sums: tuple[float, ...] | None = None
     um_per_pixel: float | None = None  # of the latest used frame
+    accession: str | None = None  # the laboratory's accession number, entered at its start
+    operator: str | None = None  # who started it at the microscope
 
 
 @dataclass(frozen=True)
@@ -187,6 +209,18 @@ class OutboxEntry:
     files_written: bool
     link_sent: bool
     attempts: int
+    kind: str = PRELIMINARY_REPORT  # or VERIFIED_REPORT: the report a person signed, sent after the preliminary
+
+
+@dataclass(frozen=True)
+class SpecimenReports:
+    """A finished specimen's reports as stored: the preliminary one, the verified one once signed, and the
+    changes made to its cells since the preliminary report (not yet signed, or signed into the verified one)."""
+
+    specimen: Specimen
+    preliminary: dict | None  # None once pruned
+    verified: dict | None
+    changes: tuple[dict, ...]  # {cell, from, to, operator, at} in order
 
 
 @dataclass(frozen=True)
@@ -196,16 +230,20 @@ class Command:
     specimen_id: str | None
     target: int | None
     wbc_10e9_per_l: float | None = None
+    accession: str | None = None
+    operator: str | None = None
 
 
 class Store:
     """The state database; one connection, used from one thread."""
 
-    def __init__(self, path: str | Path, min_free_bytes: int = 0, max_page_count: int | None = None):
+    def __init__(self, path: str | Path, min_free_bytes: int = 0, max_page_count: int | None = None,
+                 shared: bool = False):
+        """`shared`: the connection may be used from several threads, one at a time (the caller's lock)."""
         self.path, self.min_free_bytes = Path(path), min_free_bytes
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0, check_same_thread=not shared)
         except (OSError, sqlite3.Error) as err:
             raise StateError(f"cannot open the state database {self.path} ({err}); check that the state "
                              "folder exists and belongs to the service user") from err
@@ -238,6 +276,7 @@ class Store:
             raise StateError(f"{self.path} was written by a newer Hematovision (state version {version}, this one "
                              f"reads up to {SCHEMA_VERSION}); install that version again or move the file aside")
         with self.transaction() as db:
+            self._rebuild_outbox(db)
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 db.execute(statement)
             for table, column, declaration in _ADDED_COLUMNS:
@@ -246,6 +285,18 @@ class Store:
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         if 0 < version < SCHEMA_VERSION:
             logger.info("state database %s upgraded from version %d to %d", self.path, version, SCHEMA_VERSION)
+
+    def _rebuild_outbox(self, db: sqlite3.Connection) -> None:
+        """An outbox of version 3 or earlier held one report per specimen: rebuilt, rows kept, to hold the verified
+        one too (inside the upgrade's transaction)."""
+        columns = {row[1] for row in db.execute("PRAGMA table_info(outbox)")}
+        if columns and "kind" not in columns:
+            db.execute("ALTER TABLE outbox RENAME TO outbox_v3")
+            db.execute(_SCHEMA[_SCHEMA.index("CREATE TABLE IF NOT EXISTS outbox"):
+                               _SCHEMA.index("CREATE TABLE IF NOT EXISTS review_changes")].rstrip().rstrip(";"))
+            db.execute(f"INSERT INTO outbox ({_OUTBOX_COLUMNS}) SELECT {_OUTBOX_COLUMNS} FROM outbox_v3")
+            db.execute("DROP TABLE outbox_v3")
+            logger.info("state database %s: outbox made ready for verified reports", self.path)
 
     def close(self) -> None:
         self.db.close()
@@ -302,17 +353,19 @@ class Store:
     def specimen_ids(self) -> list[str]:
         return [r[0] for r in self.db.execute("SELECT specimen_id FROM specimens ORDER BY id")]
 
-    def start_specimen(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None) -> Specimen:
-        """A new open specimen (with the white count in 10^9/L when entered). Raises StateError when one is
-        open or the id was used."""
+    def start_specimen(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None,
+                       accession: str | None = None, operator: str | None = None) -> Specimen:
+        """A new open specimen (with the white count in 10^9/L, accession number and operator when entered).
+        Raises StateError when one is open or the id was used."""
         self.check_space()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM specimens WHERE status = 'open'").fetchone():
                 raise StateError(f"cannot start {specimen_id!r}: a specimen is still open; finish it first")
             if db.execute("SELECT 1 FROM specimens WHERE specimen_id = ?", (specimen_id,)).fetchone():
                 raise StateError(f"specimen id {specimen_id!r} was counted before; give a new id")
-            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at, wbc) "
-                       "VALUES (?, ?, 'open', ?, ?)", (specimen_id, target, now_iso(), wbc_10e9_per_l))
+            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at, wbc, accession, operator) "
+                       "VALUES (?, ?, 'open', ?, ?, ?, ?)", (specimen_id, target, now_iso(), wbc_10e9_per_l, accession,
+                                                             operator))
         logger.info("started specimen %s (target %d cells)", specimen_id, target)
         return self.specimen(specimen_id)
 
@@ -414,17 +467,65 @@ class Store:
         logger.info("finished specimen %s (%s)", specimen.specimen_id, reason)
 
     def pending_reports(self, files: bool, link: bool) -> list[OutboxEntry]:
-        """Reports still to write (files) or send (link)."""
+        """Reports still to write (files) or send (link), in the order they were made."""
         rows = self.db.execute(
-            "SELECT o.id, s.specimen_id, o.report, o.files_written, o.link_sent, o.attempts FROM outbox o "
+            "SELECT o.id, s.specimen_id, o.report, o.files_written, o.link_sent, o.attempts, o.kind FROM outbox o "
             "JOIN specimens s ON s.id = o.specimen WHERE (? AND NOT o.files_written) OR (? AND NOT o.link_sent) "
             "ORDER BY o.id", (files, link))
-        return [OutboxEntry(r[0], r[1], json.loads(r[2]), bool(r[3]), bool(r[4]), r[5]) for r in rows]
+        return [OutboxEntry(r[0], r[1], json.loads(r[2]), bool(r[3]), bool(r[4]), r[5], r[6]) for r in rows]
 
-    def report(self, specimen_id: str) -> dict | None:
+    def report(self, specimen_id: str, kind: str = PRELIMINARY_REPORT) -> dict | None:
         row = self.db.execute("SELECT o.report FROM outbox o JOIN specimens s ON s.id = o.specimen "
-                              "WHERE s.specimen_id = ?", (specimen_id,)).fetchone()
+                              "WHERE s.specimen_id = ? AND o.kind = ?", (specimen_id, kind)).fetchone()
         return json.loads(row[0]) if row else None
+
+    # --- review and sign-off --------------------------------------------------------
+
+    def specimens(self) -> list[tuple[Specimen, bool, bool]]:
+        """Every specimen, newest first, with whether it has a preliminary and a verified report kept."""
+        rows = self.db.execute(
+            f"SELECT {', '.join('s.' + c.strip() for c in _SPECIMEN_COLUMNS.split(','))}, "
+            "EXISTS (SELECT 1 FROM outbox o WHERE o.specimen = s.id AND o.kind = 'preliminary'), "
+            "EXISTS (SELECT 1 FROM outbox o WHERE o.specimen = s.id AND o.kind = 'verified') "
+            "FROM specimens s ORDER BY s.id DESC").fetchall()
+        return [(_specimen(r[:-2]), bool(r[-2]), bool(r[-1])) for r in rows]
+
+    def specimen_reports(self, specimen_id: str) -> SpecimenReports | None:
+        """A specimen's stored reports and review changes; None for an unknown id."""
+        specimen = self.specimen(specimen_id)
+        if specimen is None:
+            return None
+        changes = tuple({"cell": r[0], "from": r[1], "to": r[2], "operator": r[3], "at": r[4]} for r in self.db.execute(
+            "SELECT cell, from_label, to_label, operator, at FROM review_changes WHERE specimen = ? ORDER BY id",
+            (specimen.row,)))
+        return SpecimenReports(specimen, self.report(specimen_id), self.report(specimen_id, VERIFIED_REPORT), changes)
+
+    def add_change(self, specimen: Specimen, change: dict) -> None:
+        """Record one cell's change ({cell, from, to, operator, at}) of a finished specimen not yet verified.
+        Raises StateError when the specimen is verified or not finished."""
+        with self.transaction() as db:
+            self._check_reviewable(db, specimen)
+            db.execute("INSERT INTO review_changes (specimen, cell, from_label, to_label, operator, at) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (specimen.row, change["cell"], change["from"], change["to"],
+                                                     change["operator"], change["at"]))
+
+    def add_verified_report(self, specimen: Specimen, report: dict) -> None:
+        """Put the signed report in the outbox, after the preliminary one (which stays). Raises StateError when
+        the specimen is verified already or not finished, StorageFull."""
+        self.check_space()
+        with self.transaction() as db:
+            self._check_reviewable(db, specimen)
+            db.execute("INSERT INTO outbox (specimen, report, created_at, kind) VALUES (?, ?, ?, 'verified')",
+                       (specimen.row, json.dumps(report, allow_nan=False), now_iso()))
+        logger.info("specimen %s verified by %s", specimen.specimen_id, report["verification"]["operator"])
+
+    @staticmethod
+    def _check_reviewable(db: sqlite3.Connection, specimen: Specimen) -> None:
+        kinds = {r[0] for r in db.execute("SELECT kind FROM outbox WHERE specimen = ?", (specimen.row,))}
+        if VERIFIED_REPORT in kinds:
+            raise StateError(f"specimen {specimen.specimen_id} is verified already; a verified report is not changed")
+        if PRELIMINARY_REPORT not in kinds:
+            raise StateError(f"specimen {specimen.specimen_id} has no report to review (still counting, or pruned)")
 
     def mark_report(self, entry: OutboxEntry, *, files: bool = False, link: bool = False,
                     error: str | None = None) -> None:
@@ -436,8 +537,9 @@ class Store:
     def prune(self, settings: PruneSettings, files: bool, link: bool) -> int:
         """Delete what is kept of delivered specimens past `settings`; returns how many were pruned."""
         rows = self.db.execute(
-            "SELECT s.id, s.specimen_id, s.finished_at FROM specimens s JOIN outbox o ON o.specimen = s.id "
-            "WHERE s.status = 'finished' AND (NOT ? OR o.files_written) AND (NOT ? OR o.link_sent) ORDER BY s.id",
+            "SELECT s.id, s.specimen_id, s.finished_at FROM specimens s WHERE s.status = 'finished' "
+            "AND EXISTS (SELECT 1 FROM outbox o WHERE o.specimen = s.id) AND NOT EXISTS (SELECT 1 FROM outbox o "
+            "WHERE o.specimen = s.id AND ((? AND NOT o.files_written) OR (? AND NOT o.link_sent))) ORDER BY s.id",
             (files, link)).fetchall()
         cutoff = datetime.now().astimezone().timestamp() - settings.keep_days * 86400
         pruned = 0
@@ -445,7 +547,7 @@ class Store:
             if _timestamp(finished_at) >= cutoff and self.used_bytes() <= settings.max_mb * 2**20:
                 continue
             with self.transaction() as db:
-                for table in ("cells", "keyframes", "outbox"):
+                for table in ("cells", "keyframes", "outbox", "review_changes"):
                     db.execute(f"DELETE FROM {table} WHERE specimen = ?", (row,))
                 db.execute("UPDATE specimens SET tracker_state = NULL WHERE id = ?", (row,))
             logger.info("pruned delivered specimen %s (finished %s)", specimen_id, finished_at)
@@ -461,15 +563,17 @@ class Store:
     # --- commands -----------------------------------------------------------------
 
     def add_command(self, action: str, specimen_id: str | None = None, target: int | None = None,
-                    wbc_10e9_per_l: float | None = None) -> int:
+                    wbc_10e9_per_l: float | None = None, accession: str | None = None,
+                    operator: str | None = None) -> int:
         with self.transaction() as db:
-            cursor = db.execute("INSERT INTO commands (action, specimen_id, target, created_at, wbc) "
-                                "VALUES (?, ?, ?, ?, ?)", (action, specimen_id, target, now_iso(), wbc_10e9_per_l))
+            cursor = db.execute("INSERT INTO commands (action, specimen_id, target, created_at, wbc, accession, "
+                                "operator) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                (action, specimen_id, target, now_iso(), wbc_10e9_per_l, accession, operator))
         return cursor.lastrowid
 
     def pending_commands(self) -> list[Command]:
-        rows = self.db.execute("SELECT id, action, specimen_id, target, wbc FROM commands WHERE done_at IS NULL "
-                               "ORDER BY id")
+        rows = self.db.execute("SELECT id, action, specimen_id, target, wbc, accession, operator FROM commands "
+                               "WHERE done_at IS NULL ORDER BY id")
         return [Command(*r) for r in rows]
 
     def complete_command(self, command: Command, result: str) -> None:
@@ -483,9 +587,9 @@ class Store:
 
 def _specimen(row) -> Specimen:
     """A Specimen from a row of _SPECIMEN_COLUMNS."""
-    *values, tracker, wbc, colour_frames, colour_sums, um = row
+    *values, tracker, wbc, colour_frames, colour_sums, um, accession, operator = row
     return Specimen(*values, json.loads(tracker) if tracker else None, wbc, colour_frames,
-                    tuple(json.loads(colour_sums)) if colour_sums else None, um)
+                    tuple(json.loads(colour_sums)) if colour_sums else None, um, accession, operator)
 
 
 def _timestamp(iso: str | None) -> float:

@@ -63,6 +63,7 @@ class FieldResult:
     kind: str = "used"  # or "blur" / "motion": a scan frame that counted nothing
     slide_xy_um: tuple[tuple[float, float], ...] = ()  # of `cells`
     colour: tuple[float, ...] | None = None  # a used frame's colour summary (calibration.colour.SUMMARY_KEYS)
+    found: tuple[Detection, ...] = ()  # every white cell segmented, whole or cut by the edge, new or not
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,11 @@ class FieldPipeline:
             self._fields = int(state["fields"])
             self._update_estimate()
 
+    @property
+    def pixel_size_um(self) -> float:
+        """The pixel size the next field is segmented at: the profile's, else the running estimate (nan: none)."""
+        return self.um_per_pixel or self._estimated_um
+
     def _update_estimate(self) -> None:
         self._estimates = self._estimates[-ESTIMATE_HISTORY:]
         self._estimated_um = float(np.median(self._estimates)) if self._estimates else float("nan")
@@ -233,4 +239,5 @@ class FieldPipeline:
         cells = self.classify(image, selection.cells, seg.um_per_pixel, os.path.basename(name))
         colour = self.colour(image) if selection.kind == "used" else None
         return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
-                           seg.pixel_size_source, selection.kind, selection.slide_xy_um, colour)
+                           seg.pixel_size_source, selection.kind, selection.slide_xy_um, colour,
+                           seg.cells + seg.edge_cells)
