@@ -251,6 +251,7 @@ install_config() {
         sed -e "s#\"\\.\\./samples/#\"$SRC/samples/#" -e "s#^bundle = \"\"#bundle = \"$SRC/models/reference\"#" \
             -e "s#^kind = \"replay\" #kind = \"$SOURCE_KIND\" #" \
             -e "s#^device = \"/dev/video0\"#device = \"${VIDEO_DEVICE:-/dev/video0}\"#" \
+            -e "s#^directory = \"\" #directory = \"$STATE_DIR\" #" \
             "$REPO/systemd/config.example.toml"
     } | write_file "$CONF_DIR/config.toml" 0644
 }
@@ -304,8 +305,9 @@ next_steps() {
         first="the service counts from $SOURCE_KIND now; calibrate the microscope (hematovision-calibrate, see the README) and set calibration.profile"
     fi
     step "done. Next: $first"
-    echo "   specimens start by themselves (specimen.auto_start), or: sudo -u $SERVICE_USER hematovision-edge specimen start --id ID [--wbc X] --config $CONF_DIR/config.toml"
-    echo "   watch it: systemctl status $SERVICE (specimen and count); journalctl -u $SERVICE -f (the log)"
+    echo "   the web page (live view, specimen entry, review and sign-off): http://127.0.0.1:8080 on this machine; from a desktop: ssh -L 8080:127.0.0.1:8080 THIS-PI, then the same address"
+    echo "   specimens start by themselves (specimen.auto_start), on the web page, or: hematovision-edge specimen start --id ID [--wbc X] --config $CONF_DIR/config.toml"
+    echo "   watch it: the web page, hematovision-edge specimen status --config $CONF_DIR/config.toml, or journalctl -u $SERVICE -f (the log)"
     if [ -n "$OPERATOR" ]; then
         echo "   reports: $STATE_DIR/reports, readable by $OPERATOR after logging in again (group $SERVICE_USER)"
     else

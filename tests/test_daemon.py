@@ -24,7 +24,7 @@ from hematovision.edge.config import load_config
 from hematovision.edge.service.daemon import STATE_FILE, Daemon, open_pipeline, run_main, serve
 from hematovision.edge.reports.report import Report
 from hematovision.edge.capture.sources import FolderReplay, VideoReplay, open_source, source_key
-from hematovision.edge.service.state import FrameRecord, NewCell, Store, StorageFull
+from hematovision.edge.service.state import SCHEMA_VERSION, FrameRecord, NewCell, Store, StorageFull
 from hematovision.errors import CameraUnavailable
 
 KILLS = 20
@@ -691,4 +691,4 @@ def test_a_version_1_state_database_gains_the_new_columns_and_keeps_its_specimen
         store.record_frame(FrameRecord(old, "test", 0, "used", (NewCell(1.0, 2.0, "neutrophil", 0.9, (0, 0, 4, 4),
                                                                            b"jpeg", "f1.jpg"),), 0, {"n": 1}))
         assert store.cells(old)[0][1].field == "f1.jpg" and store.open_specimen().tracker_state == {"n": 1}
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == 3  # 3: with the flags' evidence
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION  # 3: the flags' evidence, 4: review

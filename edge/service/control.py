@@ -91,9 +91,6 @@ def daemon_state(config: Config, why: str):
         if place.exists() and not os.access(place, os.W_OK):
             raise StateError(f"{why}, and {place} is not writable by this user; run it as the service's user: "
                              f"sudo -u hematovision hematovision-edge specimen ... --config {config.path}")
-    if not path.exists():
-        raise StateError(f"{why}, and there is no state database at {path}: the daemon has not run with this "
-                         "configuration yet; start it first")
     return path
 
 

@@ -27,10 +27,23 @@ def check_devices(config: Config, mounts_file: Path = MOUNTS_FILE) -> list[str]:
     if config.source.kind == "picamera2" and importlib.util.find_spec("picamera2") is None:
         raise ConfigError(f"{where}: source.kind = \"picamera2\" but picamera2 is not installed; on the Pi: apt "
                           "install python3-picamera2 and a venv with --system-site-packages (systemd/install.sh)")
+    warnings = web_warnings(config)
     if config.report.link in ("astm", "jsonl"):
-        return _check_serial_port(config.report.port, where)
+        return warnings + _check_serial_port(config.report.port, where)
     if config.report.link == "usb":
-        return _usb_warnings(config.report.usb_mount_point, mounts_file)
+        return warnings + _usb_warnings(config.report.usb_mount_point, mounts_file)
+    return warnings
+
+
+def web_warnings(config: Config) -> list[str]:
+    """The web page's password in a file anyone on the machine can read."""
+    try:
+        readable = config.web.token and config.path.stat().st_mode & stat.S_IROTH
+    except OSError:
+        return []
+    if readable:
+        return [f"web.token is set but {config.path} is readable by every user of this machine; "
+                f"sudo chown root:hematovision {config.path} && sudo chmod 640 {config.path}"]
     return []
 
 

@@ -36,6 +36,7 @@ def create_app(specimens: Specimens, web: WebConfig, live: LiveView | None = Non
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=web.max_request_kb * 1024, SESSION_COOKIE_NAME="hv_flask_unused")
     app.json.sort_keys = False
+    app.url_map.merge_slashes = False  # an id is taken as given, never redirected to another
     app.extensions["hematovision"] = (specimens, web, live, access or Access.of(web.token))
     _guard(app)
     _pages(app)

@@ -72,8 +72,13 @@ class WebServer:
         self.server.task_dispatcher.shutdown(timeout=STOP_WAIT_S)
 
     def _close_all(self) -> None:
-        for channel in list(self.server._map.values()):  # the listener, the open connections, the trigger
-            channel.handle_close()
+        from waitress.channel import HTTPChannel  # noqa: PLC0415
+
+        for channel in list(self.server._map.values()):  # the open connections, the listener, the trigger
+            if isinstance(channel, HTTPChannel):
+                channel.handle_close()
+            else:
+                channel.close()
 
 
 def serve_folder(folder: Path, host: str, port: int, token: str = "") -> int:
