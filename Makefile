@@ -67,7 +67,7 @@ bench: $(STAMP)
 RESULTS ?= benchmarks/results
 RERUN ?=
 DAEMON_MINUTES ?= 30
-BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab flags cv
+BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab flags cv web
 RERUN_NAMES = $(if $(filter all,$(RERUN)),$(BENCHMARKS),$(RERUN))
 .PHONY: results cv $(addprefix result-,$(BENCHMARKS))
 
@@ -88,6 +88,10 @@ result-scan: $(STAMP)
 	$(PY) benchmarks/bench_scan.py --runs 4 --json $(RESULTS)/scan.json
 result-daemon: $(STAMP)
 	$(PY) benchmarks/bench_daemon_memory.py --minutes $(DAEMON_MINUTES) --fps 5 --json $(RESULTS)/daemon.json
+# The web page's cost on the frame loop, and the daemon's RSS with the page watched and used (README, "The web page").
+result-web: $(STAMP)
+	$(PY) benchmarks/bench_web.py --seconds 45 --repeat 3 --json $(RESULTS)/web.json
+	$(PY) benchmarks/bench_daemon_memory.py --web --minutes 10 --fps 5 --target 20 --json $(RESULTS)/daemon_web.json
 result-faults: $(STAMP)
 	$(PY) benchmarks/bench_faults.py --json $(RESULTS)/faults.json
 result-crosslab: $(STAMP)

@@ -1,10 +1,12 @@
 """Resident memory of the daemon over a long replay: start, end and trend (target <= 250 MB, no growth).
 
-    python benchmarks/bench_daemon_memory.py --model BUNDLE [--minutes 30] [--fps 2] [--target 100] [--json FILE]
+    python benchmarks/bench_daemon_memory.py --model BUNDLE [--minutes 30] [--fps 2] [--target 100] [--web] [--json FILE]
 
 Runs `hematovision-edge run` as a subprocess on a looping replay of the committed sample fields
 (specimens finish at the target and the next starts, so reports are built and filed too), reads
-its VmRSS from /proc every few seconds, and prints the figures and a least-squares slope.
+its VmRSS from /proc every few seconds, and prints the figures and a least-squares slope. With `--web` the daemon
+serves its web page and a thread asks it what a watching live page asks (the status every second, the frame
+whenever it changed; benchmarks/bench_web.py), and reviews and signs each finished specimen's report.
 `--json FILE` also writes them as one JSON object: the keys benchmarks/results_table.py reads
 (minutes, start_mb, end_mb, max_mb, first_third_mb, last_third_mb), then the slope, the settings,
 the daemon's work and exit status, and every (seconds, MB) sample.
@@ -18,6 +20,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -48,8 +51,40 @@ loop = true
 target = {args.target}
 [state]
 directory = "{folder / 'state'}"
+[web]
+enabled = {'true' if args.web else 'false'}
+port = {args.port}
 """)
     return path
+
+
+def watch_and_review(url: str, stop: threading.Event) -> None:
+    """A live page watching (bench_web.poll_like_the_page), and every finished specimen reclassified and signed."""
+    from bench_web import poll_like_the_page
+
+    counts = {"status": 0, "frames": 0, "bytes": 0, "errors": 0}
+    threading.Thread(target=poll_like_the_page, args=(url, 1.0, stop, counts), daemon=True).start()
+    while not stop.wait(10.0):
+        try:
+            for entry in api(url, "GET", "/api/specimens"):
+                if entry["state"] == "preliminary":
+                    report = api(url, "GET", f"/api/specimens/{entry['specimen_id']}?thumbnails=0")
+                    if report["cells"]:
+                        api(url, "POST", f"/api/specimens/{entry['specimen_id']}/cells/{report['cells'][0]['id']}",
+                            {"label": "unidentified" if report["cells"][0]["label"] != "unidentified" else "lymphocyte"})
+                    api(url, "POST", f"/api/specimens/{entry['specimen_id']}/sign", {"operator": "bench"})
+        except OSError:
+            pass
+
+
+def api(url: str, method: str, path: str, body: dict | None = None):
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
 
 
 def slope_mb_per_hour(samples: list[tuple[float, float]]) -> float:
@@ -65,13 +100,16 @@ def measure(args) -> int:
         config = write_config(Path(tmp), args)
         proc = subprocess.Popen([sys.executable, *DAEMON, str(config)], stdout=subprocess.DEVNULL,
                                 stderr=open(Path(tmp) / "daemon.log", "wb"), cwd=tmp)
-        samples, started = [], time.monotonic()
+        samples, started, stop = [], time.monotonic(), threading.Event()
+        if args.web:
+            threading.Thread(target=watch_and_review, args=(f"http://127.0.0.1:{args.port}", stop), daemon=True).start()
         try:
             time.sleep(args.warmup_s)
             while (elapsed := time.monotonic() - started) < args.minutes * 60 and proc.poll() is None:
                 samples.append((elapsed, rss_mb(proc.pid)))
                 time.sleep(args.every_s)
         finally:
+            stop.set()
             proc.send_signal(signal.SIGTERM)
             rc = proc.wait(60)
         if not samples:
@@ -102,7 +140,7 @@ def figures(samples: list[tuple[float, float]], rc: int, work: dict, args) -> di
             "last_third_mb": sum(r for _, r in last) / len(last), "slope_mb_per_hour": slope_mb_per_hour(samples),
             "settings": {"model": os.path.relpath(args.model.resolve(), REPO), "minutes": args.minutes,
                          "fps": args.fps, "target": args.target, "threads": args.threads,
-                         "every_s": args.every_s, "warmup_s": args.warmup_s},
+                         "every_s": args.every_s, "warmup_s": args.warmup_s, "web": args.web},
             **work, "exit_status": rc, "samples": [[round(t, 2), round(r, 2)] for t, r in samples]}
 
 
@@ -126,6 +164,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--every-s", type=float, default=5.0)
     parser.add_argument("--warmup-s", type=float, default=5.0)
+    parser.add_argument("--web", action="store_true", help="serve the web page, watched and used as a person would")
+    parser.add_argument("--port", type=int, default=18080, help="the web page's port with --web")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the figures to FILE as one JSON object")
     return measure(parser.parse_args(argv))
 

@@ -1,12 +1,13 @@
 """What the web page costs the frame loop: frames counted per second with the page off, on and idle, and watched.
 
-    python benchmarks/bench_web.py [--model BUNDLE] [--seconds 60] [--pollers 1] [--json FILE]
+    python benchmarks/bench_web.py [--model BUNDLE] [--seconds 60] [--repeat 2] [--pollers 1] [--json FILE]
 
 Runs `hematovision-edge run` on a looping replay of the committed sample fields as fast as it goes (no pacing,
 one specimen that never reaches its target), three times: [web] off; on with nobody watching; on with
 `--pollers` browsers' worth of the live page's requests (GET /api/status every second and the live frame
 each time it changed, as edge/web/static/app.js does) plus one client asking ten times a second. Frames per
-second come from the state database's frame count after a warm-up; the daemon's peak RSS from /proc.
+second come from the state database's frame count after a warm-up; the daemon's peak RSS from /proc. The three
+runs are repeated `--repeat` times in turn (the machine's other load drifts); each case's median is reported.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import signal
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,6 +125,13 @@ def run_case(args, name: str, web: bool, pollers: list[float]) -> dict:
             "peak_rss_mb": round(peak, 1), "requests": counts}
 
 
+def summary(name: str, runs: list[dict]) -> dict:
+    """A case's median frames per second over its runs, its highest RSS, and every run."""
+    rates = sorted(r["fps"] for r in runs)
+    return {"case": name, "fps": statistics.median(rates), "fps_runs": [r["fps"] for r in runs],
+            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path(os.environ.get("HEMATOVISION_MODEL", REPO / "models/reference")))
@@ -130,18 +139,24 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup-s", type=float, default=15.0)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--pollers", type=int, default=1, help="browsers watching the live page")
+    parser.add_argument("--repeat", type=int, default=2, help="rounds of the three runs")
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args(argv)
-    cases = [run_case(args, "web off", False, []), run_case(args, "web on, nobody watching", True, []),
-             run_case(args, f"web on, {args.pollers} live page(s) + 10 requests/s", True,
-                      [1.0] * args.pollers + [0.1])]
+    plan = [("web off", False, []), ("web on, nobody watching", True, []),
+            (f"web on, {args.pollers} live page(s) + 10 requests/s", True, [1.0] * args.pollers + [0.1])]
+    runs = [[] for _ in plan]
+    for _ in range(args.repeat):
+        for i, (name, web, pollers) in enumerate(plan):
+            runs[i].append(run_case(args, name, web, pollers))
+    cases = [summary(name, found) for (name, _, _), found in zip(plan, runs)]
     base = cases[0]["fps"]
     for case in cases:
         case["fps_vs_web_off"] = round(case["fps"] / base, 3) if base else None
-        print(f"{case['case']:<40} {case['fps']:7.2f} frames/s ({case['fps_vs_web_off']:.1%} of web off), "
-              f"peak RSS {case['peak_rss_mb']:.0f} MB, requests {case['requests']}")
+        print(f"{case['case']:<40} {case['fps']:7.2f} frames/s ({case['fps_vs_web_off']:.1%} of web off; runs "
+              f"{case['fps_runs']}), peak RSS {case['peak_rss_mb']:.0f} MB")
     if args.json:
         write_result(args.json, {"cases": cases, "settings": {"seconds": args.seconds, "warmup_s": args.warmup_s,
+                                                              "repeat": args.repeat,
                                                               "pollers": args.pollers, "threads": args.threads,
                                                               "model": os.path.relpath(args.model.resolve(), REPO)}})
     return 0

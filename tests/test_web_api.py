@@ -156,10 +156,13 @@ def test_with_a_password_changes_need_it_even_on_localhost_and_pages_need_their_
         assert request(srv, "POST", "/api/specimens/S-1/cells/1", {"label": "monocyte"}, wrong)[0] == 401
         bearer = {"Authorization": f"Bearer {TOKEN}"}
         assert request(srv, "POST", "/api/specimens/S-1/cells/1", {"label": "monocyte"}, bearer)[0] == 200
-        assert request(srv, "POST", "/login", raw=b"password=wrong",
-                       headers={"Content-Type": "application/x-www-form-urlencoded"})[0] == 401
-        status, response, _ = request(srv, "POST", "/login", raw=f"password={TOKEN}".encode(),
-                                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        sign_in = request(srv, "GET", "/login")[2].decode().split('name="csrf_token" value="')[1].split('"')[0]
+        assert request(srv, "POST", "/login", raw=f"password={TOKEN}".encode(), headers=form)[0] == 403
+        assert request(srv, "POST", "/login", raw=f"password=wrong&csrf_token={sign_in}".encode(),
+                       headers=form)[0] == 401
+        status, response, _ = request(srv, "POST", "/login", raw=f"password={TOKEN}&csrf_token={sign_in}".encode(),
+                                      headers=form)
         assert status == 302
         cookie = response.getheader("Set-Cookie").split(";")[0]
         assert "HttpOnly" in response.getheader("Set-Cookie") and "SameSite=Strict" in response.getheader("Set-Cookie")
@@ -185,3 +188,16 @@ def test_a_port_in_use_is_refused_naming_web_port(reports):
         taken = replace(WebConfig(enabled=True), port=srv.server.effective_port)
         with pytest.raises(WebUnavailable, match="web.port"):
             WebServer(create_app(FolderSpecimens(reports), taken), taken)
+
+
+def test_check_config_warns_of_a_password_every_user_can_read(tmp_path):
+    from hematovision.edge.config import Config
+    from hematovision.edge.service.preflight import web_warnings
+
+    path = tmp_path / "config.toml"
+    path.write_text("")
+    path.chmod(0o644)
+    config = Config(web=WebConfig(enabled=True, token=TOKEN), path=path)
+    assert "chmod 640" in web_warnings(config)[0]
+    path.chmod(0o640)
+    assert web_warnings(config) == []

@@ -30,6 +30,10 @@ FORMATS = {"json": "application/json", "csv": "text/csv; charset=utf-8", "html":
 OPEN_PATHS = ("login", "static")  # reachable without the password
 
 
+class ReviewBadRequest(ReportInvalid):
+    """A request body that is not what the API takes."""
+
+
 def create_app(specimens: Specimens, web: WebConfig, live: LiveView | None = None,
                access: Access | None = None) -> Flask:
     """The application over `specimens`, with the live view of a device's frame loop when given."""
@@ -150,6 +154,8 @@ def _pages(app: Flask) -> None:
         _, _, _, access = _state()
         wanted = request.args.get("next", "/")
         wanted = wanted if wanted.startswith("/") and not wanted.startswith("//") else "/"
+        if request.method == "POST" and not access.csrf_ok(request.form.get("csrf_token")):
+            return _error(403, "refused: the sign-in form is out of date; reload the page")
         if request.method == "GET" or not access.password_ok(request.form.get("password")):
             failed = request.method == "POST"
             return _render("login.html", failed=failed, next=wanted), 401 if failed else 200
@@ -222,10 +228,6 @@ def _json_body() -> dict:
     if not isinstance(body, dict):
         raise ReviewBadRequest("the request body must be a JSON object")
     return body
-
-
-class ReviewBadRequest(ReportInvalid):
-    """A request body that is not what the API takes."""
 
 
 def start_request(body: dict) -> StartRequest:

@@ -15,6 +15,7 @@ from ..config import WebConfig, check_web
 logger = logging.getLogger(__name__)
 
 STOP_WAIT_S = 5.0
+LOOP_S = 0.25  # the server's loop looks this often whether it is to stop
 
 
 class WebUnavailable(HematovisionError):
@@ -42,6 +43,7 @@ class WebServer:
             raise WebUnavailable(f"web page: cannot listen on {web.host}:{web.port} ({why}); stop the other program, "
                                  "or set another web.port (or web.enabled = false)") from err
         self._thread = threading.Thread(target=self._run, name="web", daemon=True)
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
@@ -57,28 +59,31 @@ class WebServer:
         self.stop()
 
     def _run(self) -> None:
+        """Serve until stopped; every socket is opened and closed in this thread, none from outside."""
+        from waitress import wasyncore  # noqa: PLC0415
+
         try:
-            self.server.run()
+            while not self._stopping.is_set():
+                wasyncore.loop(timeout=LOOP_S, use_poll=True, map=self.server._map, count=1)
         except Exception:  # noqa: BLE001 - the page may die; counting goes on
             logger.exception("the web page stopped; counting goes on")
+        finally:
+            wasyncore.close_all(self.server._map, ignore_all=True)
+            self.server.task_dispatcher.shutdown(timeout=STOP_WAIT_S)
 
     def stop(self) -> None:
-        """Close the listening socket and every connection, then the request threads."""
+        """Stop listening, close every connection and end the request threads (within LOOP_S + STOP_WAIT_S)."""
+        self._stopping.set()
         if self._thread.is_alive():
-            self.server.trigger.pull_trigger(self._close_all)
-            self._thread.join(STOP_WAIT_S)
-        else:
-            self._close_all()
+            self._thread.join(LOOP_S + 2 * STOP_WAIT_S)
+        elif not self._thread.ident:  # never started
+            self._close_unstarted()
+
+    def _close_unstarted(self) -> None:
+        from waitress import wasyncore  # noqa: PLC0415
+
+        wasyncore.close_all(self.server._map, ignore_all=True)
         self.server.task_dispatcher.shutdown(timeout=STOP_WAIT_S)
-
-    def _close_all(self) -> None:
-        from waitress.channel import HTTPChannel  # noqa: PLC0415
-
-        for channel in list(self.server._map.values()):  # the open connections, the listener, the trigger
-            if isinstance(channel, HTTPChannel):
-                channel.handle_close()
-            else:
-                channel.close()
 
 
 def serve_folder(folder: Path, host: str, port: int, token: str = "") -> int:
