@@ -108,12 +108,13 @@ def test_a_scanned_specimen_counts_to_its_target_is_reviewed_by_keyboard_signed_
             cell = int(browser.evaluate(page, "document.querySelector('#gallery .cell.selected').dataset.cell"))
             new, key = ("monocyte", "m") if labels[cell] != "monocyte" else ("lymphocyte", "l")
             press(browser, page, key)
-            wait_for("the change", lambda: any(f'"cell":{cell}' in json.dumps(c, separators=(",", ":"))
-                                               for c in _pending(url)), 10)
+            wait_for("the cell shown in its new class", lambda: browser.evaluate(
+                page, f"!!document.querySelector('#gallery section[data-class={new}] .cell[data-cell=\"{cell}\"]')"), 10)
             changed.append((cell, labels[cell], new))
         shown = browser.evaluate(page, "document.querySelector('#differential tr[data-class=monocyte] td.n').textContent")
         after = get(f"{url}/api/specimens/{SPECIMEN.replace('/', '%2F')}?thumbnails=0")
         assert int(shown) == {c["name"]: c["count"] for c in after["classes"]}["monocyte"]  # recomputed live
+        assert [c for c in _pending(url)] == [{"cell": cell} for cell, _, _ in sorted(changed)]
         browser.evaluate(page, "document.getElementById('sign-button').click()")
         wait_for("the sign-off", lambda: "Verified by Ada Lovelace" in browser.evaluate(
             page, "document.getElementById('review-state').textContent"), 10)
@@ -146,7 +147,7 @@ def _pending(url: str) -> list:
     report = get(f"{url}/api/specimens/{SPECIMEN.replace('/', '%2F')}?thumbnails=0")
     first = get(f"{url}/api/specimens/{SPECIMEN.replace('/', '%2F')}?kind=preliminary&thumbnails=0")
     was = {c["id"]: c["label"] for c in first["cells"]}
-    return [{"cell": c["id"]} for c in report["cells"] if c["label"] != was[c["id"]]]
+    return [{"cell": c["id"]} for c in sorted(report["cells"], key=lambda c: c["id"]) if c["label"] != was[c["id"]]]
 
 
 def _read(path: Path) -> str | None:
