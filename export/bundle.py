@@ -109,7 +109,6 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     step(EXPORT_STEPS[1])
     train_s = samples_of(rows, "train")
     train_crops = crops_array(train_s, config.geometry, config.colour_standard)
-    train_y = np.array([config.classes.index(s.label) for s in train_s])
     step(EXPORT_STEPS[2])
     tflite = convert_int8(with_feature_output(keras_model),
                           calibration_crops(train_s, config, options.calibration_crops, train_crops),
@@ -119,7 +118,8 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
     test = evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
     val = evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
     step(EXPORT_STEPS[4])
-    novelty = fit_novelty(int8_outputs(int8, train_crops)[1], train_y, len(config.classes), val.int8_features)
+    train_groups = np.array([f"{lab_of(s)}:{s.label}" for s in train_s])
+    novelty = fit_novelty(int8_outputs(int8, train_crops)[1], train_groups, val.int8_features, val.labs)
     meta = _metadata(run, config, rows, tflite, int8, test, val, novelty, options)
     _log_figures(meta)
     if not meta["gate"]["passed"]:
@@ -132,7 +132,7 @@ def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> d
     float_m = compute_metrics(softmax(test.float_logits), test.y, config.classes)
     int8_m = compute_metrics(softmax(test.int8_logits), test.y, config.classes)
     gate = judge(float_m, int8_m, test.float_logits.argmax(1), test.int8_logits.argmax(1), test.y, options.margins)
-    confidence = fit_confidence(val.int8_logits, val.y, options.max_rejected_correct)
+    confidence = fit_confidence(val.int8_logits, val.y, options.max_rejected_correct, val.labs)
     test_probs = softmax(test.int8_logits, confidence.temperature)
     train_um = [r.sample.um_per_pixel for r in rows if r.sample.um_per_pixel]
     data = json.loads(run.data.read_text())

@@ -52,11 +52,17 @@ class Confidence:
         return dict(self.__dict__)
 
 
-def fit_confidence(val_logits: np.ndarray, val_y: np.ndarray, max_rejected: float = 0.02) -> Confidence:
-    """Fit the temperature and threshold on the validation split and report their effect there."""
+def fit_confidence(val_logits: np.ndarray, val_y: np.ndarray, max_rejected: float = 0.02,
+                   labs: np.ndarray | None = None) -> Confidence:
+    """Fit the temperature and threshold on the validation split and report their effect there.
+
+    With `labs` (each cell's laboratory) the threshold rejects at most `max_rejected` of every lab's
+    correct cells (the lowest of the labs' thresholds), so a lab whose cells the model is less sure
+    of is not left mostly unidentified by a threshold set on a surer lab."""
     t = fit_temperature(val_logits, val_y)
     before, after = softmax(val_logits), softmax(val_logits, t)
-    threshold = rejection_threshold(after, val_y, max_rejected)
+    labs = np.zeros(len(val_y), int) if labs is None else np.asarray(labs)
+    threshold = min(rejection_threshold(after[labs == lab], val_y[labs == lab], max_rejected) for lab in set(labs))
     correct = after.argmax(axis=1) == val_y
     rejected = after.max(axis=1) < threshold
     return Confidence(

@@ -26,18 +26,20 @@ def with_feature_output(keras_model):
                        name=keras_model.name + "_features")
 
 
-def fit_novelty(train_features: np.ndarray, train_y: np.ndarray, n_classes: int, val_features: np.ndarray,
-                dims: int = DIMS, share: float = VAL_NOVEL_SHARE) -> NoveltyModel:
-    """Whitening and class centres from the int8 model's pooled features of the training cells; the
-    threshold that calls `share` of the held-out cells of the training labs (validation split)
-    novel. Fewer than four training cells per dimension fit fewer dimensions."""
-    w, b = whitening(train_features, train_y, max(min(dims, len(train_features) // 4), 2))
+def fit_novelty(train_features: np.ndarray, train_groups: np.ndarray, val_features: np.ndarray,
+                val_labs: np.ndarray, dims: int = DIMS, share: float = VAL_NOVEL_SHARE) -> NoveltyModel:
+    """Whitening and a centre per training group (lab and class: `train_groups`) from the int8 model's
+    pooled features of the training cells; the threshold that calls at most `share` of each training
+    lab's held-out cells (validation split) novel, so a lab with few cells is not judged by another's.
+    Fewer than four training cells per dimension fit fewer dimensions."""
+    w, b = whitening(train_features, train_groups, max(min(dims, len(train_features) // 4), 2))
     z = train_features @ w + b
-    means = np.stack([z[train_y == k].mean(0) if (train_y == k).any() else np.full(w.shape[1], 1e6)
-                      for k in range(n_classes)])  # a class with no training cell is never nearest
-    unfitted = NoveltyModel(w, b, means, 1.0)
-    threshold = float(np.quantile(unfitted.scores(val_features), 1.0 - share))
-    logger.info("novelty: %d pooled features whitened to %d dimensions on %d training cells; threshold %.3f "
-                "calls %.0f%% of the validation cells novel", w.shape[0], w.shape[1], len(train_features),
-                threshold, 100 * share)
+    centres = np.stack([z[train_groups == g].mean(0) for g in sorted(set(train_groups))])
+    unfitted = NoveltyModel(w, b, centres, 1.0)
+    scores = unfitted.scores(val_features)
+    per_lab = {lab: float(np.quantile(scores[val_labs == lab], 1.0 - share)) for lab in sorted(set(val_labs))}
+    threshold = max(per_lab.values())
+    logger.info("novelty: %d pooled features whitened to %d dimensions on %d training cells, %d centres; "
+                "threshold %.3f (each lab's: %s)", w.shape[0], w.shape[1], len(train_features), len(centres),
+                threshold, ", ".join(f"{k} {v:.3f}" for k, v in per_lab.items()))
     return unfitted.with_threshold(threshold)

@@ -194,7 +194,7 @@ def test_bundle_carries_a_novelty_model_fitted_on_held_out_cells(bundle_dir):
     assert val["novel"] <= 0.2 and set(meta["abstention"]["test_by_lab"]) == {"bccd"}
     bundle = load_bundle(bundle_dir)
     assert bundle.model.n_features == novelty["features"] == bundle.novelty.features  # the pooled features
-    assert bundle.novelty.class_means.shape == (4, novelty["dims"])
+    assert bundle.novelty.centres.shape == (4, novelty["dims"])  # one lab, four classes
 
 
 def test_a_crop_unlike_any_training_cell_is_unidentified_whatever_its_softmax_says(bundle_dir, lite0_run):

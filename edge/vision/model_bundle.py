@@ -179,7 +179,7 @@ def _novelty(path: Path, meta: BundleMeta, model: Int8Model) -> NoveltyModel | N
     if entry is None:
         return None
     data = _read_hashed(path / entry.file, entry.sha256)
-    novelty = NoveltyModel.from_arrays(data, entry.threshold, len(meta.classes), model.n_features, str(path / entry.file))
+    novelty = NoveltyModel.from_arrays(data, entry.threshold, model.n_features, str(path / entry.file))
     if novelty.dims != entry.dims:
         raise ModelInvalid(f"{path / META_FILE}: novelty.dims {entry.dims} disagrees with {entry.file}'s "
                            f"{novelty.dims}; re-export the bundle")
