@@ -414,10 +414,11 @@ def web_rows(r: Results) -> list[str]:
     command = f"benchmarks/bench_web.py --seconds {settings['seconds']:g} --repeat {settings['repeat']}"
     if {"off", "unwatched", "watched"} <= set(cases):
         off, idle, watched = cases["off"], cases["unwatched"], cases["watched"]
-        cell = (f"{watched['fps_vs_web_off']:.2f} watched, {idle['fps_vs_web_off']:.2f} served unwatched (median "
-                f"of {settings['repeat']} rounds; {off['fps']:.1f} / {idle['fps']:.1f} / {watched['fps']:.1f} "
-                f"frames/s off / unwatched / watched); peak RSS {off['peak_rss_mb']:.0f} / {idle['peak_rss_mb']:.0f} "
-                f"/ {watched['peak_rss_mb']:.0f} MB")
+        rounds = " / ".join(f"{x:.2f}" for x in watched.get("fps_vs_web_off_rounds") or [])
+        cell = (f"{watched['fps_vs_web_off']:.2f} watched (rounds {rounds}), {idle['fps_vs_web_off']:.2f} served "
+                f"unwatched: medians of {settings['repeat']} rounds; {off['fps']:.1f} / {idle['fps']:.1f} / "
+                f"{watched['fps']:.1f} frames/s off / unwatched / watched; peak RSS {off['peak_rss_mb']:.0f} / "
+                f"{idle['peak_rss_mb']:.0f} / {watched['peak_rss_mb']:.0f} MB")
     else:
         cell = not_measured(r.command("web"))
     watched_by = f"{settings.get('pollers', 1)} live page(s) and 10 requests/s"

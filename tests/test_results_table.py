@@ -367,8 +367,8 @@ def test_bench_web_ratios_are_each_rounds_rate_over_that_rounds_web_off(tmp_path
     assert "(1 live page(s) and 10 requests/s)" in cells[0]
     assert "`benchmarks/bench_web.py --seconds 45 --repeat 3`" in cells[0]
     assert cells[1:] == ["the frame loop never waits on the page",
-                         "0.96 watched, 1.00 served unwatched (median of 3 rounds; 70.0 / 71.4 / 68.6 frames/s "
-                         "off / unwatched / watched); peak RSS 98 / 109 / 152 MB"]
+                         "0.96 watched (rounds 0.98 / 0.96 / 0.96), 1.00 served unwatched: medians of 3 rounds; "
+                         "70.0 / 71.4 / 68.6 frames/s off / unwatched / watched; peak RSS 98 / 109 / 152 MB"]
 
 
 # -- cross_validate.py --summary-only ---------------------------------------------------------------
