@@ -14,7 +14,6 @@ class, one LiteRT thread. Needs ../shared/data and a bundle with reference cells
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from provenance import stamp  # noqa: E402
+from provenance import repo_path, write_result  # noqa: E402
 
 from hematovision.edge.vision.model_bundle import load_bundle  # noqa: E402
 from hematovision.train.adapt import AdaptSettings, adapt, name_scores  # noqa: E402
@@ -166,7 +165,7 @@ def main(argv=None) -> int:
         curves[f"views_{v}"] = learning_curve(bundle, reference, cells,
                                              ks if i == 0 else [k for k in ks if k in TARGETS], args.draws,
                                              AdaptSettings(views=v))
-    out = {"bench": "adapt", "bundle": args.bundle.name, "base_name": bundle.meta.get("name"),
+    out = {"bench": "adapt", "bundle": repo_path(args.bundle), "base_name": bundle.meta.get("name"),
            "trained_labs": sorted(trained), "new_lab_cells": int(len(labels)), "curves": curves,
            "targets": {str(k): v for k, v in TARGETS.items()}}
     if not args.no_timing and "pbc" not in trained:
@@ -174,8 +173,7 @@ def main(argv=None) -> int:
         print(f"hematovision-train adapt on {out['timing']['cells']} cells, 1 thread: {out['timing']['seconds']} s "
               f"(target < 300 s) [{out['timing']['verdict'][:60]}]")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(stamp(out), indent=2))
+        write_result(args.json, out)
     return 0
 
 

@@ -79,16 +79,15 @@ def fit_head(features: np.ndarray, y: np.ndarray, classes: tuple[str, ...], samp
     """A head over `features` (N, F) for labels `y` (indices into `classes`), each cell weighted by
     `sample_weight` (default 1) and each class's cells by the inverse of its total weight, so a rare
     class counts as much as a common one. Deterministic; the centring is folded into the bias."""
-    x = np.asarray(features, np.float64)
+    x = np.asarray(features, np.float32)
     mean = x.mean(0)
     z = x - mean
     k = len(classes)
     w_cell = np.ones(len(x)) if sample_weight is None else np.asarray(sample_weight, np.float64)
     per_class = np.bincount(y, weights=w_cell, minlength=k)
-    w_cell = w_cell / per_class[y]
-    w_cell = w_cell / w_cell.sum()
-    onehot = np.eye(k)[y]
-    weights, bias = np.zeros((x.shape[1], k)), np.zeros(k)
+    w_cell = (w_cell / per_class[y] / (w_cell / per_class[y]).sum()).astype(np.float32)
+    onehot = np.eye(k, dtype=np.float32)[y]
+    weights, bias = np.zeros((x.shape[1], k), np.float32), np.zeros(k, np.float32)
     moments = [np.zeros_like(weights), np.zeros_like(weights), np.zeros_like(bias), np.zeros_like(bias)]
     for step in range(1, settings.steps + 1):
         logits = z @ weights + bias
@@ -97,7 +96,7 @@ def fit_head(features: np.ndarray, y: np.ndarray, classes: tuple[str, ...], samp
         residual = (p - onehot) * w_cell[:, None]
         grads = (z.T @ residual + settings.l2 * weights, residual.sum(0))
         weights, bias = _adam((weights, bias), grads, moments, step, settings.learning_rate)
-    return Head(weights, bias - mean @ weights, tuple(classes))
+    return Head(weights.astype(np.float64), (bias - mean @ weights).astype(np.float64), tuple(classes))
 
 
 def _adam(params, grads, moments, step: int, lr: float, b1: float = 0.9, b2: float = 0.999):

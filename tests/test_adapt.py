@@ -16,7 +16,7 @@ from hematovision.errors import DataError, ModelInvalid
 from hematovision.head import Head, fit_head
 from hematovision.pixels import read_rgb
 from hematovision.reference_cells import ReferenceCells
-from hematovision.train.adapt_run import reference_of
+from hematovision.train.adapt_run import reference_of, summary_lines
 from hematovision.train.cli import main as train_main
 from hematovision.train.site_cells import dihedral_views, read_verified
 
@@ -63,7 +63,7 @@ def test_head_and_reference_files_round_trip_and_refuse_what_does_not_fit(refere
         Head.from_bytes(b"not an npz", bundle.model.n_features, head.classes)
     small = cells.where(np.arange(len(cells)) < 10)
     assert np.array_equal(ReferenceCells.from_bytes(small.to_bytes(), bundle.model.n_features).labels, small.labels)
-    with pytest.raises(ModelInvalid, match="reference cells"):
+    with pytest.raises(ModelInvalid, match="do not fit 10 cells of 3 features"):
         ReferenceCells.from_bytes(small.to_bytes(), 3)
 
 
@@ -96,12 +96,19 @@ def _adapt(repo_root, site, out, *extra):
                        "--out", str(out), "--site", "test-site", "--threads", "1", *extra])
 
 
-def test_adapt_writes_a_bundle_the_device_loads_and_names_its_base(repo_root, samples_pbc, tmp_path, capsys):
-    assert _adapt(repo_root, samples_pbc, tmp_path / "run", "--max-original-drop", "100", "--min-macro-f1", "0") == 0
-    printed = capsys.readouterr().out
+@pytest.fixture(scope="module")
+def adapted_run(repo_root, samples_pbc, tmp_path_factory):
+    """The reference bundle adapted to the 16 sample PBC cells, gate opened (plumbing, not accuracy)."""
+    out = tmp_path_factory.mktemp("adapted") / "run"
+    assert _adapt(repo_root, samples_pbc, out, "--max-original-drop", "100", "--min-macro-f1", "0") == 0
+    return out
+
+
+def test_adapt_writes_a_bundle_the_device_loads_and_names_its_base(repo_root, samples_pbc, adapted_run):
+    printed = "\n".join(summary_lines(json.loads((adapted_run / "adapt.json").read_text())))
     assert "site cells" in printed and "bccd held-out" in printed and "pbc held-out" in printed
     base = load_bundle(repo_root / "models" / "reference", 1)
-    adapted = load_bundle(tmp_path / "run" / "bundle", 1)
+    adapted = load_bundle(adapted_run / "bundle", 1)
     assert adapted.head is not None and adapted.classes == base.classes
     lineage = adapted.meta["adaptation"]
     assert lineage["base_meta_sha256"] == base.meta["meta_sha256"] and lineage["site"] == "test-site"
@@ -110,7 +117,7 @@ def test_adapt_writes_a_bundle_the_device_loads_and_names_its_base(repo_root, sa
     image = samples_pbc / "eosinophil" / sorted(p.name for p in (samples_pbc / "eosinophil").iterdir())[0]
     _, prediction = classify_cell_image(adapted, read_rgb(image), name=str(image))
     assert prediction.probabilities["eosinophil"] == max(prediction.probabilities.values())
-    assert edge_main(["classify", "--model", str(tmp_path / "run" / "bundle"), "--json", str(image)]) == 0
+    assert edge_main(["classify", "--model", str(adapted_run / "bundle"), "--json", str(image)]) == 0
 
 
 def test_a_head_the_gate_refuses_writes_no_bundle_but_its_figures(repo_root, samples_pbc, tmp_path, capsys):
@@ -120,14 +127,14 @@ def test_a_head_the_gate_refuses_writes_no_bundle_but_its_figures(repo_root, sam
     assert not record["gate"]["passed"] and not (tmp_path / "run" / "bundle").exists()
 
 
-def test_the_loader_refuses_an_adapted_bundle_whose_head_was_changed(repo_root, samples_pbc, tmp_path):
-    assert _adapt(repo_root, samples_pbc, tmp_path / "run", "--max-original-drop", "100", "--min-macro-f1", "0") == 0
-    head = tmp_path / "run" / "bundle" / "head.npz"
+def test_the_loader_refuses_an_adapted_bundle_whose_head_was_changed(adapted_run, tmp_path):
+    shutil.copytree(adapted_run / "bundle", tmp_path / "bundle")
+    head = tmp_path / "bundle" / "head.npz"
     data = bytearray(head.read_bytes())
     data[-40] ^= 0xFF
     head.write_bytes(bytes(data))
     with pytest.raises(ModelInvalid, match="head.npz: sha256 .* does not match"):
-        load_bundle(tmp_path / "run" / "bundle", 1)
+        load_bundle(tmp_path / "bundle", 1)
 
 
 def test_adapt_refuses_a_bundle_without_reference_cells(repo_root, samples_pbc, tmp_path, capsys):

@@ -462,3 +462,20 @@ def test_specimen_flag_rows_show_each_bundle_lab_and_shift(tmp_path, reference):
     write(out / "flags_bccd_to_pbc.json", {"bundle": "runs/crosslab/bccd_to_pbc_bundle", "rows": [row_]})
     cells = table_row(render(out, reference), "`runs/crosslab/bccd_to_pbc_bundle`")
     assert cells[1:] == ["pbc", "none", "0.480", "90.0%", "31.0%", "99.0%", "accuracy < 0.80: flag >= 95% met"]
+
+
+def test_adapt_rows_show_the_learning_curve_per_base_and_views(tmp_path, reference):
+    out = tmp_path / "results"
+    curve = [{"k": 0, "k_used": 0, "views": 8, "draws": 1, "macro_f1_mean": 0.63, "macro_f1_sd": 0.0, "met": None,
+              "original_accuracy_drop_pt_max": {}},
+             {"k": 10, "k_used": 10, "views": 8, "draws": 5, "macro_f1_mean": 0.912, "macro_f1_sd": 0.011, "met": True,
+              "original_accuracy_drop_pt_max": {"bccd": 0.4}},
+             {"k": 50, "k_used": 15, "views": 8, "draws": 5, "macro_f1_mean": 0.95, "macro_f1_sd": 0.02, "met": None,
+              "original_accuracy_drop_pt_max": {"bccd": 1.5}}]
+    write(out / "adapt_bccd_to_pbc.json", {"bundle": "runs/crosslab/bccd_to_pbc_bundle", "trained_labs": ["bccd"],
+                                           "curves": {"views_8": curve}, "targets": {"10": 0.9, "20": 0.94},
+                                           "timing": {"cells": 200, "threads": 1, "seconds": 61.2, "target_s": 300}})
+    text = render(out, reference)
+    assert table_row(text, "bccd")[1:] == ["pbc", "8", "0.630", "0.912 ± 0.011 ✓", "0.950 ± 0.020 (K = 15)", "+1.5 pt"]
+    assert "0.90 at K = 10, 0.94 at K = 20" in text and "on 200 cells, 1 LiteRT thread: 61.2 s" in text
+    assert "Site adaptation: not measured (run: `make results RERUN=adapt`)" in render(tmp_path / "none", reference)
