@@ -93,7 +93,7 @@ def test_verified_folders_are_read_with_their_labels_and_what_is_left_out_said(s
 
 def _adapt(repo_root, site, out, *extra):
     return train_main(["adapt", "--base", str(repo_root / "models" / "reference"), "--verified", str(site),
-                       "--out", str(out), "--site", "test-site", "--threads", "1", *extra])
+                       "--out", str(out), "--site", "test-site", "--threads", "1", "--min-cells", "2", *extra])
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,21 @@ def test_adapt_refuses_a_bundle_without_reference_cells(repo_root, samples_pbc, 
     (base / "bundle.json").write_text(json.dumps(stamped(meta)))
     code = train_main(["adapt", "--base", str(base), "--verified", str(samples_pbc), "--out", str(tmp_path / "r")])
     assert code == 1 and "has no reference_cells.npz" in capsys.readouterr().err
+
+
+def test_unreadable_images_and_too_few_cells_are_named_and_nothing_is_written(repo_root, samples_pbc, tmp_path,
+                                                                               capsys):
+    site = tmp_path / "site"
+    shutil.copytree(samples_pbc / "neutrophil", site / "neutrophil")
+    shutil.copytree(samples_pbc / "lymphocyte", site / "lymphocyte")
+    (site / "lymphocyte" / "broken.jpg").write_bytes(b"not a jpeg")
+    assert _adapt(repo_root, site, tmp_path / "run") == 1
+    err = capsys.readouterr().err
+    assert "1 image(s) cannot be used" in err and "broken.jpg" in err and "Remove or replace them" in err
+    assert not (tmp_path / "run").exists()
+    (site / "lymphocyte" / "broken.jpg").unlink()
+    code = train_main(["adapt", "--base", str(repo_root / "models" / "reference"), "--verified", str(site),
+                       "--out", str(tmp_path / "run"), "--threads", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and "fewer than 5 verified cells per class (lymphocyte 2, neutrophil 2)" in err
+    assert not (tmp_path / "run").exists()

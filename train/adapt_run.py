@@ -25,6 +25,7 @@ from .site_cells import SiteFeatures, cells_digest, read_verified, site_features
 
 logger = logging.getLogger(__name__)
 FIGURES_FILE = "adapt.json"
+MIN_CELLS_PER_CLASS = 5  # fewer cannot be cross-validated in five folds
 BUNDLE_DIR = "bundle"
 
 
@@ -44,26 +45,40 @@ def reference_of(bundle: Bundle) -> ReferenceCells:
     return ReferenceCells.from_bytes(data, bundle.model.n_features, str(bundle.path / CELLS_FILE))
 
 
-def read_site(bundle: Bundle, folders: list[Path], views: int) -> tuple[SiteFeatures, str, list[tuple[str, str]]]:
-    """Every folder's cells through the bundle's model; their digest; the files left out and why."""
+def read_site(bundle: Bundle, folders: list[Path], views: int,
+              min_cells: int = MIN_CELLS_PER_CLASS) -> tuple[SiteFeatures, str, list[tuple[str, str]]]:
+    """Every folder's cells through the bundle's model; their digest; the files left out (labelled
+    unidentified or not a white cell) and why.
+
+    Raises DataError, before anything is written, naming every image that cannot be read or shows no
+    white cell at its centre, and every class with fewer than `min_cells` cells."""
     cells, left = [], []
     for folder in folders:
         found, skipped = read_verified(folder)
         cells.extend(found)
         left.extend(skipped)
     site = site_features(bundle, cells, views)
-    if not len(site):
-        raise DataError(f"{', '.join(map(str, folders))}: no usable verified cell (left out: {len(left)}, "
-                        f"unreadable or no cell at the centre: {len(site.skipped)})")
-    return site, cells_digest(cells), left + list(site.skipped)
+    where = ", ".join(map(str, folders))
+    if site.skipped:
+        named = "; ".join(f"{path}: {why}" for path, why in site.skipped[:10])
+        more = f" (and {len(site.skipped) - 10} more)" if len(site.skipped) > 10 else ""
+        raise DataError(f"{where}: {len(site.skipped)} image(s) cannot be used: {named}{more}. "
+                        "Remove or replace them, then run adapt again")
+    counts = site.counts()
+    few = {c: n for c, n in counts.items() if n < min_cells}
+    if not counts or few:
+        listed = ", ".join(f"{c} {n}" for c, n in few.items()) or "no cells"
+        raise DataError(f"{where}: fewer than {min_cells} verified cells per class ({listed}); verify more cells "
+                        "of those classes, or leave their folders out")
+    return site, cells_digest(cells), left
 
 
 def run_adapt(base: Path, folders: list[Path], out: Path, site_name: str, settings: AdaptSettings = AdaptSettings(),
-              gate: AdaptGate = AdaptGate(), threads: int | None = None) -> dict:
+              gate: AdaptGate = AdaptGate(), threads: int | None = None, min_cells: int = MIN_CELLS_PER_CLASS) -> dict:
     """Adapt, write RUN/adapt.json, and RUN/bundle when the gate passes (raises AdaptRefused otherwise)."""
     bundle = load_bundle(base, threads)
     reference = reference_of(bundle)
-    site, digest, left = read_site(bundle, folders, settings.views)
+    site, digest, left = read_site(bundle, folders, settings.views, min_cells)
     logger.info("%d site cells (%s); %d left out", len(site), site.counts(), len(left))
     adapted = adapt(bundle.meta, bundle.novelty, reference, site, site_name, settings, gate)
     record = {"base": {"name": bundle.meta.get("name"), "meta_sha256": bundle.meta.get("meta_sha256")},

@@ -73,6 +73,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-original-drop", type=float, default=1.0,
                    help="points of accuracy or macro-F1 any original lab's held-out cells may lose")
     p.add_argument("--min-macro-f1", type=float, default=0.80, help="floor: site cells' cross-validated macro-F1")
+    p.add_argument("--min-cells", type=int, default=5, help="least verified cells of each class given")
     p.add_argument("--threads", type=int, default=None, help="LiteRT threads; default: one per core")
 
 
@@ -297,7 +298,7 @@ def _adapt(args) -> int:
     settings = AdaptSettings(site_share=args.site_share, views=args.views)
     gate = AdaptGate(max_original_drop_pt=args.max_original_drop, min_site_macro_f1=args.min_macro_f1)
     meta = run_adapt(args.base, args.verified, args.out, args.site or default_site_name(args.verified), settings,
-                     gate, args.threads)
+                     gate, args.threads, max(args.min_cells, 1))
     for line in summary_lines(meta):
         print(line)
     print(args.out / "bundle")
