@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     bundle = load_bundle(args.bundle)
     reference = reference_of(bundle)
-    trained = set(reference.split("train").labs)
+    trained = {str(lab) for lab in reference.split("train").labs}
     cells = new_lab_cells(bundle, trained, args.data, args.bundle.parent / f"{args.bundle.name}.new_lab.npz")
     labels = cells["labels"]
     print(f"{args.bundle.name}: trained on {sorted(trained)}; {len(labels)} cells of the new lab "

@@ -26,7 +26,7 @@ from .site_cells import SiteFeatures
 
 @dataclass(frozen=True)
 class AdaptSettings:
-    site_share: float = 0.5  # of the training weight given to the site's cells (the rest: the training labs')
+    site_share: float = 0.7  # of the training weight given to the site's cells (the rest: the training labs')
     views: int = 8  # rotations and flips of each site cell learned from
     folds: int = 5  # cross-validation of the site's cells
     fit: FitSettings = FitSettings()
@@ -144,8 +144,10 @@ def _figures(base_meta, head, reference, classes, oof, y_site, confidence, site)
 
 
 def held_out(reference: ReferenceCells) -> ReferenceCells:
-    """The training labs' validation and test cells (no head is fitted on them), with the base's logits."""
-    held = reference.where(np.isin(reference.splits, ("val", "test")))
+    """The training labs' validation and test cells (no head is fitted on them), with the base's logits.
+    A lab with no training cells (the lab a leave-one-lab-out bundle was tested on) is none of them."""
+    trained = np.isin(reference.labs, sorted(set(reference.split("train").labs)))
+    held = reference.where(np.isin(reference.splits, ("val", "test")) & trained)
     if held.logits is None or np.isnan(held.logits).any():
         raise ModelInvalid("the reference cells lack the base model's logits of the held-out cells; "
                          "export the base bundle again with this version")

@@ -67,7 +67,7 @@ def _adapt_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="RUN",
                    help="run folder: adapt.json (figures, verdict) and, when the gate passes, bundle/")
     p.add_argument("--site", help="the site's name in the bundle (default: from the folder names)")
-    p.add_argument("--site-share", type=float, default=0.5, help="share of the training weight on the site's cells")
+    p.add_argument("--site-share", type=float, default=0.7, help="share of the training weight on the site's cells")
     p.add_argument("--views", type=int, default=8, choices=range(1, 9), metavar="1-8",
                    help="rotations and flips of each site cell learned from")
     p.add_argument("--max-original-drop", type=float, default=1.0,
@@ -294,7 +294,7 @@ def _adapt(args) -> int:
     from .adapt_run import default_site_name, run_adapt, summary_lines
 
     if not 0.0 < args.site_share < 1.0:
-        raise DataError(f"--site-share {args.site_share}: give a share between 0 and 1 (e.g. 0.5)")
+        raise DataError(f"--site-share {args.site_share}: give a share between 0 and 1 (e.g. 0.7)")
     settings = AdaptSettings(site_share=args.site_share, views=args.views)
     gate = AdaptGate(max_original_drop_pt=args.max_original_drop, min_site_macro_f1=args.min_macro_f1)
     meta = run_adapt(args.base, args.verified, args.out, args.site or default_site_name(args.verified), settings,
