@@ -164,3 +164,26 @@ def test_unreadable_images_and_too_few_cells_are_named_and_nothing_is_written(re
     err = capsys.readouterr().err
     assert code == 1 and "fewer than 5 verified cells per class (lymphocyte 2, neutrophil 2)" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_an_export_cells_folder_is_read_with_its_centres_and_pixel_sizes(repo_root, samples_pbc, tmp_path):
+    """cells.csv as `hematovision-edge export-cells` writes it: the cut at the recorded centre and scale."""
+    site = tmp_path / "site"
+    rows = ["path,label,original_label,um_per_pixel,specimen_id,cell,operator,signed_at,bundle_name,"
+            "bundle_meta_sha256,source_field,x_px,y_px"]
+    for label in ("neutrophil", "eosinophil", "unidentified"):
+        source = sorted((samples_pbc / ("monocyte" if label == "unidentified" else label)).iterdir())[0]
+        (site / label).mkdir(parents=True)
+        shutil.copy(source, site / label / source.name)
+        h, w = read_rgb(source).shape[:2]
+        rows.append(f"{label}/{source.name},{label},eosinophil,0.1,S-1,1,ana,2026-11-30T10:00:00+01:00,b,{'0' * 64},"
+                    f"field-1.png,{w / 2},{h / 2}")
+    (site / "cells.csv").write_text("\n".join(rows) + "\n")
+    cells, left = read_verified(site)
+    assert [(c.label, c.um_per_pixel, c.centre is not None) for c in cells] == \
+        [("neutrophil", 0.1, True), ("eosinophil", 0.1, True)]
+    assert len(left) == 1 and "labelled unidentified" in left[0][1]
+    from hematovision.train.site_cells import site_features
+    bundle = load_bundle(repo_root / "models" / "reference", 1)
+    features = site_features(bundle, cells, views=2)
+    assert features.features.shape == (2, 2, bundle.model.n_features) and not features.skipped

@@ -32,6 +32,7 @@ class SiteCell:
     path: Path
     label: str
     um_per_pixel: float | None  # None: measured from the image's red cells
+    centre: tuple[float, float] | None = None  # (x, y) px in the image, as export-cells writes; None: located
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,9 @@ def _from_csv(root: Path, table: Path) -> tuple[list[SiteCell], list[tuple[str, 
                 left.append((str(root / row["path"]), f"labelled {row['label']}: not a class to learn"))
                 continue
             um = row.get("um_per_pixel") or None
-            cells.append(SiteCell(root / row["path"], parse_label(row["label"], where), float(um) if um else None))
+            centre = (float(row["x_px"]), float(row["y_px"])) if row.get("x_px") and row.get("y_px") and um else None
+            cells.append(SiteCell(root / row["path"], parse_label(row["label"], where), float(um) if um else None,
+                                  centre))
     return cells, left
 
 
@@ -104,9 +107,9 @@ def view_features(bundle, crop: np.ndarray, views: int) -> np.ndarray:
 
 
 def site_features(bundle, cells: list[SiteCell], views: int = 8) -> SiteFeatures:
-    """Each cell located and cut as the device cuts it, through the bundle's colour standard and int8
-    model under `views` views. Unreadable images and images with no white cell at the centre are
-    skipped and listed."""
+    """Each cell cut as the device cuts it (at the centre and pixel size export-cells recorded, or
+    located as `classify` locates it), through the bundle's colour standard and int8 model under
+    `views` views. Unreadable images and images with no white cell at the centre are skipped and listed."""
     from hematovision.edge.vision.classify import cut_cells
     from hematovision.edge.vision.locate import locate_cell
 
@@ -114,11 +117,15 @@ def site_features(bundle, cells: list[SiteCell], views: int = 8) -> SiteFeatures
     for cell in cells:
         try:
             image = read_rgb(cell.path)
-            located = locate_cell(image, cell.um_per_pixel, name=str(cell.path))
+            if cell.centre is None:
+                located = locate_cell(image, cell.um_per_pixel, name=str(cell.path))
+                centre, um = located.detection.center, located.um_per_pixel
+            else:
+                centre, um = cell.centre, cell.um_per_pixel
         except (ImageUnreadable, DataError) as err:
             skipped.append((str(cell.path), str(err)))
             continue
-        crop = cut_cells(image, [located.detection.center], located.um_per_pixel, bundle)[0]
+        crop = cut_cells(image, [centre], um, bundle)[0]
         features.append(view_features(bundle, crop, views))
         labels.append(cell.label)
         paths.append(str(cell.path))
