@@ -479,3 +479,19 @@ def test_adapt_rows_show_the_learning_curve_per_base_and_views(tmp_path, referen
     assert table_row(text, "bccd")[1:] == ["pbc", "8", "0.630", "0.912 ± 0.011 ✓", "0.950 ± 0.020 (K = 15)", "+1.5 pt"]
     assert "0.90 at K = 10, 0.94 at K = 20" in text and "on 200 cells, 1 LiteRT thread: 61.2 s" in text
     assert "Site adaptation: not measured (run: `make results RERUN=adapt`)" in render(tmp_path / "none", reference)
+
+
+def test_the_faults_paragraph_is_the_faults_file(tmp_path, reference):
+    out = tmp_path / "results"
+    write(out / "faults.json", {"settings": {"copies": 6, "fps": 2.0, "target": 15, "model": "models/reference",
+                                             "disk": "tmpfs of 48 MB"}, "disturbed_seconds": 120.5,
+                                "faults": {"kill_9": 9, "receiver_changes": 12, "disk_fills": 3},
+                                "cells": {"reference": 168, "counted": 168, "lost": 0, "counted_twice_or_extra": 0,
+                                          "identical_to_reference": True},
+                                "reports": {"specimens": 9, "delivered": 9, "lost": 0, "duplicated": 0,
+                                            "still_waiting": 0},
+                                "fps": {"receiver_up": 1.9, "receiver_down": 1.84, "down_over_up": 0.968}})
+    text = render(out, reference)
+    assert "killed with SIGKILL 9 times" in text and "168 counted of 168 in an undisturbed run (0 lost" in text
+    assert "9 of 9 delivered (0 lost, 0 duplicated, 0 still waiting)" in text and "(96.8%; target 90%" in text
+    assert "Faults: not measured (run: `make results RERUN=faults`)." in render(tmp_path / "none", reference)
