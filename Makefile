@@ -67,7 +67,7 @@ bench: $(STAMP)
 RESULTS ?= benchmarks/results
 RERUN ?=
 DAEMON_MINUTES ?= 30
-BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab flags cv web
+BENCHMARKS := kaggle detection backbones pipeline scan daemon faults crosslab flags adapt cv web
 RERUN_NAMES = $(if $(filter all,$(RERUN)),$(BENCHMARKS),$(RERUN))
 .PHONY: results cv $(addprefix result-,$(BENCHMARKS))
 
@@ -104,6 +104,14 @@ result-flags: $(STAMP)
 	    if [ -f runs/crosslab/$${d}_bundle/bundle.json ]; then \
 	        $(PY) benchmarks/bench_flags.py --bundle runs/crosslab/$${d}_bundle --json $(RESULTS)/flags_$$d.json; \
 	    fi; \
+	done
+# Site adaptation's learning curve on each leave-one-lab-out bundle of `make result-crosslab` (the lab it
+# never saw, K verified cells per class, several draws), and the command timed on 50 cells per class.
+result-adapt: $(STAMP)
+	@set -e; for d in bccd_to_pbc pbc_to_bccd; do \
+	    if [ -f runs/crosslab/$${d}_bundle/bundle.json ]; then \
+	        $(PY) benchmarks/bench_adapt.py --bundle runs/crosslab/$${d}_bundle --json $(RESULTS)/adapt_$$d.json; \
+	    else echo "result-adapt: runs/crosslab/$${d}_bundle missing: make result-crosslab first" >&2; exit 1; fi; \
 	done
 result-cv: $(STAMP)
 	@set -e; for d in runs/cv_*/; do \

@@ -106,7 +106,9 @@ class Results:
         self.web = self.file(results / "web.json")
         self.daemon_web = self.file(results / "daemon_web.json")
         self.crosslab = self.file(results / "crosslab.json")
+        self.faults = self.file(results / "faults.json")
         self.flags = {path.stem: self.file(path) for path in sorted(results.glob("flags*.json"))}
+        self.adapt = {path.stem: self.file(path) for path in sorted(results.glob("adapt_*.json"))}
         paths = sorted(results.glob("cv_*.json")) + [p for p in cv_files]
         self.cv = []
         for path in paths:
@@ -151,7 +153,7 @@ def classifier_table(r: Results) -> list[str]:
         for s in summaries:
             lines.append(row(cv_label(name, s), paper, f"{mean_sd(s, 'float', 'accuracy')} / {mean_sd(s, 'float', 'macro_f1')}",
                              f"{mean_sd(s, 'int8', 'accuracy')} / {mean_sd(s, 'int8', 'macro_f1')}", "—", latency, size))
-    lines.append(reference_row(r))
+    lines.extend(reference_rows(r))
     return lines
 
 
@@ -175,26 +177,32 @@ def backbone_speed(r: Results, backbone: str) -> tuple[str, str]:
     return (f"{row_['int8_ms_1t']:.1f} / {row_['int8_ms_2t']:.1f} ms", mb(row_["int8_tflite_MB"]))
 
 
-def reference_row(r: Results) -> str:
+def reference_rows(r: Results) -> list[str]:
+    """The reference bundle's held-out cells, one row per laboratory (a figure of one lab never stands for
+    another); a bundle without per-lab figures gets one row."""
     b = r.reference
     kaggle = kaggle_cell(r)
     if b is None:
         missing = not_measured("make reference")
-        return row(f"reference bundle (`{shown(r.reference_dir)}`)", "n/a", missing, "—", kaggle, "—", "—")
+        return [row(f"reference bundle (`{shown(r.reference_dir)}`)", "n/a", missing, "—", kaggle, "—", "—")]
     prov = b.get("provenance") or {}
     backbone = prov.get("backbone") or (prov.get("train_config") or {}).get("backbone", "")
     metrics = b.get("metrics") or {}
-    flt, q = metrics.get("float") or {}, metrics.get("int8") or {}
-    label = (f"{NAMES.get(backbone, backbone)}, reference bundle (`{shown(r.reference_dir)}`): held-out BCCD cells "
-             f"({flt.get('n', '?')}, one grouped {metrics.get('split', 'test')} split)")
-    agreement = (b.get("gate") or {}).get("top1_agreement")
-    int8 = f"{frac(q['accuracy'])} / {frac(q['macro_f1'])}" if q else "—"
-    if agreement is not None:
-        int8 += f"; int8/float top-1 agreement {pct(agreement)}"
     latency, _ = backbone_speed(r, backbone)
     size = mb(b["model_bytes"] / 1e6) if b.get("model_bytes") else "—"
-    return row(label, "n/a",
-               f"{frac(flt['accuracy'])} / {frac(flt['macro_f1'])}" if flt else "—", int8, kaggle, latency, size)
+    by_lab = metrics.get("by_lab") or {"BCCD": {"float": metrics.get("float"), "int8": metrics.get("int8")}}
+    agreement = (b.get("gate") or {}).get("top1_agreement")
+    rows = []
+    for i, (lab, m) in enumerate(sorted(by_lab.items())):
+        flt, q = m.get("float") or {}, m.get("int8") or {}
+        label = (f"{NAMES.get(backbone, backbone)}, reference bundle (`{shown(r.reference_dir)}`): held-out "
+                 f"{lab.upper()} cells ({flt.get('n', '?')}, one grouped {metrics.get('split', 'test')} split)")
+        int8 = f"{frac(q['accuracy'])} / {frac(q['macro_f1'])}" if q else "—"
+        if agreement is not None and i == 0:
+            int8 += f"; int8/float top-1 agreement {pct(agreement)}" + (" (all labs)" if len(by_lab) > 1 else "")
+        rows.append(row(label, "n/a", f"{frac(flt['accuracy'])} / {frac(flt['macro_f1'])}" if flt else "—", int8,
+                        kaggle if i == 0 else "—", latency, size))
+    return rows
 
 
 def kaggle_cell(r: Results) -> str:
@@ -329,6 +337,68 @@ def flags_table(r: Results) -> list[str]:
             lines.append(row(f"`{f.get('bundle')}`", x["lab"], x["condition"], frac(x["accuracy"]), selective,
                              pct(x["coverage"]), pct(x["outside_training"]), x.get("target", "-")))
     return lines
+
+
+# -- the site adaptation table --------------------------------------------------------------------
+
+def adapt_table(r: Results) -> list[str]:
+    """The learning curve of benchmarks/bench_adapt.py: macro-F1 on a lab the base never saw against K
+    verified cells per class, per base bundle and number of views."""
+    if not r.adapt:
+        return ["Site adaptation: " + not_measured("make results RERUN=adapt") + "."]
+    ks = sorted({x["k"] for a in r.adapt.values() for c in a["curves"].values() for x in c})
+    lines = ["Site adaptation (`benchmarks/bench_adapt.py`): a base bundle's head re-fitted with K verified cells "
+             "per class of a lab it never saw, macro-F1 (int8) on that lab's other cells, mean ± sd over draws of "
+             "the K cells; K = 0 is the base as shipped:", "",
+             row("base trained on", "new lab", "views", *(f"K = {k}" for k in ks),
+                 "original labs' held-out accuracy, largest loss"), "|" + "---|" * (len(ks) + 4)]
+    for a in r.adapt.values():
+        new_lab = a.get("new_lab") or ", ".join(sorted({"bccd", "pbc"} - set(a["trained_labs"])))
+        for name, curve in a["curves"].items():
+            by_k = {x["k"]: x for x in curve}
+            cells = [_adapt_cell(by_k.get(k)) for k in ks]
+            losses = [v for x in curve for v in x["original_accuracy_drop_pt_max"].values()]
+            lines.append(row(", ".join(a["trained_labs"]), new_lab, name.split("_")[-1], *cells,
+                             f"{max(losses):+.1f} pt" if losses else "—"))
+    targets = ", ".join(f"{v:.2f} at K = {k}" for k, v in next(iter(r.adapt.values()))["targets"].items())
+    lines += ["", f"Targets (macro-F1, int8): {targets}; original labs' held-out figures lose at most 1 point."]
+    for a in r.adapt.values():
+        t = a.get("timing")
+        if t:
+            lines.append(f"`hematovision-train adapt` on {t['cells']} cells, {t['threads']} LiteRT thread: "
+                         f"{t['seconds']} s (target under {t['target_s']} s on a Pi-class CPU).")
+    return lines
+
+
+def _adapt_cell(x: dict | None) -> str:
+    if x is None:
+        return "—"
+    capped = f" (K = {x['k_used']})" if x["k_used"] != x["k"] else ""
+    spread = f" ± {x['macro_f1_sd']:.3f}" if x["draws"] > 1 else ""
+    mark = "" if x.get("met") is None else (" ✓" if x["met"] else " ✗")
+    return f"{x['macro_f1_mean']:.3f}{spread}{capped}{mark}"
+
+
+# -- the daemon under faults ----------------------------------------------------------------------
+
+def faults_lines(r: Results) -> list[str]:
+    """benchmarks/bench_faults.py: kills, receiver failures and a full disk against an undisturbed run."""
+    f = r.faults
+    if not f:
+        return ["Faults: " + not_measured("make results RERUN=faults") + "."]
+    s, k, c, rep, fps = f["settings"], f["faults"], f["cells"], f["reports"], f["fps"]
+    return [f"Faults (`benchmarks/bench_faults.py`: the sample fields {s['copies']} times over as specimens of "
+            f"{s['target']} cells, paced at {s['fps']:g} frames/s, `{s['model']}`, JSON-lines receiver on a "
+            f"pseudo-terminal, state folder on a {s['disk']}): over {f['disturbed_seconds']:.0f} s the daemon was "
+            f"killed with SIGKILL {k['kill_9']} times, its receiver switched {k['receiver_changes']} times between "
+            f"up, stalled (never reads), silent (never answers) and unplugged, and its disk filled to the last byte "
+            f"{k['disk_fills']} times. Cells: {c['counted']} counted of {c['reference']} in an undisturbed run "
+            f"({c['lost']} lost, {c['counted_twice_or_extra']} counted twice or extra"
+            f"{', identical' if c['identical_to_reference'] else ', NOT identical'}). Reports: {rep['delivered']} of "
+            f"{rep['specimens']} delivered ({rep['lost']} lost, {rep['duplicated']} duplicated, "
+            f"{rep['still_waiting']} still waiting). Counting ran at {fps['receiver_down']:.2f} frames/s with the "
+            f"receiver down against {fps['receiver_up']:.2f} with it up ({pct(fps['down_over_up'])}; target 90%; "
+            "the machine is shared, so rates are noisy)."]
 
 
 # -- the device targets table ---------------------------------------------------------------------
@@ -495,8 +565,8 @@ def row(*cells: str) -> str:
 
 def render(r: Results) -> str:
     parts = [classifier_table(r), [""], [f"- {n}" for n in classifier_notes(r)], [""], crosslab_table(r), [""],
-             flags_table(r), [""],
-             targets_table(r), [""],
+             flags_table(r), [""], adapt_table(r), [""],
+             targets_table(r), [""], faults_lines(r), [""],
              detection_table(r), [""], provenance_line(r),
              [f"Generated by `benchmarks/results_table.py --results {shown(r.dir)}` (`make results`)."]]
     return "\n".join(line for part in parts for line in part) + "\n"

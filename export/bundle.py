@@ -6,9 +6,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,8 +14,8 @@ import numpy as np
 
 import hematovision
 from hematovision.novelty import ARRAYS_FILE
-from hematovision.edge.vision.bundle_meta import stamped
-from hematovision.edge.vision.model_bundle import BUNDLE_FORMAT, META_FILE, MODEL_FILE, Int8Model, load_bundle, read_meta
+from hematovision.reference_cells import CELLS_FILE, ReferenceCells, subsample
+from hematovision.edge.vision.model_bundle import BUNDLE_FORMAT, Int8Model
 from hematovision.errors import HematovisionError
 from hematovision.pixels import PREPROCESSING
 from hematovision.train.augment import AugmentParams
@@ -30,12 +27,16 @@ from hematovision.train.runs import load_run_model
 from hematovision.train.splits import manifest_hash, read_manifest, samples_of
 
 from .confidence import fit_confidence
+from .files import write_bundle
 from .convert import convert_int8, non_int8_ops
 from .gate import GateMargins, judge
 from .measure import abstentions, abstentions_by_lab, evaluate_split, int8_outputs, metrics_by_lab
 from .novelty import VAL_NOVEL_SHARE, fit_novelty, with_feature_output
 
 logger = logging.getLogger(__name__)
+
+
+REFERENCE_PER_GROUP = 80  # training cells kept per lab and class in reference_cells.npz
 
 
 class GateRefused(HematovisionError):
@@ -115,17 +116,46 @@ def export_run(run_dir: Path, out_dir: Path, options: ExportOptions = ExportOpti
                           options.per_channel)
     int8 = Int8Model(tflite, options.threads)
     step(EXPORT_STEPS[3])
-    test = evaluate_split(keras_model, int8, samples_of(rows, "test"), config)
-    val = evaluate_split(keras_model, int8, samples_of(rows, "val"), config)
+    two_outputs = with_feature_output(keras_model)
+    test = evaluate_split(two_outputs, int8, samples_of(rows, "test"), config)
+    val = evaluate_split(two_outputs, int8, samples_of(rows, "val"), config)
     step(EXPORT_STEPS[4])
     train_groups = np.array([f"{lab_of(s)}:{s.label}" for s in train_s])
-    novelty = fit_novelty(int8_outputs(int8, train_crops)[1], train_groups, val.int8_features, val.labs)
+    train_outputs = int8_outputs(int8, train_crops)
+    novelty = fit_novelty(train_outputs[1], train_groups, val.int8_features, val.labs)
+    cells = reference_cells(train_s, train_outputs, val, test, config)
     meta = _metadata(run, config, rows, tflite, int8, test, val, novelty, options)
+    meta["reference_cells"] = _cells_entry(cells)
     _log_figures(meta)
     if not meta["gate"]["passed"]:
         raise GateRefused("model refused, no bundle written: " + "; ".join(meta["gate"]["reasons"]))
     step(EXPORT_STEPS[5])
-    return write_bundle(Path(out_dir), tflite, meta, {ARRAYS_FILE: novelty.arrays_bytes()})
+    return write_bundle(Path(out_dir), tflite, meta, {ARRAYS_FILE: novelty.arrays_bytes(), CELLS_FILE: cells.to_bytes()})
+
+
+def reference_cells(train_s, train_outputs, val, test, config) -> ReferenceCells:
+    """The training labs' cells as int8 features and logits (at most REFERENCE_PER_GROUP training cells per
+    lab and class; every validation and test cell), with the float model's features of the held-out ones."""
+    labs = np.array([lab_of(s) for s in train_s])
+    keep = subsample(np.char.add(np.char.add(labs, ":"), np.array([s.label for s in train_s])), REFERENCE_PER_GROUP,
+                     config.seed)
+    names = np.array(config.classes)
+    train_y = np.array([config.classes.index(train_s[i].label) for i in keep], int)
+    parts = [(train_outputs[1][keep], names[train_y], labs[keep], "train", None, train_outputs[0][keep])] + \
+        [(ev.int8_features, names[ev.y], ev.labs, split, ev.float_features, ev.int8_logits)
+         for split, ev in (("val", val), ("test", test))]
+    join = (lambda i: np.concatenate([p[i] for p in parts]))
+    floats = [p[4] if p[4] is not None else np.full_like(p[0], np.nan) for p in parts]
+    return ReferenceCells(join(0).astype(np.float32), join(1), join(2),
+                          np.concatenate([np.full(len(p[1]), p[3]) for p in parts]),
+                          np.concatenate(floats).astype(np.float32), join(5).astype(np.float32))
+
+
+def _cells_entry(cells: ReferenceCells) -> dict:
+    data = cells.to_bytes()
+    return {"file": CELLS_FILE, "sha256": hashlib.sha256(data).hexdigest(), "cells": cells.counts(),
+            "per_group_train": REFERENCE_PER_GROUP,
+            "use": "the training labs' cells as pooled int8 features: what a site's head re-fit keeps and is checked on"}
 
 
 def _metadata(run, config, rows, tflite, int8, test, val, novelty, options) -> dict:
@@ -191,49 +221,3 @@ def _log_figures(meta: dict) -> None:
                 conf["temperature"], conf["threshold"], conf["ece_before"], conf["ece_after"],
                 conf["ece_test_before"], conf["ece_test_after"])
     logger.info("gate %s %s", "PASSED" if g["passed"] else "REFUSED", "; ".join(g["reasons"]))
-
-
-def write_bundle(out_dir: Path, tflite: bytes, meta: dict, extra: dict[str, bytes] | None = None) -> dict:
-    """Write the bundle folder atomically: a complete new folder replaces the old one, or nothing.
-
-    bundle.json is stamped (meta_sha256 over every other key), so the device refuses a copy that
-    was edited or damaged afterwards; `extra` files (the novelty arrays) are named and hashed in
-    it. Returns the stamped bundle.json.
-    """
-    meta = stamped(meta)
-    out_dir = out_dir.resolve()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is read by the service user
-    for name, data in ((MODEL_FILE, tflite), *(extra or {}).items(), (META_FILE, json.dumps(meta, indent=2).encode())):
-        with open(tmp / name, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-    old = out_dir.with_name(out_dir.name + ".previous")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return meta
-
-
-def restamp_bundle(bundle_dir: Path) -> dict:
-    """Stamp an existing bundle's bundle.json anew after a deliberate, checked edit (or one made
-    before stamps existed): every field is checked and the model loaded against it first.
-
-    Raises ModelInvalid, as the device's loader does, naming what is wrong; nothing is written then.
-    """
-    bundle_dir = Path(bundle_dir)
-    load_bundle(bundle_dir, threads=1, stamp=False)
-    meta = stamped(read_meta(bundle_dir / META_FILE))
-    target = bundle_dir / META_FILE
-    tmp = target.with_name(f".{META_FILE}.restamp.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(json.dumps(meta, indent=2).encode())
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-    logger.info("%s stamped: meta_sha256 %s", target, meta["meta_sha256"])
-    return meta

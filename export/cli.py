@@ -132,7 +132,7 @@ def _usage(parser: argparse.ArgumentParser, message: str) -> int:
 
 
 def _restamp(bundle: Path) -> int:
-    from .bundle import restamp_bundle
+    from .files import restamp_bundle
 
     try:
         restamp_bundle(bundle)

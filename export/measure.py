@@ -10,7 +10,8 @@ from hematovision.edge.vision.model_bundle import Int8Model
 from hematovision.novelty import NoveltyModel
 from hematovision.train.batches import crops_array
 from hematovision.train.datasets import lab_of
-from hematovision.train.evaluate import compute_metrics, predict_logits, softmax
+from hematovision.pixels import model_input
+from hematovision.train.evaluate import compute_metrics, softmax
 
 
 @dataclass(frozen=True)
@@ -22,11 +23,14 @@ class Evaluation:
     int8_logits: np.ndarray
     int8_features: np.ndarray | None
     labs: np.ndarray
+    float_features: np.ndarray | None = None  # the float model's pooled features, when measured
+
 
     def of_lab(self, lab: str) -> "Evaluation":
         keep = self.labs == lab
-        features = self.int8_features[keep] if self.int8_features is not None else None
-        return Evaluation(self.y[keep], self.float_logits[keep], self.int8_logits[keep], features, self.labs[keep])
+        pick = (lambda a: a[keep] if a is not None else None)
+        return Evaluation(self.y[keep], self.float_logits[keep], self.int8_logits[keep], pick(self.int8_features),
+                          self.labs[keep], pick(self.float_features))
 
 
 def int8_outputs(int8: Int8Model, crops: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
@@ -38,13 +42,29 @@ def int8_outputs(int8: Int8Model, crops: np.ndarray, batch: int = 32) -> tuple[n
 
 
 def evaluate_split(keras_model, int8: Int8Model, samples, config) -> Evaluation:
-    """Float and int8 outputs of un-augmented crops, cut and standardised as the device does."""
+    """Float and int8 outputs of un-augmented crops, cut and standardised as the device does.
+    `keras_model` gives logits, or logits and pooled features (export.novelty.with_feature_output)."""
     y = np.array([config.classes.index(s.label) for s in samples])
     colour = config.colour_standard
-    float_logits = predict_logits(keras_model, samples, config.geometry, colour=colour)
+    float_logits, float_features = float_outputs(keras_model, samples, config)
     logits, features = int8_outputs(int8, crops_array(samples, config.geometry, colour)) if samples else \
         (np.zeros((0, len(config.classes))), None)
-    return Evaluation(y, float_logits, logits, features, np.array([lab_of(s) for s in samples]))
+    return Evaluation(y, float_logits, logits, features, np.array([lab_of(s) for s in samples]), float_features)
+
+
+def float_outputs(keras_model, samples, config, batch: int = 32) -> tuple[np.ndarray, np.ndarray | None]:
+    """Logits (and pooled features, for a two-output model) of the float model, in batches."""
+    logits, features = [], []
+    for i in range(0, len(samples), batch):
+        out = keras_model(model_input(crops_array(samples[i:i + batch], config.geometry, config.colour_standard)),
+                          training=False)
+        parts = out if isinstance(out, (list, tuple)) else [out]
+        logits.append(np.asarray(parts[0]))
+        if len(parts) > 1:
+            features.append(np.asarray(parts[1]))
+    if not logits:
+        return np.zeros((0, len(config.classes))), None
+    return np.concatenate(logits), (np.concatenate(features) if features else None)
 
 
 def metrics_by_lab(test: Evaluation, classes) -> dict:

@@ -241,7 +241,9 @@ def test_the_bundle_stain_range_is_read_checked_and_optional(foreign_stain_bundl
     mean, sd = tuple(FOREIGN_STAIN["mean"]), tuple(FOREIGN_STAIN["sd"])
     assert bundle.stain_range == (StainRange("elsewhere", 50, mean, sd),)
     assert TrainingRange.of(bundle).novelty and TrainingRange.of(bundle).um_per_pixel == bundle.trained_um_per_pixel
-    assert load_bundle(repo_root / "models" / "reference", 1).stain_range == ()  # made before stain ranges
+    assert [r.lab for r in load_bundle(repo_root / "models" / "reference", 1).stain_range] == ["bccd", "pbc"]
+    older = edited_bundle(foreign_stain_bundle, tmp_path / "older", lambda meta: meta.pop("stain_range"))
+    assert load_bundle(older, 1).stain_range == ()  # a bundle made before stain ranges
 
     def short_sd(meta):
         meta["stain_range"]["elsewhere"]["sd"] = [1.0] * 5

@@ -513,3 +513,36 @@ def test_specimen_flag_rows_show_each_bundle_lab_and_shift(tmp_path, reference):
     write(out / "flags_bccd_to_pbc.json", {"bundle": "runs/crosslab/bccd_to_pbc_bundle", "rows": [row_]})
     cells = table_row(render(out, reference), "`runs/crosslab/bccd_to_pbc_bundle`")
     assert cells[1:] == ["pbc", "none", "0.480", "90.0%", "31.0%", "99.0%", "accuracy < 0.80: flag >= 95% met"]
+
+
+def test_adapt_rows_show_the_learning_curve_per_base_and_views(tmp_path, reference):
+    out = tmp_path / "results"
+    curve = [{"k": 0, "k_used": 0, "views": 8, "draws": 1, "macro_f1_mean": 0.63, "macro_f1_sd": 0.0, "met": None,
+              "original_accuracy_drop_pt_max": {}},
+             {"k": 10, "k_used": 10, "views": 8, "draws": 5, "macro_f1_mean": 0.912, "macro_f1_sd": 0.011, "met": True,
+              "original_accuracy_drop_pt_max": {"bccd": 0.4}},
+             {"k": 50, "k_used": 15, "views": 8, "draws": 5, "macro_f1_mean": 0.95, "macro_f1_sd": 0.02, "met": None,
+              "original_accuracy_drop_pt_max": {"bccd": 1.5}}]
+    write(out / "adapt_bccd_to_pbc.json", {"bundle": "runs/crosslab/bccd_to_pbc_bundle", "trained_labs": ["bccd"],
+                                           "curves": {"views_8": curve}, "targets": {"10": 0.9, "20": 0.94},
+                                           "timing": {"cells": 200, "threads": 1, "seconds": 61.2, "target_s": 300}})
+    text = render(out, reference)
+    assert table_row(text, "bccd")[1:] == ["pbc", "8", "0.630", "0.912 ± 0.011 ✓", "0.950 ± 0.020 (K = 15)", "+1.5 pt"]
+    assert "0.90 at K = 10, 0.94 at K = 20" in text and "on 200 cells, 1 LiteRT thread: 61.2 s" in text
+    assert "Site adaptation: not measured (run: `make results RERUN=adapt`)" in render(tmp_path / "none", reference)
+
+
+def test_the_faults_paragraph_is_the_faults_file(tmp_path, reference):
+    out = tmp_path / "results"
+    write(out / "faults.json", {"settings": {"copies": 6, "fps": 2.0, "target": 15, "model": "models/reference",
+                                             "disk": "tmpfs of 48 MB"}, "disturbed_seconds": 120.5,
+                                "faults": {"kill_9": 9, "receiver_changes": 12, "disk_fills": 3},
+                                "cells": {"reference": 168, "counted": 168, "lost": 0, "counted_twice_or_extra": 0,
+                                          "identical_to_reference": True},
+                                "reports": {"specimens": 9, "delivered": 9, "lost": 0, "duplicated": 0,
+                                            "still_waiting": 0},
+                                "fps": {"receiver_up": 1.9, "receiver_down": 1.84, "down_over_up": 0.968}})
+    text = render(out, reference)
+    assert "killed with SIGKILL 9 times" in text and "168 counted of 168 in an undisturbed run (0 lost" in text
+    assert "9 of 9 delivered (0 lost, 0 duplicated, 0 still waiting)" in text and "(96.8%; target 90%" in text
+    assert "Faults: not measured (run: `make results RERUN=faults`)." in render(tmp_path / "none", reference)

@@ -55,7 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     hold.add_argument("--fraction", type=float, default=0.15, help="share of each class's groups")
     hold.add_argument("--seed", type=int, default=0, help="random seed")
     hold.add_argument("--out", required=True, type=Path, help="CSV to write (group, label)")
+    _adapt_args(add_command(sub, "adapt", "re-fit a bundle's head on a site's verified cells (no TensorFlow needed)"))
     return parser
+
+
+def _adapt_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", required=True, type=Path, metavar="BUNDLE", help="the bundle to adapt (e.g. models/reference)")
+    p.add_argument("--verified", required=True, action="append", type=Path, metavar="DIR",
+                   help="verified cells (hematovision-edge export-cells --out DIR), or class sub-folders of "
+                        "single-cell images; repeatable")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN",
+                   help="run folder: adapt.json (figures, verdict) and, when the gate passes, bundle/")
+    p.add_argument("--site", help="the site's name in the bundle (default: from the folder names)")
+    p.add_argument("--site-share", type=float, default=0.7, help="share of the training weight on the site's cells")
+    p.add_argument("--views", type=int, default=8, choices=range(1, 9), metavar="1-8",
+                   help="rotations and flips of each site cell learned from")
+    p.add_argument("--max-original-drop", type=float, default=1.0,
+                   help="points of accuracy or macro-F1 any original lab's held-out cells may lose")
+    p.add_argument("--min-macro-f1", type=float, default=0.80, help="floor: site cells' cross-validated macro-F1")
+    p.add_argument("--min-cells", type=int, default=5, help="least verified cells of each class given")
+    p.add_argument("--threads", type=int, default=None, help="LiteRT threads; default: one per core")
 
 
 def _fit_args(fit: argparse.ArgumentParser) -> None:
@@ -110,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args, fmt="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         commands = {"fit": _fit, "evaluate": _evaluate, "probe": _probe, "kaggle-origins": _kaggle_origins,
-                    "hold-out": _hold_out}
+                    "hold-out": _hold_out, "adapt": _adapt}
         return commands[args.command](args)
     except HematovisionError as err:
         print(f"hematovision-train: error: {err}", file=sys.stderr)
@@ -267,4 +286,20 @@ def _kaggle_origins(args) -> int:
                       "groups": len({o.match.group for o in confident}),
                       "label_disagreements": [f"{o.split}/{o.label}/{o.image} -> {o.match.field}" for o in wrong]},
                      indent=2))
+    return 0
+
+
+def _adapt(args) -> int:
+    from .adapt import AdaptGate, AdaptSettings
+    from .adapt_run import default_site_name, run_adapt, summary_lines
+
+    if not 0.0 < args.site_share < 1.0:
+        raise DataError(f"--site-share {args.site_share}: give a share between 0 and 1 (e.g. 0.7)")
+    settings = AdaptSettings(site_share=args.site_share, views=args.views)
+    gate = AdaptGate(max_original_drop_pt=args.max_original_drop, min_site_macro_f1=args.min_macro_f1)
+    meta = run_adapt(args.base, args.verified, args.out, args.site or default_site_name(args.verified), settings,
+                     gate, args.threads, max(args.min_cells, 1))
+    for line in summary_lines(meta):
+        print(line)
+    print(args.out / "bundle")
     return 0

@@ -11,6 +11,8 @@ from hematovision.calibration.colour import SUMMARY_KEYS
 from hematovision.classes import validate_class_list
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
+from hematovision.head import HEAD_FILE
+from hematovision.head import METHOD as HEAD_METHOD
 from hematovision.novelty import ARRAYS_FILE
 from hematovision.novelty import METHOD as NOVELTY_METHOD
 from hematovision.pixels import PREPROCESSING
@@ -44,6 +46,16 @@ class NoveltyEntry:
 
 
 @dataclass(frozen=True)
+class HeadEntry:
+    """What bundle.json says of a site's re-fitted classifier head (an adapted bundle): its file and hash;
+    its classes are the bundle's."""
+
+    file: str
+    sha256: str
+    features: int
+
+
+@dataclass(frozen=True)
 class StainRange:
     """One training lab's colour: the mean and standard deviation, over its training images, of each
     image's colour summary (calibration.colour.SUMMARY_KEYS: Lab means and spreads)."""
@@ -71,6 +83,7 @@ class BundleMeta:
     novelty: NoveltyEntry | None = None  # none in bundles made before novelty scores existed
     features_quantization: TensorQuantization | None = None
     stain_range: tuple[StainRange, ...] = ()  # none in bundles made before stain ranges existed
+    head: HeadEntry | None = None  # an adapted bundle's head over the features, instead of the model's logits
 
 
 def meta_digest(meta: dict) -> str:
@@ -124,7 +137,22 @@ def check_meta(meta: object, where: str) -> BundleMeta:
         classes, size, geometry, trained_um, _quantization(meta, "input", where), _quantization(meta, "output", where),
         _number(meta, "confidence.temperature", where, 0.0, 100.0, low_open=True),
         _number(meta, "confidence.threshold", where, 0.0, 1.0),
-        _colour(meta, where), _hex64(meta, "model_sha256", where), *_novelty(meta, where), _stain_range(meta, where))
+        _colour(meta, where), _hex64(meta, "model_sha256", where), *_novelty(meta, where), _stain_range(meta, where),
+        _head(meta, where))
+
+
+def _head(meta: dict, where: str) -> HeadEntry | None:
+    """An adapted bundle's head: needs the novelty entry's feature output, and lists the bundle's classes."""
+    if _field(meta, "head", where, optional=True) is None:
+        return None
+    _choice(meta, "head.method", where, (HEAD_METHOD,))
+    if _field(meta, "novelty", where, optional=True) is None:
+        raise ModelInvalid(f"{where}: head needs the model's feature output, and this bundle has no novelty entry; "
+                           "adapt the bundle again")
+    if _field(meta, "head.classes", where) != meta["classes"]:
+        raise ModelInvalid(f"{where}: head.classes disagree with classes; adapt the bundle again")
+    return HeadEntry(_choice(meta, "head.file", where, (HEAD_FILE,)), _hex64(meta, "head.sha256", where),
+                     _integer(meta, "head.features", where, 1, 100_000))
 
 
 def _novelty(meta: dict, where: str) -> tuple[NoveltyEntry | None, TensorQuantization | None]:

@@ -55,7 +55,7 @@ def predictions_from_logits(logits: np.ndarray, bundle: Bundle, features: np.nda
 
 def classify_crops(bundle: Bundle, crops: np.ndarray) -> list[Prediction]:
     """Classify (N, S, S, 3) RGB uint8 crops in one batch, after the bundle's colour standardisation."""
-    logits, features = bundle.model.run(standardise_crops(crops, bundle.colour))
+    logits, features = bundle.logits(standardise_crops(crops, bundle.colour))
     return predictions_from_logits(logits, bundle, features)
 
 

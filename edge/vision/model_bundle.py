@@ -13,6 +13,7 @@ import numpy as np
 
 from hematovision.crop import CropGeometry
 from hematovision.errors import DataError, ModelInvalid
+from hematovision.head import Head
 from hematovision.novelty import NoveltyModel
 from hematovision.stain import NO_STANDARD, ColourStandard
 
@@ -146,6 +147,12 @@ class Bundle:
     novelty: NoveltyModel | None = None  # a cell whose features score above its threshold is "unidentified"
     trained_um_per_pixel: float | None = None
     stain_range: tuple[StainRange, ...] = ()  # each training lab's colour, for the specimen checks
+    head: Head | None = None  # an adapted bundle's head: its logits replace the model's own
+
+    def logits(self, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N, S, S, 3) standardised uint8 crops -> logits (the head's, in an adapted bundle) and features."""
+        logits, features = self.model.run(crops)
+        return (self.head.logits(features), features) if self.head is not None else (logits, features)
 
     @property
     def um_per_pixel(self) -> float | None:
@@ -171,7 +178,17 @@ def load_bundle(path: str | Path, threads: int | None = None, stamp: bool = True
     _check_shapes(path, checked, model)
     return Bundle(path, meta, checked.classes, checked.geometry, checked.temperature, checked.threshold, model,
                   checked.colour, _novelty(path, checked, model), checked.trained_um_per_pixel,
-                  checked.stain_range)
+                  checked.stain_range, _head(path, checked, model))
+
+
+def _head(path: Path, meta: BundleMeta, model: Int8Model) -> Head | None:
+    if meta.head is None:
+        return None
+    if meta.head.features != model.n_features:
+        raise ModelInvalid(f"{path / META_FILE}: head.features {meta.head.features} disagrees with the "
+                           f"{model.n_features} features {MODEL_FILE} gives; adapt the bundle again")
+    data = _read_hashed(path / meta.head.file, meta.head.sha256)
+    return Head.from_bytes(data, model.n_features, meta.classes, str(path / meta.head.file))
 
 
 def _novelty(path: Path, meta: BundleMeta, model: Int8Model) -> NoveltyModel | None:
@@ -227,7 +244,7 @@ def _check_features(where: Path, meta: BundleMeta, model: Int8Model) -> None:
 
 def _check_shapes(path: Path, meta: BundleMeta, model: Int8Model) -> None:
     where = path / META_FILE
-    if model.n_outputs != len(meta.classes):
+    if meta.head is None and model.n_outputs != len(meta.classes):
         raise ModelInvalid(f"{where}: lists {len(meta.classes)} classes but {MODEL_FILE} has {model.n_outputs} "
                            "outputs; re-export the bundle")
     if model.input_size != meta.input_size:
