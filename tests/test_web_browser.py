@@ -96,7 +96,8 @@ def test_a_scanned_specimen_counts_to_its_target_is_reviewed_by_keyboard_signed_
             live, "document.getElementById('banner').textContent") and browser.evaluate(
             live, "document.getElementById('banner').textContent"), 10)
         assert SPECIMEN in banner
-        assert browser.evaluate(live, "document.getElementById('frame').naturalWidth") > 0  # the live frame shows
+        wait_for("the live frame shown", lambda: browser.evaluate(live, "document.getElementById('frame').naturalWidth")
+                 > 0, 10)
 
         page = browser.open(f"{url}/review/{SPECIMEN}", 1280)
         wait_for("the gallery", lambda: browser.evaluate(page, "document.querySelectorAll('#gallery .cell').length"), 10)

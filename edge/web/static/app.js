@@ -42,7 +42,9 @@ function initLive() {
         const {ok, data} = await api("GET", "/api/status");
         if (ok) {
           showStatus(data);
-          if (data.live && data.live.index !== shownFrame) {
+          // A new frame only once the last one has loaded: on a slow link a frame asked for every second
+          // would otherwise be replaced before it ever shows.
+          if (data.live && data.live.index !== shownFrame && frame.complete) {
             shownFrame = data.live.index;
             frame.src = "/api/live.jpg?i=" + shownFrame;
           }
