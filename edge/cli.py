@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="the configuration file")
     _web_arguments(add_command(sub, "web", "the web page over a folder of reports (review and sign-off on a "
                                            "desktop); the device's page runs with `run` (config [web])"))
+    _model_arguments(add_command(sub, "model", "install a model bundle on the device (checked, switched between "
+                                               "specimens), roll back to the previous one, or show both"))
     for p in (cl, sub.choices["count"]):
         p.add_argument("--model", type=Path, default=None,
                        help="model bundle; default: $HEMATOVISION_MODEL, else the reference bundle")
@@ -101,6 +103,19 @@ def _web_arguments(web: argparse.ArgumentParser) -> None:
     web.add_argument("--host", default="127.0.0.1", help="address to listen on; another than 127.0.0.1 needs "
                      "$HEMATOVISION_WEB_TOKEN (the password)")
     web.add_argument("--port", type=_positive_int, default=8080, help="TCP port")
+
+
+def _model_arguments(model: argparse.ArgumentParser) -> None:
+    model.add_argument("action", choices=("install", "rollback", "status"))
+    model.add_argument("bundle", nargs="?", type=Path, metavar="BUNDLE", help="install: the bundle folder")
+    model.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG),
+                       help="the daemon's configuration: its state folder holds the installed bundles")
+    model.add_argument("--state", type=Path, metavar="DIR", help="a state folder (instead of the configuration's)")
+    model.add_argument("--samples", type=Path, metavar="FOLDER", default=None,
+                       help="install: class sub-folders of single-cell images the bundle classifies first; default: "
+                            "the sample PBC cells installed with the package")
+    model.add_argument("--threads", type=_positive_int, default=None, help="classifier threads; default: one per core")
+    model.add_argument("--json", action="store_true", help="status: print one JSON object")
 
 
 def _count_arguments(cn: argparse.ArgumentParser) -> None:
@@ -155,6 +170,29 @@ def _web(args) -> int:
     from .web.server import serve_folder
 
     return serve_folder(args.reports, args.host, args.port, os.environ.get("HEMATOVISION_WEB_TOKEN", ""))
+
+
+def _model(args) -> int:
+    from .service.models import change_lines, device_models, status_lines
+
+    if (args.action == "install") != (args.bundle is not None):
+        raise DataError("model install takes the bundle folder: hematovision-edge model install BUNDLE" if
+                        args.action == "install" else f"model {args.action} takes no bundle")
+    device = device_models(args.config, args.state, args.samples, args.threads)
+    if args.action == "status":
+        if args.json:
+            current, previous = device.models.current(), device.models.previous()
+            print(json.dumps({"folder": str(device.models.root), "current": current and current.to_dict(),
+                              "previous": previous and previous.to_dict(), "history": device.models.history()}))
+        else:
+            print("\n".join(status_lines(device.models, device.fallback)))
+        return 0
+    if args.action == "install":
+        change = device.models.install(args.bundle, device.checks, device.fallback)
+    else:
+        change = device.models.rollback(device.checks.threads)
+    print("\n".join(change_lines(change)))
+    return 0
 
 
 def _send(args) -> int:
@@ -322,7 +360,7 @@ def _beside_lines(summary: dict) -> list[str]:
 
 
 COMMANDS = {"classify": _classify, "count": _count, "send": _send, "run": _run,
-            "check-config": _check_config, "specimen": _specimen, "web": _web}
+            "check-config": _check_config, "specimen": _specimen, "web": _web, "model": _model}
 
 
 if __name__ == "__main__":
