@@ -26,6 +26,7 @@ from ..counting.track import DEFAULT_TRACK
 from ..vision.pipeline import CellResult, CellSelector, FieldPipeline, FieldResult
 from ..vision.segment import Detection
 from ..web.live import LiveBox, LiveFrame, LiveSlot
+from .cell_images import CellImages, WrittenCut
 from .notify import Notifier, watchdog_interval_s
 from .outbox import DeliverySettings, Outbox
 from .preflight import check_devices
@@ -79,6 +80,7 @@ class Daemon:
         self.announced = self.refused_id = False
         self.fresh_pipeline = pipeline_state(pipeline)
         self.outbox: Outbox | None = None
+        self.cell_images = CellImages.of(config)
 
     def run(self) -> int:
         """Count until stopped (0) or, for a replay without loop, until the recording ends (0);
@@ -175,11 +177,26 @@ class Daemon:
         except DataError as err:
             logger.warning("frame %d unusable: %s", frame.index, err)
             return self.unusable(specimen, frame.index), None
-        cells = tuple(new_cell(r, xy) for r, xy in zip(result.cells, result.slide_xy_um))
+        cuts = self.write_cuts(specimen, frame.index, result)
+        cells = tuple(new_cell(r, xy, result.um_per_pixel, cut) for r, xy, cut in zip(result.cells, result.slide_xy_um,
+                                                                                     cuts))
         um = result.um_per_pixel if result.kind == "used" and result.um_per_pixel > 0 else None
         return FrameRecord(specimen, self.key, frame.index, result.kind, cells, result.edge_cells,
                            self.selector.to_dict(), pipeline_state(self.pipeline), self.selector.new_keyframes(),
                            result.colour, um), result
+
+    def write_cuts(self, specimen: Specimen, index: int, result: FieldResult) -> list:
+        """Each new cell's cut (state.cell_images), written before its frame commits; None for each where none is
+        kept. Raises StorageFull below the free-space limit (nothing written)."""
+        if self.cell_images is None or not result.cells:
+            return [None] * len(result.cells)
+        self.store.check_space()
+        try:
+            cuts = self.pipeline.field_cuts(result)
+        except DataError as err:
+            logger.warning("frame %d: cells not cut out of the field: %s", index, err)
+            return [None] * len(result.cells)
+        return self.cell_images.write(specimen, index, cuts)
 
     def show(self, frame: Frame, result: FieldResult | None, kind: str) -> None:
         """Hand the frame to the live view: one reference replaced, nothing drawn or copied here."""
@@ -367,10 +384,14 @@ def live_frame(frame: Frame, result: FieldResult | None, kind: str, um_per_pixel
     return LiveFrame(frame.index, frame.name, frame.image, kind, boxes, result.um_per_pixel, time.time())
 
 
-def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
+def new_cell(result: CellResult, slide_xy_um: tuple[float, float], um_per_pixel: float | None = None,
+             cut: WrittenCut | None = None) -> NewCell:
+    """A counted cell as stored: where it lies on the slide and in its field, its class, thumbnail and cut."""
+    x, y = result.detection.center
     return NewCell(float(slide_xy_um[0]), float(slide_xy_um[1]), result.prediction.label,
                    float(result.prediction.confidence), tuple(int(v) for v in result.detection.bbox),
-                   result.thumbnail_jpeg, result.field, bool(result.prediction.unfamiliar))
+                   result.thumbnail_jpeg, result.field, bool(result.prediction.unfamiliar), float(x), float(y),
+                   um_per_pixel, cut.file if cut else "", cut.origin if cut else None)
 
 
 def specimen_evidence(store: Store, specimen: Specimen, classes) -> Evidence:
@@ -429,7 +450,7 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline, conf
 
 def delivery_settings(config: Config) -> DeliverySettings:
     return DeliverySettings(config.report_dir(), config.report.retry_s,
-                            PruneSettings(config.state.keep_days, config.state.max_mb))
+                            PruneSettings(config.state.keep_days, config.state.max_mb), CellImages.of(config))
 
 
 def make_link(report: ReportConfig, cancel: threading.Event | None = None):

@@ -196,8 +196,8 @@ class Specimen:
 @dataclass(frozen=True)
 class NewCell:
     """A counted cell as stored: slide position in micrometres, class, thumbnail, the field it was found in,
-    whether it is unlike the training cells, its centre in the field (pixels) at the field's pixel size, and the
-    file name of its cut (edge/reports/verified_cells.py; empty: none kept)."""
+    whether it is unlike the training cells, its centre in the field (pixels) at the field's pixel size, and its
+    cut's file (edge/reports/verified_cells.py; empty: none kept) with the cut's top-left corner in the field."""
 
     x_um: float
     y_um: float
@@ -211,6 +211,7 @@ class NewCell:
     y_px: float | None = None
     um_per_pixel: float | None = None
     cut: str = ""
+    cut_origin: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -429,7 +430,7 @@ class Store:
                 "unfamiliar, x_px, y_px, um_per_pixel, cut) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(frame.specimen.row, frame.index, i, c.x_um, c.y_um, c.label, c.confidence,
                   json.dumps(list(c.bbox)), c.thumbnail, c.field, int(c.unfamiliar), c.x_px, c.y_px,
-                  c.um_per_pixel, c.cut or None)
+                  c.um_per_pixel, json.dumps({"file": c.cut, "origin": list(c.cut_origin)}) if c.cut else None)
                  for i, c in enumerate(frame.cells)])
             db.execute(f"UPDATE specimens SET {column} = {column} + 1, edge_cells = edge_cells + ?, "
                        "tracker_state = ? WHERE id = ? AND status = 'open'",
@@ -492,8 +493,18 @@ class Store:
                                "x_px, y_px, um_per_pixel, cut FROM cells WHERE specimen = ? ORDER BY frame, seq",
                                (specimen.row,))
         return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7] or "",
-                               bool(r[8]), r[9], r[10], r[11], r[12] or ""))
-                for r in rows]
+                               bool(r[8]), r[9], r[10], r[11], *_cut(r[12]))) for r in rows]
+
+    def verified_specimens(self) -> list[Specimen]:
+        """The specimens whose report a person signed, in the order they were counted."""
+        rows = self.db.execute(f"SELECT {', '.join('s.' + c.strip() for c in _SPECIMEN_COLUMNS.split(','))} "
+                               "FROM specimens s WHERE EXISTS (SELECT 1 FROM outbox o WHERE o.specimen = s.id AND "
+                               "o.kind = 'verified') ORDER BY s.id").fetchall()
+        return [_specimen(r) for r in rows]
+
+    def rows_with_cells(self) -> set[int]:
+        """The specimen rows that have counted cells kept (not pruned)."""
+        return {r[0] for r in self.db.execute("SELECT DISTINCT specimen FROM cells")}
 
     # --- finishing and the outbox -------------------------------------------------
 
@@ -634,6 +645,14 @@ def _specimen(row) -> Specimen:
     return Specimen(*values, json.loads(tracker) if tracker else None, wbc, colour_frames,
                     tuple(json.loads(colour_sums)) if colour_sums else None, um, accession, operator,
                     BundleRef.from_json(bundle))
+
+
+def _cut(text: str | None) -> tuple[str, tuple[int, int] | None]:
+    """A cell's stored cut: its file and its top-left corner in the field ("", None: none kept)."""
+    if not text:
+        return "", None
+    cut = json.loads(text)
+    return cut["file"], tuple(cut["origin"])
 
 
 def _timestamp(iso: str | None) -> float:
