@@ -477,7 +477,7 @@ def open_pipeline(config: Config) -> FieldPipeline:
     """The bundle and calibration profile of a configuration. Raises ModelInvalid, ConfigError."""
     from ..vision.model_bundle import load_bundle  # noqa: PLC0415
 
-    bundle = load_bundle(config.bundle_path(), config.model.threads or None)
+    bundle = load_bundle(config.bundle_path().resolve(), config.model.threads or None)  # an installed one's own folder
     profile = None
     if config.calibration.profile:
         from hematovision.calibration.profile import load_profile  # noqa: PLC0415
