@@ -312,3 +312,16 @@ def test_the_running_daemon_keeps_signed_cells_and_counts_the_next_specimen_on_a
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
+
+
+def test_a_damaged_installed_copy_is_copied_again_when_its_bundle_is_installed(tmp_path, tiny_bundle,
+                                                                                reference_copy):
+    state = tmp_path / "state"
+    models = Models(state / "models")
+    models.install(tiny_bundle)
+    models.install(reference_copy)
+    _flip_a_model_byte(state / "models" / "previous")  # the tiny bundle's installed copy
+    change = models.install(tiny_bundle)
+    assert change.current.meta_sha256 == meta(tiny_bundle)["meta_sha256"]
+    assert (state / "models" / "current" / "model.tflite").read_bytes() == (tiny_bundle / "model.tflite").read_bytes()
+    assert not [p for p in (state / "models" / "versions").iterdir() if p.name.startswith(".")]

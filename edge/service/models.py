@@ -259,19 +259,27 @@ class Models:
         meta = read_meta(source / META_FILE)
         name = _UNSAFE.sub("_", str(meta.get("name", "model"))).strip("._-")[:60] or "model"
         version = self.root / VERSIONS / f"{name}-{str(meta.get('meta_sha256', ''))[:12]}"
-        if version.is_dir():
-            load_bundle(version, threads)
+        if version.is_dir() and self._still_sound(version, threads):
             return version.resolve()
         incoming = self.root / VERSIONS / f".incoming-{secrets.token_hex(6)}"
         try:
             _copy_bundle(source, incoming)
             load_bundle(incoming, threads)  # the copy, byte for byte what the hashes say
             _same_owner(incoming, self.root.parent, whole=True)
-            os.rename(incoming, version)
-            _fsync_folder(version.parent)
+            _replace_folder(incoming, version)
         finally:
             shutil.rmtree(incoming, ignore_errors=True)
         return version.resolve()
+
+    @staticmethod
+    def _still_sound(version: Path, threads: int | None) -> bool:
+        """A version folder installed before that still verifies; one that does not is logged (and copied again)."""
+        try:
+            load_bundle(version, threads)
+        except ModelInvalid as err:
+            logger.warning("the installed copy %s is damaged (%s): copied again", version, err)
+            return False
+        return True
 
     def _fallback_version(self, fallback: Path, threads: int | None) -> Path | None:
         """The bundle counted with before the first install, kept as previous (None when it does not verify)."""
@@ -336,6 +344,16 @@ def _copy_bundle(source: Path, target: Path) -> None:
         raise ModelInvalid(f"cannot copy {source} into {target.parent}: {err.strerror} ({err.filename}); check "
                            "both folders and their permissions") from err
     _fsync_folder(target)
+
+
+def _replace_folder(new: Path, target: Path) -> None:
+    """Rename a finished folder into place; a damaged one there is moved aside first, then deleted."""
+    damaged = target.parent / f".damaged-{secrets.token_hex(6)}"
+    if target.exists():
+        os.rename(target, damaged)
+    os.rename(new, target)
+    _fsync_folder(target.parent)
+    shutil.rmtree(damaged, ignore_errors=True)
 
 
 def _fsync_folder(folder: Path) -> None:
