@@ -15,6 +15,7 @@ the daemon's work and exit status, and every (seconds, MB) sample.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -22,6 +23,8 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 from provenance import write_result
@@ -58,29 +61,41 @@ port = {args.port}
     return path
 
 
-def watch_and_review(url: str, stop: threading.Event) -> None:
-    """A live page watching (bench_web.poll_like_the_page), and every finished specimen reclassified and signed."""
+def watch_and_review(url: str, stop: threading.Event, use: dict) -> None:
+    """A live page watching (bench_web.poll_like_the_page), and every finished specimen reclassified and signed;
+    what was done is counted in `use` (an answer that is not the API's is an error, counted, never hidden)."""
     from bench_web import poll_like_the_page
 
-    counts = {"status": 0, "frames": 0, "bytes": 0, "errors": 0}
-    threading.Thread(target=poll_like_the_page, args=(url, 1.0, stop, counts), daemon=True).start()
+    threading.Thread(target=poll_like_the_page, args=(url, 1.0, stop, use), daemon=True).start()
     while not stop.wait(10.0):
         try:
             for entry in api(url, "GET", "/api/specimens"):
                 if entry["state"] == "preliminary":
-                    report = api(url, "GET", f"/api/specimens/{entry['specimen_id']}?thumbnails=0")
-                    if report["cells"]:
-                        api(url, "POST", f"/api/specimens/{entry['specimen_id']}/cells/{report['cells'][0]['id']}",
-                            {"label": "unidentified" if report["cells"][0]["label"] != "unidentified" else "lymphocyte"})
-                    api(url, "POST", f"/api/specimens/{entry['specimen_id']}/sign", {"operator": "bench"})
-        except OSError:
-            pass
+                    review_and_sign(url, entry["specimen_id"], use)
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            use["errors"] += 1
+
+
+def review_and_sign(url: str, specimen_id: str, use: dict) -> None:
+    """One cell of the report relabelled (when it has cells), then the report signed, as a technician does."""
+    path = f"/api/specimens/{urllib.parse.quote(specimen_id, safe='')}"
+    report = api(url, "GET", path + "?thumbnails=0")
+    if report["cells"]:
+        cell = report["cells"][0]
+        api(url, "POST", f"{path}/cells/{cell['id']}",
+            {"label": "unidentified" if cell["label"] != "unidentified" else "lymphocyte"})
+        use["reclassified"] += 1
+    api(url, "POST", path + "/sign", {"operator": "bench"})
+    use["signed"] += 1
+
+
+def page_use() -> dict:
+    """What the watching and reviewing threads did: requests of the live page, cells reclassified, reports
+    signed, failed requests."""
+    return {"status": 0, "frames": 0, "bytes": 0, "reclassified": 0, "signed": 0, "errors": 0}
 
 
 def api(url: str, method: str, path: str, body: dict | None = None):
-    import json
-    import urllib.request
-
     request = urllib.request.Request(url + path, method=method, data=None if body is None else json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=30) as response:
@@ -100,9 +115,10 @@ def measure(args) -> int:
         config = write_config(Path(tmp), args)
         proc = subprocess.Popen([sys.executable, *DAEMON, str(config)], stdout=subprocess.DEVNULL,
                                 stderr=open(Path(tmp) / "daemon.log", "wb"), cwd=tmp)
-        samples, started, stop = [], time.monotonic(), threading.Event()
+        samples, started, stop, use = [], time.monotonic(), threading.Event(), page_use()
         if args.web:
-            threading.Thread(target=watch_and_review, args=(f"http://127.0.0.1:{args.port}", stop), daemon=True).start()
+            threading.Thread(target=watch_and_review, args=(f"http://127.0.0.1:{args.port}", stop, use),
+                             daemon=True).start()
         try:
             time.sleep(args.warmup_s)
             while (elapsed := time.monotonic() - started) < args.minutes * 60 and proc.poll() is None:
@@ -114,7 +130,8 @@ def measure(args) -> int:
             rc = proc.wait(60)
         if not samples:
             sys.exit("the daemon stopped before the first sample:\n" + (Path(tmp) / "daemon.log").read_text()[-2000:])
-        result = figures(samples, rc, work_done(Path(tmp) / "state" / "state.db"), args)
+        work = work_done(Path(tmp) / "state" / "state.db")
+        result = figures(samples, rc, {**work, "web": dict(use)} if args.web else work, args)
     report(result)
     if args.json:
         write_result(args.json, result)
@@ -153,6 +170,10 @@ def report(f: dict) -> None:
           f"slope {f['slope_mb_per_hour']:+.2f} MB/h")
     print(f"  {f['frames']} frames in {f['specimens']} specimens, {f['cells_counted']} cells counted; "
           f"exit status after SIGTERM {f['exit_status']}")
+    if f.get("web"):
+        w = f["web"]
+        print(f"  web page: {w['status']} status and {w['frames']} frame requests, {w['reclassified']} cells "
+              f"reclassified, {w['signed']} reports signed, {w['errors']} failed requests")
 
 
 def main(argv=None) -> int:

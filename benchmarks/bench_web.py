@@ -7,7 +7,8 @@ one specimen that never reaches its target), three times: [web] off; on with nob
 `--pollers` browsers' worth of the live page's requests (GET /api/status every second and the live frame
 each time it changed, as edge/web/static/app.js does) plus one client asking ten times a second. Frames per
 second come from the state database's frame count after a warm-up; the daemon's peak RSS from /proc. The three
-runs are repeated `--repeat` times in turn (the machine's other load drifts); each case's median is reported.
+runs are repeated `--repeat` times in turn (the machine's other load drifts); each case's median rate is reported,
+and its ratio to web off as the median of the rounds' ratios (a round's three runs follow each other).
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ def poll_like_the_page(url: str, every_s: float, stop: threading.Event, counts: 
                 with urllib.request.urlopen(f"{url}/api/live.jpg?i={shown}", timeout=10) as response:
                     counts["bytes"] += len(response.read())
                 counts["frames"] += 1
-        except OSError:
+        except (OSError, ValueError):
             counts["errors"] += 1
 
 
@@ -132,6 +133,21 @@ def summary(name: str, runs: list[dict]) -> dict:
             "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
 
 
+def json_result(plan: list[tuple[str, str]], runs: list[list[dict]], args) -> dict:
+    """The cases (key, name) with their runs summed up, the first case ("off") the base of the ratios: each round's
+    frame rate over that round's web-off rate, and their median (the machine's other load drifts between rounds,
+    less within one)."""
+    cases = [{"key": key, **summary(name, found)} for (key, name), found in zip(plan, runs)]
+    base = cases[0]["fps_runs"]
+    for case in cases:
+        rounds = [round(fps / off, 3) if off else None for fps, off in zip(case["fps_runs"], base)]
+        case["fps_vs_web_off_rounds"] = rounds
+        case["fps_vs_web_off"] = statistics.median(rounds) if None not in rounds else None
+    return {"cases": cases, "settings": {"seconds": args.seconds, "warmup_s": args.warmup_s, "repeat": args.repeat,
+                                         "pollers": args.pollers, "threads": args.threads,
+                                         "model": os.path.relpath(args.model.resolve(), REPO)}}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=Path(os.environ.get("HEMATOVISION_MODEL", REPO / "models/reference")))
@@ -142,23 +158,18 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=2, help="rounds of the three runs")
     parser.add_argument("--json", type=Path, metavar="FILE")
     args = parser.parse_args(argv)
-    plan = [("web off", False, []), ("web on, nobody watching", True, []),
-            (f"web on, {args.pollers} live page(s) + 10 requests/s", True, [1.0] * args.pollers + [0.1])]
+    plan = [("off", "web off", False, []), ("unwatched", "web on, nobody watching", True, []),
+            ("watched", f"web on, {args.pollers} live page(s) + 10 requests/s", True, [1.0] * args.pollers + [0.1])]
     runs = [[] for _ in plan]
     for _ in range(args.repeat):
-        for i, (name, web, pollers) in enumerate(plan):
+        for i, (_, name, web, pollers) in enumerate(plan):
             runs[i].append(run_case(args, name, web, pollers))
-    cases = [summary(name, found) for (name, _, _), found in zip(plan, runs)]
-    base = cases[0]["fps"]
-    for case in cases:
-        case["fps_vs_web_off"] = round(case["fps"] / base, 3) if base else None
-        print(f"{case['case']:<40} {case['fps']:7.2f} frames/s ({case['fps_vs_web_off']:.1%} of web off; runs "
-              f"{case['fps_runs']}), peak RSS {case['peak_rss_mb']:.0f} MB")
+    result = json_result([(key, name) for key, name, _, _ in plan], runs, args)
+    for case in result["cases"]:
+        print(f"{case['case']:<40} {case['fps']:7.2f} frames/s ({case['fps_vs_web_off']:.1%} of web off, median of "
+              f"the rounds' {case['fps_vs_web_off_rounds']}), peak RSS {case['peak_rss_mb']:.0f} MB")
     if args.json:
-        write_result(args.json, {"cases": cases, "settings": {"seconds": args.seconds, "warmup_s": args.warmup_s,
-                                                              "repeat": args.repeat,
-                                                              "pollers": args.pollers, "threads": args.threads,
-                                                              "model": os.path.relpath(args.model.resolve(), REPO)}})
+        write_result(args.json, result)
     return 0
 
 

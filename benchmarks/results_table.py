@@ -17,10 +17,13 @@ cells instead of an error), where every file names the commit, cores and date it
     crosslab.json    benchmarks/crosslab.py --json                classification per laboratory
     scan.json        benchmarks/bench_scan.py --json              count-once totals over the simulated scans
     daemon.json      benchmarks/bench_daemon_memory.py --json     daemon RSS over a replay
+    web.json         benchmarks/bench_web.py --json               frame rate with the web page off, served, watched
+    daemon_web.json  bench_daemon_memory.py --web --json          daemon RSS with the web page watched and used
 
 Of scan.json this script reads "frames", "whole_cells", "counted_once", "double_counts", "jumps" and
-"relocalised"; of daemon.json "start_mb", "end_mb", "max_mb", "first_third_mb" and "last_third_mb";
-other keys are ignored. More cross-validation summaries can be named with --cv.
+"relocalised"; of daemon.json and daemon_web.json "start_mb", "end_mb", "max_mb", "first_third_mb" and
+"last_third_mb" (and daemon_web.json's "web": what the page was asked and did); of web.json each case's "key",
+"fps", "fps_vs_web_off" and "peak_rss_mb"; other keys are ignored. More cross-validation summaries can be named with --cv.
 The reference bundle's bundle.json (--reference, default models/reference) gives the held-out
 float and int8 figures, their top-1 agreement and the int8 model size.
 
@@ -100,6 +103,8 @@ class Results:
         self.pipeline = self.file(results / "pipeline.json")
         self.scan = self.file(results / "scan.json")
         self.daemon = self.file(results / "daemon.json")
+        self.web = self.file(results / "web.json")
+        self.daemon_web = self.file(results / "daemon_web.json")
         self.crosslab = self.file(results / "crosslab.json")
         self.flags = {path.stem: self.file(path) for path in sorted(results.glob("flags*.json"))}
         paths = sorted(results.glob("cv_*.json")) + [p for p in cv_files]
@@ -373,13 +378,52 @@ def targets_table(r: Results) -> list[str]:
     b = r.reference
     lines.append(row("int8 model size", "<= 6 MB", f"{mb(b['model_bytes'] / 1e6)} (`{shown(r.reference_dir)}`)"
                      if b is not None and b.get("model_bytes") else not_measured("make reference")))
-    m = r.daemon
+    lines.append(daemon_row(r.daemon, r.command("daemon"), {"minutes": 30, "fps": 5}))
+    return lines + web_rows(r)
+
+
+def daemon_row(m: dict | None, command: str, default: dict, web: bool = False) -> str:
+    """The daemon's RSS over a replay (bench_daemon_memory.py; `web`: with --web, the page watched and used)."""
     cell = (f"{m['start_mb']:.1f} MB at start, {m['end_mb']:.1f} MB at end, max {m['max_mb']:.1f}; "
             f"first / last third {m['first_third_mb']:.1f} / {m['last_third_mb']:.1f} MB"
-            if m is not None else not_measured(r.command("daemon")))
-    settings = (m or {}).get("settings") or {"minutes": 30, "fps": 5}
-    lines.append(row(f"daemon RSS over a {settings['minutes']:g}-minute replay (`benchmarks/bench_daemon_memory.py "
-                     f"--minutes {settings['minutes']:g} --fps {settings['fps']:g}`)", "<= 250 MB, no growth", cell))
+            if m is not None else not_measured(command))
+    s = (m or {}).get("settings") or default
+    options = f"--minutes {s['minutes']:g} --fps {s['fps']:g}"
+    if web:
+        options = f"--web {options} --target {s['target']:g}"
+    label = f"daemon RSS over a {s['minutes']:g}-minute replay" + (
+        " with the web page watched and each report reviewed and signed" if web else "")
+    return row(f"{label} (`benchmarks/bench_daemon_memory.py {options}`)", "<= 250 MB, no growth", cell + page_use(m))
+
+
+def page_use(m: dict | None) -> str:
+    """What the page was asked and did during a daemon_web run."""
+    use = (m or {}).get("web")
+    if not use:
+        return ""
+    return (f"; the page served {use['status']:,} status and {use['frames']:,} frame requests, "
+            f"{use['reclassified']} cells reclassified, {use['signed']} reports signed, {use['errors']} failed requests")
+
+
+def web_rows(r: Results) -> list[str]:
+    """The web page's cost: the frame loop's rate with the page served and watched against off (bench_web.py),
+    and the daemon's RSS with the page watched and each report reviewed and signed."""
+    w = r.web
+    cases = {c.get("key"): c for c in (w or {}).get("cases", [])}
+    settings = (w or {}).get("settings") or {"seconds": 45, "repeat": 3}
+    command = f"benchmarks/bench_web.py --seconds {settings['seconds']:g} --repeat {settings['repeat']}"
+    if {"off", "unwatched", "watched"} <= set(cases):
+        off, idle, watched = cases["off"], cases["unwatched"], cases["watched"]
+        cell = (f"{watched['fps_vs_web_off']:.2f} watched, {idle['fps_vs_web_off']:.2f} served unwatched (median "
+                f"of {settings['repeat']} rounds; {off['fps']:.1f} / {idle['fps']:.1f} / {watched['fps']:.1f} "
+                f"frames/s off / unwatched / watched); peak RSS {off['peak_rss_mb']:.0f} / {idle['peak_rss_mb']:.0f} "
+                f"/ {watched['peak_rss_mb']:.0f} MB")
+    else:
+        cell = not_measured(r.command("web"))
+    watched_by = f"{settings.get('pollers', 1)} live page(s) and 10 requests/s"
+    lines = [row(f"frame rate with the web page watched ({watched_by}) / web page off (`{command}`)",
+                 "the frame loop never waits on the page", cell)]
+    lines.append(daemon_row(r.daemon_web, r.command("web"), {"minutes": 10, "fps": 5, "target": 20}, web=True))
     return lines
 
 

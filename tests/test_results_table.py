@@ -178,7 +178,10 @@ def test_missing_json_gives_not_measured_cells(tmp_path, reference):
     assert table_row(text, "peak RSS")[2] == f"not measured (run: `{make.format('pipeline')}`)"
     assert "White-cell detection per lab: not measured (run: " in text
     assert table_row(text, "count-once")[2] == f"not measured (run: `{make.format('scan')}`)"
-    assert table_row(text, "daemon RSS")[2] == f"not measured (run: `{make.format('daemon')}`)"
+    assert table_row(text, "daemon RSS over a 30-minute replay")[2] == f"not measured (run: `{make.format('daemon')}`)"
+    assert table_row(text, "frame rate with the web page watched")[2] == f"not measured (run: `{make.format('web')}`)"
+    assert table_row(text, "daemon RSS over a 10-minute replay with the web page")[2] == \
+        f"not measured (run: `{make.format('web')}`)"
     # The reference bundle still gives the held-out figures and the model size.
     assert table_row(text, "EfficientNet-Lite0, reference bundle")[2] == "0.865 / 0.887"
     no_bundle = render(empty, tmp_path / "no_bundle")
@@ -307,7 +310,7 @@ def test_bench_daemon_memory_json_is_what_the_table_reads(tmp_path, reference):
     """The daemon bench's figures (from RSS samples; no daemon run) as the daemon row shows them."""
     daemon = load_script("bench_daemon_memory")
     args = type("Args", (), {"model": REPO / "models" / "reference", "minutes": 30.0, "fps": 5.0, "target": 100,
-                             "threads": 0, "every_s": 5.0, "warmup_s": 5.0})()
+                             "threads": 0, "every_s": 5.0, "warmup_s": 5.0, "web": False})()
     samples = [(5.0, 106.7), (10.0, 110.1), (15.0, 110.5), (20.0, 112.0), (25.0, 111.0), (30.0, 111.4)]
     work = {"specimens": 2, "frames": 150, "cells_counted": 120}
     out = tmp_path / "results"
@@ -316,8 +319,56 @@ def test_bench_daemon_memory_json_is_what_the_table_reads(tmp_path, reference):
     assert data["minutes"] == pytest.approx(0.5) and data["settings"]["model"] == "models/reference"
     assert data["first_third_mb"] == pytest.approx(108.4) and data["last_third_mb"] == pytest.approx(111.2)
     assert (data["frames"], data["exit_status"], len(data["samples"])) == (150, 0, 6)
-    assert table_row(render(out, reference), "daemon RSS")[2] == (
+    assert table_row(render(out, reference), "daemon RSS over a 30-minute replay")[2] == (
         "106.7 MB at start, 111.4 MB at end, max 112.0; first / last third 108.4 / 111.2 MB")
+
+
+def test_bench_daemon_memory_with_the_web_page_has_its_own_row_with_what_the_page_did(tmp_path, reference):
+    daemon = load_script("bench_daemon_memory")
+    args = type("Args", (), {"model": REPO / "models" / "reference", "minutes": 10.0, "fps": 5.0, "target": 20,
+                             "threads": 0, "every_s": 5.0, "warmup_s": 5.0, "web": True})()
+    use = dict(daemon.page_use(), status=580, frames=577, bytes=9_000_000, reclassified=41, signed=43, errors=1)
+    samples = [(5.0, 140.2), (200.0, 151.0), (400.0, 152.3), (600.0, 150.9)]
+    out = tmp_path / "results"
+    write(out / "daemon_web.json", daemon.figures(samples, 0, {"specimens": 44, "frames": 3000, "cells_counted": 880,
+                                                               "web": use}, args))
+    text = render(out, reference)
+    cells = table_row(text, "daemon RSS over a 10-minute replay with the web page watched")
+    assert "`benchmarks/bench_daemon_memory.py --web --minutes 10 --fps 5 --target 20`" in cells[0]
+    assert cells[1:] == ["<= 250 MB, no growth",
+                         "140.2 MB at start, 150.9 MB at end, max 152.3; first / last third 140.2 / 150.9 MB; the page "
+                         "served 580 status and 577 frame requests, 41 cells reclassified, 43 reports signed, 1 failed "
+                         "requests"]
+    assert "not measured" in table_row(text, "daemon RSS over a 30-minute replay")[2]  # daemon.json is another file
+
+
+def test_bench_web_ratios_are_each_rounds_rate_over_that_rounds_web_off(tmp_path, reference):
+    """bench_web's JSON (its own function, from three rounds of runs; no daemon run) as the frame-rate row shows it."""
+    web = load_script("bench_web")
+
+    def run(case, fps, rss):
+        return {"case": case, "frames": round(fps * 45), "seconds": 45.0, "fps": fps, "peak_rss_mb": rss,
+                "requests": {"status": 0, "frames": 0, "bytes": 0, "errors": 0}}
+
+    plan = [("off", "web off"), ("unwatched", "web on, nobody watching"), ("watched", "web on, 1 live page(s)")]
+    runs = [[run("web off", f, 98.0) for f in (70.0, 60.0, 72.0)],
+            [run("web on, nobody watching", f, 109.0) for f in (71.4, 57.0, 72.0)],
+            [run("web on, 1 live page(s)", f, r) for f, r in ((68.6, 150.0), (57.6, 152.1), (69.1, 151.0))]]
+    args = type("Args", (), {"model": REPO / "models" / "reference", "seconds": 45.0, "warmup_s": 12.0, "repeat": 3,
+                             "pollers": 1, "threads": 0})()
+    data = web.json_result(plan, runs, args)
+    watched = data["cases"][2]
+    assert watched["fps_vs_web_off_rounds"] == [0.98, 0.96, 0.96] and watched["fps_vs_web_off"] == 0.96
+    assert (watched["fps"], watched["peak_rss_mb"]) == (68.6, 152.1)  # median rate, highest RSS
+    assert data["cases"][1]["fps_vs_web_off"] == 1.0 and data["cases"][0]["fps_vs_web_off"] == 1.0
+    out = tmp_path / "results"
+    write(out / "web.json", data)
+    cells = table_row(render(out, reference), "frame rate with the web page watched")
+    assert "(1 live page(s) and 10 requests/s)" in cells[0]
+    assert "`benchmarks/bench_web.py --seconds 45 --repeat 3`" in cells[0]
+    assert cells[1:] == ["the frame loop never waits on the page",
+                         "0.96 watched, 1.00 served unwatched (median of 3 rounds; 70.0 / 71.4 / 68.6 frames/s "
+                         "off / unwatched / watched); peak RSS 98 / 109 / 152 MB"]
 
 
 # -- cross_validate.py --summary-only ---------------------------------------------------------------

@@ -150,6 +150,11 @@ def test_a_change_from_another_sites_page_is_refused(reports):
 def test_with_a_password_changes_need_it_even_on_localhost_and_pages_need_their_csrf_token(reports):
     with server(reports, token=TOKEN) as srv:
         assert request(srv, "GET", "/api/specimens")[0] == 200  # reading on this machine needs no password
+        rebound = {"Host": "evil.example:80"}  # ... under its own name: another site's page reached it (DNS rebinding)
+        assert request(srv, "GET", "/api/specimens", headers=rebound)[0] == 401
+        assert request(srv, "GET", "/api/specimens", headers={**rebound, "Authorization": f"Bearer {TOKEN}"})[0] == 200
+        unsigned = request(srv, "GET", "/specimens")[2].decode()
+        assert 'name="csrf-token" content=""' in unsigned  # a page that cannot change anything has no CSRF token
         status, _, answer = request(srv, "POST", "/api/specimens/S-1/cells/1", {"label": "monocyte"})
         assert status == 401 and "web.token" in answer["error"]
         wrong = {"Authorization": "Bearer not-the-password"}
@@ -170,6 +175,9 @@ def test_with_a_password_changes_need_it_even_on_localhost_and_pages_need_their_
         assert request(srv, "POST", "/api/specimens/S-1/cells/2", {"label": "monocyte"}, session)[0] == 403
         page = request(srv, "GET", "/specimens", headers=session)[2].decode()
         csrf = page.split('name="csrf-token" content="')[1].split('"')[0]
+        assert csrf and csrf != sign_in
+        assert request(srv, "POST", "/api/specimens/S-1/cells/2", {"label": "monocyte"},
+                       {**session, "X-CSRF-Token": sign_in})[0] == 403  # the sign-in form's token is not the pages'
         assert request(srv, "POST", "/api/specimens/S-1/cells/2", {"label": "monocyte"},
                        {**session, "X-CSRF-Token": csrf})[0] == 200
 

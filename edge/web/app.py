@@ -72,7 +72,7 @@ def _guard(app: Flask) -> None:
             return None
         if not access.token and not is_loopback(request.remote_addr):
             return _error(403, "this page takes requests from other machines only with a password (web.token)")
-        if access.token and not g.authenticated and (changing or not is_loopback(request.remote_addr)):
+        if access.token and not g.authenticated and not _local_reader(web):
             return _needs_login()
         if changing and not bearer:
             return _check_change(access)
@@ -86,6 +86,13 @@ def _guard(app: Flask) -> None:
         response.headers["X-Frame-Options"] = "DENY"
         response.headers.setdefault("Cache-Control", "no-store")
         return response
+
+
+def _local_reader(web: WebConfig) -> bool:
+    """A read without the password: from this machine, under this machine's name (a page of another site that
+    reaches this one under a name of its own, DNS rebinding, signs in first)."""
+    return request.method in ("GET", "HEAD", "OPTIONS") and is_loopback(request.remote_addr) and \
+        host_allowed(request.host, web.host, token_set=False)
 
 
 def _from_this_site() -> bool:
@@ -112,9 +119,12 @@ def _needs_login():
 # --- pages ---------------------------------------------------------------------------------
 
 def _render(template: str, **values) -> str:
+    """A page; it carries the CSRF token of changes only where it can make them (signed in, or no password)."""
     specimens, web, live, access = _state()
-    return render_template(template, csrf=access.csrf_token(), device=specimens.device,
-                           signed_in=g.get("authenticated", False), password=bool(access.token), **values)
+    signed_in = g.get("authenticated", False)
+    csrf = access.csrf_token() if signed_in or not access.token else ""
+    return render_template(template, csrf=csrf, device=specimens.device, signed_in=signed_in,
+                           password=bool(access.token), **values)
 
 
 def _pages(app: Flask) -> None:
@@ -154,11 +164,12 @@ def _pages(app: Flask) -> None:
         _, _, _, access = _state()
         wanted = request.args.get("next", "/")
         wanted = wanted if wanted.startswith("/") and not wanted.startswith("//") else "/"
-        if request.method == "POST" and not access.csrf_ok(request.form.get("csrf_token")):
+        if request.method == "POST" and not access.login_ok(request.form.get("csrf_token")):
             return _error(403, "refused: the sign-in form is out of date; reload the page")
         if request.method == "GET" or not access.password_ok(request.form.get("password")):
             failed = request.method == "POST"
-            return _render("login.html", failed=failed, next=wanted), 401 if failed else 200
+            return _render("login.html", failed=failed, next=wanted, login_csrf=access.login_token()), \
+                401 if failed else 200
         response = redirect(wanted)
         response.set_cookie(SESSION_COOKIE, access.session_value(), httponly=True, samesite="Strict",
                             secure=request.is_secure)

@@ -34,6 +34,10 @@ class Access:
     def csrf_token(self) -> str:
         return hmac.new(self.secret, b"csrf", hashlib.sha256).hexdigest()
 
+    def login_token(self) -> str:
+        """The sign-in form's CSRF token: another than the pages' one, which only a signed-in page is given."""
+        return hmac.new(self.secret, b"login", hashlib.sha256).hexdigest()
+
     def password_ok(self, given: str | None) -> bool:
         return bool(self.token) and given is not None and hmac.compare_digest(given.encode(), self.token.encode())
 
@@ -46,6 +50,9 @@ class Access:
 
     def csrf_ok(self, given: str | None) -> bool:
         return given is not None and hmac.compare_digest(given.encode(), self.csrf_token().encode())
+
+    def login_ok(self, given: str | None) -> bool:
+        return given is not None and hmac.compare_digest(given.encode(), self.login_token().encode())
 
 
 def is_loopback(address: str | None) -> bool:
