@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+from datetime import datetime
 from pathlib import Path
 
 import cv2
@@ -225,3 +226,20 @@ def test_a_count_that_fails_leaves_no_cut_behind(tiny_bundle, tmp_path):
     reports = tmp_path / "reports"
     assert edge_main(["count", "--model", str(tiny_bundle), str(broken), "--report", str(reports)]) == 1
     assert not (reports / PENDING).exists() or not list((reports / PENDING).iterdir())
+
+
+def test_a_desktop_sign_off_cut_short_before_its_cells_were_kept_keeps_them_when_the_page_opens(
+        tiny_bundle, samples_bccd, tmp_path):
+    from hematovision.edge.reports import review
+    from hematovision.edge.reports.files import write_report_files
+
+    reports = tmp_path / "reports"
+    assert edge_main(["count", "--model", str(tiny_bundle), str(samples_bccd / FIELDS), "--report", str(reports),
+                      "--specimen-id", "D-3"]) == 0
+    folder = FolderSpecimens(reports)
+    signed = review.sign(folder.report("D-3"), (), "Cy", datetime.now())
+    write_report_files(signed, reports)  # the sign-off's files, and then the power went
+    assert not (reports / VERIFIED).exists()
+    FolderSpecimens(reports).keep_waiting_cells()  # what `hematovision-edge web DIR` does first
+    kept = json.loads((reports / VERIFIED / "D-3" / RECORDS).read_text())["cells"]
+    assert len(kept) == len(signed.cells) and {c["operator"] for c in kept} == {"Cy"}

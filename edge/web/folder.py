@@ -16,7 +16,7 @@ from ..reports.files import VERIFIED_SUFFIX, open_folder_nofollow, safe_file_ste
 from ..reports.report import PRELIMINARY as PRELIMINARY_TEXT
 from ..reports.report import CellChange, Report
 from ..reports.schema import SCHEMA_ID
-from ..reports.verified_cells import keep_folder_cells
+from ..reports.verified_cells import PENDING, keep_folder_cells
 from .backend import PRELIMINARY, VERIFIED, CommandResult, Conflict, NotFound, SpecimenEntry, StartRequest
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,12 @@ class FolderSpecimens:
             write_report_files(verified, self.folder)
             self._keep_cells(verified)
             return verified
+
+    def keep_waiting_cells(self) -> None:
+        """Keep the cells of every signed report whose cuts still wait (its sign-off was cut short before)."""
+        for specimen_id, files in self._reports().items():
+            if VERIFIED in files and (self.folder / PENDING / safe_file_stem(specimen_id)).is_dir():
+                self._keep_cells(Report.from_dict(files[VERIFIED]))
 
     def _keep_cells(self, verified: Report) -> None:
         """The signed cells kept for adapting the model, where the count left their images; the sign-off stands
