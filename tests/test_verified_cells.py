@@ -198,7 +198,8 @@ def test_a_report_counted_and_signed_on_a_desktop_keeps_its_cells_for_export(tin
     folder.change_cell("D/1", cells[-1].id, "not_a_white_cell", "Bo")
     folder.sign("D/1", "Bo")
     kept = json.loads((reports / VERIFIED / stem / RECORDS).read_text())["cells"]
-    assert len(kept) == len(cells) and kept[-1]["label"] == "not_a_white_cell" and not (reports / PENDING / stem).exists()
+    assert len(kept) == len(cells) and kept[-1]["label"] == "not_a_white_cell"
+    assert not (reports / PENDING / stem).exists()
     first = read_png(reports / VERIFIED / stem / kept[0]["image"])
     field = read_rgb(samples_bccd / FIELDS / kept[0]["source_field"])
     y0, x0 = kept[0]["origin_y_px"], kept[0]["origin_x_px"]

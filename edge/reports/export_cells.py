@@ -44,7 +44,8 @@ def parse_since(text: str) -> datetime:
     try:
         return datetime.fromisoformat(text)
     except ValueError as err:
-        raise DataError(f"--since {text!r}: give a date such as 2025-03-01, or a time such as 2025-03-01T14:00") from err
+        raise DataError(f"--since {text!r}: give a date such as 2025-03-01, or a time such as "
+                        "2025-03-01T14:00") from err
 
 
 def export_cells(root: Path, out: Path, wanted: CellFilter = CellFilter(), force: bool = False) -> Counter:

@@ -199,7 +199,8 @@ def read_verified(root: Path) -> list[tuple[Path, VerifiedCell]]:
     DataError naming a damaged records file."""
     base = Path(root) / VERIFIED
     out = []
-    for folder in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else ():
+    folders = sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")) if base.is_dir() else []
+    for folder in folders:
         records = folder / RECORDS
         if not records.is_file():
             continue

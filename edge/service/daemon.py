@@ -296,8 +296,8 @@ class Daemon:
         pipeline = FieldPipeline(bundle, self.pipeline.profile, self.pipeline.params)
         pipeline.restore(self.pipeline.state())
         self.use_pipeline(pipeline)
-        logger.info("counting with bundle %s (%s, %s)", bundle.meta.get("name"), str(bundle.meta.get("meta_sha256"))[:12],
-                    Path(bundle.path).resolve())
+        logger.info("counting with bundle %s (%s, %s)", bundle.meta.get("name"),
+                    str(bundle.meta.get("meta_sha256"))[:12], Path(bundle.path).resolve())
 
     def use_installed_bundle(self) -> None:
         """Between specimens: the configured bundle (an install or rollback switches it) loaded when it is another
@@ -328,8 +328,8 @@ class Daemon:
             self.use_bundle(bundle)
         except HematovisionError as err:
             raise ModelInvalid(f"specimen {specimen.specimen_id} is being counted with bundle {ref.name} "
-                               f"({ref.meta_sha256[:12]}) from {ref.path}, which cannot be loaded ({err}); install that "
-                               "bundle again (hematovision-edge model install BUNDLE) and restart, so that the "
+                               f"({ref.meta_sha256[:12]}) from {ref.path}, which cannot be loaded ({err}); install "
+                               "that bundle again (hematovision-edge model install BUNDLE) and restart, so that the "
                                "specimen finishes on it") from err
 
     def finish_if_due(self) -> None:

@@ -66,8 +66,8 @@ class InstalledBundle:
 
     def lines(self, role: str) -> list[str]:
         """The bundle in a few lines: name, export time, short stamp, and what it was adapted from."""
-        out = [f"{role}: {self.name} (bundle {self.meta_sha256[:12]}, exported {self.created_at or 'at an unknown time'})",
-               f"  folder {self.folder}"]
+        exported = self.created_at or "at an unknown time"
+        out = [f"{role}: {self.name} (bundle {self.meta_sha256[:12]}, exported {exported})", f"  folder {self.folder}"]
         return out + ([f"  adapted from bundle {self.adapted_from[:12]}"] if self.adapted_from else [])
 
 

@@ -115,14 +115,15 @@ CREATE TABLE IF NOT EXISTS commands (
 """
 # Columns added since version 1, in the order of _SCHEMA, with their declarations: a database of an earlier
 # version gains them in place at its first opening (version 3's evidence: cells counted before are familiar,
-# with no colour or pixel size; version 4: no accession number or operator).
+# with no colour or pixel size; version 4: no accession number or operator; version 5: no bundle recorded, no cell's
+# place in its field nor cut).
 _ADDED_COLUMNS = (("specimens", "wbc", "REAL"), ("cells", "field", "TEXT"), ("commands", "wbc", "REAL"),
                   ("specimens", "colour_frames", "INTEGER NOT NULL DEFAULT 0"), ("specimens", "colour_sums", "TEXT"),
                   ("specimens", "um_per_pixel", "REAL"), ("cells", "unfamiliar", "INTEGER NOT NULL DEFAULT 0"),
                   ("specimens", "accession", "TEXT"), ("specimens", "operator", "TEXT"),
-                  ("commands", "accession", "TEXT"), ("commands", "operator", "TEXT"), ("specimens", "bundle", "TEXT"),
-                  ("cells", "x_px", "REAL"), ("cells", "y_px", "REAL"), ("cells", "um_per_pixel", "REAL"),
-                  ("cells", "cut", "TEXT"))
+                  ("commands", "accession", "TEXT"), ("commands", "operator", "TEXT"),
+                  ("specimens", "bundle", "TEXT"), ("cells", "x_px", "REAL"), ("cells", "y_px", "REAL"),
+                  ("cells", "um_per_pixel", "REAL"), ("cells", "cut", "TEXT"))
 PRELIMINARY_REPORT, VERIFIED_REPORT = "preliminary", "verified"  # outbox.kind
 _OUTBOX_COLUMNS = "id, specimen, report, created_at, files_written, link_sent, attempts, last_error"
 _SPECIMEN_COLUMNS = ("id, specimen_id, target, status, started_at, finished_at, finish_reason, fields, skipped_blur, "
