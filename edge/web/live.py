@@ -17,6 +17,7 @@ from ..vision.segment import DEFAULT_PARAMS
 
 JPEG_QUALITY = 75
 RECENT_FOCUS = 30  # frames whose focus the indicator's "recent median" is taken over
+RENDER_EVERY_S = 0.5  # a frame is drawn and judged at most this often, however fast frames come and many ask
 
 
 @dataclass(frozen=True)
@@ -134,23 +135,28 @@ class Rendered:
 
 
 class LiveView:
-    """Draws and judges the latest frame for the page, once per frame however many ask (in the web server's
-    threads: the frame loop only publishes)."""
+    """Draws and judges the latest frame for the page (in the web server's threads: the frame loop only
+    publishes), at most once every `every_s` seconds however many ask and however fast frames come: the page
+    asks once a second, and a frame loop faster than that needs its processor more than the page does."""
 
-    def __init__(self, slot: LiveSlot, width: int, limits: ExposureLimits = ExposureLimits()):
-        self.slot, self.width, self.limits = slot, width, limits
+    def __init__(self, slot: LiveSlot, width: int, limits: ExposureLimits = ExposureLimits(),
+                 every_s: float = RENDER_EVERY_S, clock=time.monotonic):
+        self.slot, self.width, self.limits, self.every_s, self.clock = slot, width, limits, every_s, clock
         self._lock = threading.Lock()
         self._rendered: Rendered | None = None
+        self._rendered_at = -math.inf
         self._focus: deque[float] = deque(maxlen=RECENT_FOCUS)
 
     def current(self) -> Rendered | None:
-        """The latest frame drawn and judged; None before the first frame."""
+        """The latest frame drawn and judged, or the one drawn less than `every_s` ago; None before the first."""
         frame = self.slot.latest
         if frame is None:
             return None
         with self._lock:
-            if self._rendered is None or self._rendered.index != frame.index or self._rendered.frame is not frame:
+            fresh = self._rendered is not None and self._rendered.frame is frame
+            if not fresh and self.clock() - self._rendered_at >= self.every_s:
                 self._rendered = Rendered(frame.index, draw(frame, self.width), self._judge(frame), frame)
+                self._rendered_at = self.clock()
             return self._rendered
 
     def _judge(self, frame: LiveFrame) -> Indicators:
