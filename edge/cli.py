@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG), help="the configuration file")
     _web_arguments(add_command(sub, "web", "the web page over a folder of reports (review and sign-off on a "
                                            "desktop); the device's page runs with `run` (config [web])"))
+    _export_arguments(add_command(sub, "export-cells", "write the verified cells kept (each signed report's cells) "
+                                                       "as class sub-folders of images and cells.csv, to adapt the "
+                                                       "model on a desktop"))
+    _model_arguments(add_command(sub, "model", "install a model bundle on the device (checked, switched between "
+                                               "specimens), roll back to the previous one, or show both"))
     for p in (cl, sub.choices["count"]):
         p.add_argument("--model", type=Path, default=None,
                        help="model bundle; default: $HEMATOVISION_MODEL, else the reference bundle")
@@ -103,6 +109,33 @@ def _web_arguments(web: argparse.ArgumentParser) -> None:
     web.add_argument("--port", type=_positive_int, default=8080, help="TCP port")
 
 
+def _export_arguments(export: argparse.ArgumentParser) -> None:
+    export.add_argument("--out", type=Path, required=True, metavar="DIR", help="the folder to write (new or empty)")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument("--config", type=Path, default=None,
+                       help=f"the daemon's configuration: its state folder's verified cells (default {DEFAULT_CONFIG})")
+    where.add_argument("--state", type=Path, metavar="DIR", help="a state folder (the device's, or a copy)")
+    where.add_argument("--reports", type=Path, metavar="DIR",
+                       help="a folder of reports signed on a desktop (hematovision-edge web DIR)")
+    export.add_argument("--since", metavar="DATE", help="only cells signed at or after this date or time")
+    export.add_argument("--specimen", action="append", default=[], metavar="ID",
+                        help="only this specimen's cells (repeat for more)")
+    export.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+
+
+def _model_arguments(model: argparse.ArgumentParser) -> None:
+    model.add_argument("action", choices=("install", "rollback", "status"))
+    model.add_argument("bundle", nargs="?", type=Path, metavar="BUNDLE", help="install: the bundle folder")
+    model.add_argument("--config", type=Path, default=Path(DEFAULT_CONFIG),
+                       help="the daemon's configuration: its state folder holds the installed bundles")
+    model.add_argument("--state", type=Path, metavar="DIR", help="a state folder (instead of the configuration's)")
+    model.add_argument("--samples", type=Path, metavar="FOLDER", default=None,
+                       help="install: class sub-folders of single-cell images the bundle classifies first; default: "
+                            "the sample PBC cells installed with the package")
+    model.add_argument("--threads", type=_positive_int, default=None, help="classifier threads; default: one per core")
+    model.add_argument("--json", action="store_true", help="status: print one JSON object")
+
+
 def _count_arguments(cn: argparse.ArgumentParser) -> None:
     cn.add_argument("inputs", nargs="+", metavar="FIELD_OR_FOLDER")
     cn.add_argument("--calibration", type=Path, help="calibration profile (hematovision-calibrate)")
@@ -115,6 +148,9 @@ def _count_arguments(cn: argparse.ArgumentParser) -> None:
     cn.add_argument("--report", type=Path, metavar="DIR",
                     help="write JSON, CSV and HTML reports into this folder (created if missing)")
     cn.add_argument("--specimen-id", default="specimen", help="id used in the report")
+    cn.add_argument("--no-cell-images", action="store_true",
+                    help="with --report: keep no image of each cell in its field (kept, the cells a person signs on "
+                         "the web page are kept for export-cells)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,6 +191,52 @@ def _web(args) -> int:
     from .web.server import serve_folder
 
     return serve_folder(args.reports, args.host, args.port, os.environ.get("HEMATOVISION_WEB_TOKEN", ""))
+
+
+def _export_cells(args) -> int:
+    from .reports.export_cells import CellFilter, export_cells, parse_since
+
+    wanted = CellFilter(parse_since(args.since) if args.since else None, tuple(args.specimen))
+    counts = export_cells(_cells_root(args), args.out, wanted, args.force)
+    print(f"{sum(counts.values())} verified cells written to {args.out}: "
+          + ", ".join(f"{label} {n}" for label, n in sorted(counts.items())))
+    return 0
+
+
+def _cells_root(args) -> Path:
+    """Where the verified cells are kept: --reports, --state, or the configuration's state folder."""
+    if args.reports or args.state:
+        return args.reports or args.state
+    config = args.config or Path(DEFAULT_CONFIG)
+    if args.config is None and not config.exists():
+        raise DataError(f"say where the verified cells are: --state DIR (the device's state folder), --reports DIR "
+                        f"(reports signed on a desktop) or --config FILE ({DEFAULT_CONFIG} does not exist)")
+    from .config import load_config
+
+    return load_config(config).state_dir()
+
+
+def _model(args) -> int:
+    from .service.models import change_lines, device_models, status_lines
+
+    if (args.action == "install") != (args.bundle is not None):
+        raise DataError("model install takes the bundle folder: hematovision-edge model install BUNDLE" if
+                        args.action == "install" else f"model {args.action} takes no bundle")
+    device = device_models(args.config, args.state, args.samples, args.threads)
+    if args.action == "status":
+        if args.json:
+            current, previous = device.models.current(), device.models.previous()
+            print(json.dumps({"folder": str(device.models.root), "current": current and current.to_dict(),
+                              "previous": previous and previous.to_dict(), "history": device.models.history()}))
+        else:
+            print("\n".join(status_lines(device.models, device.fallback)))
+        return 0
+    if args.action == "install":
+        change = device.models.install(args.bundle, device.checks, device.fallback)
+    else:
+        change = device.models.rollback(device.checks.threads)
+    print("\n".join(change_lines(change)))
+    return 0
 
 
 def _send(args) -> int:
@@ -211,14 +293,30 @@ def _count(args) -> int:
     profile = _profile(args.calibration)
     run = CountRun(Counter(bundle.classes, args.target), stop_at_target=not args.all, wbc_10e9_per_l=args.wbc,
                    training=TrainingRange.of(bundle))
-    frames = count_frames(FieldPipeline(bundle, profile), paths, run,
-                          make_selector("scan" if args.scan else "fields", None), args.max_pixels)
-    with progress_bar(len(paths), "counting", "field", progress_wanted(args, args.json)) as bar:
+    pipeline = FieldPipeline(bundle, profile)
+    frames = count_frames(pipeline, paths, run, make_selector("scan" if args.scan else "fields", None), args.max_pixels)
+    with _pending_cuts(args) as pending:
+        _count_all(args, frames, len(paths), pending, pipeline, run)
+        _write_outputs(args, paths, bundle, profile, run, pending)
+    return 0
+
+
+def _count_all(args, frames, n_paths: int, pending, pipeline, run) -> None:
+    """Every input counted, with a progress bar (or a JSON line per field), and each cell's cut kept when wanted."""
+    with progress_bar(n_paths, "counting", "field", progress_wanted(args, args.json)) as bar:
         for path, result in frames:
             bar.update()
+            if pending is not None and result is not None and result.cells:
+                pending.add(len(run.cells) - len(result.cells) + 1, [c.field for c in result.cells],
+                            pipeline.field_cuts(result))
             if args.json and result is not None:
                 print(json.dumps({"path": str(path), "width": result.width, "height": result.height,
                                   "cells": [c.to_json() for c in result.cells]}), flush=True)
+
+
+def _write_outputs(args, paths, bundle, profile, run, pending) -> None:
+    """The differential on stdout and, with --report, the report files and the cells' cuts. Raises DataError when
+    no input could be counted."""
     if len(run.skipped_files) == len(paths):
         path, reason = run.skipped_files[0]
         first = reason if reason.startswith(path) else f"{path}: {reason}"
@@ -228,7 +326,17 @@ def _count(args) -> int:
     print(json.dumps({"summary": summary}) if args.json else format_table(summary))
     if args.report:
         _write_reports(args, bundle, profile, run)
-    return 0
+        if pending is not None:
+            pending.finish()
+
+
+def _pending_cuts(args):
+    """With --report: each counted cell's image in its field, kept beside the reports until the report is signed."""
+    if not args.report or args.no_cell_images:
+        return contextlib.nullcontext()
+    from .reports.verified_cells import PendingCuts
+
+    return PendingCuts(args.report, args.specimen_id)
 
 
 def _check_report_output(folder: Path, specimen_id: str) -> None:
@@ -322,7 +430,8 @@ def _beside_lines(summary: dict) -> list[str]:
 
 
 COMMANDS = {"classify": _classify, "count": _count, "send": _send, "run": _run,
-            "check-config": _check_config, "specimen": _specimen, "web": _web}
+            "check-config": _check_config, "specimen": _specimen, "web": _web, "model": _model,
+            "export-cells": _export_cells}
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ REPORT_LINKS = ("none", "astm", "jsonl", "usb")
 # The reference bundle, used when no bundle is configured or given: models/reference in a checkout, and
 # the same folder installed as package data (site-packages/hematovision/models/reference) by `pip install .`.
 REFERENCE_BUNDLE = Path(__file__).resolve().parents[1] / "models" / "reference"
+# The sample PBC cells (two per class) a bundle classifies before it is installed, found the same two ways.
+SAMPLE_CELLS = Path(__file__).resolve().parents[1] / "samples" / "pbc"
+# The bundles `hematovision-edge model install` keeps, in the state folder: MODELS/current is the one counted with.
+MODELS_FOLDER, CURRENT_MODEL = "models", "current"
 
 
 def default_model() -> Path:
@@ -33,7 +37,8 @@ def _opt(default, help: str, *, min=None, max=None, choices=None):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    bundle: str = _opt("", "model bundle folder; empty: $HEMATOVISION_MODEL or the reference bundle")
+    bundle: str = _opt("", "model bundle folder; empty: the bundle installed by `hematovision-edge model install` "
+                       "(models/current in the state folder), else $HEMATOVISION_MODEL, else the reference bundle")
     threads: int = _opt(0, "TFLite threads; 0: one per core", min=0, max=64)
 
 
@@ -100,6 +105,11 @@ class StateConfig:
                             "this many days", min=0.0, max=36500.0)
     max_mb: float = _opt(1024.0, "... and oldest first while the database holds more than this", min=1.0,
                          max=1_000_000.0)
+    cell_images: bool = _opt(True, "keep an image of each counted cell in its field, so that the cells a person "
+                             "verifies can be exported to adapt the model (hematovision-edge export-cells)")
+    cell_images_mb: float = _opt(2048.0, "cell images are deleted oldest first while they take more than this: "
+                                 "first those of specimens never signed, then verified ones", min=1.0,
+                                 max=10_000_000.0)
 
 
 @dataclass(frozen=True)
@@ -178,9 +188,16 @@ class Config:
         return path if path.is_absolute() else (self.path.resolve().parent / path).resolve()
 
     def bundle_path(self) -> Path:
+        """model.bundle; empty: the installed bundle (models/current in the state folder) where there is one, else
+        $HEMATOVISION_MODEL or the reference bundle."""
         if self.model.bundle:
             return self.resolve(self.model.bundle)
-        return default_model()
+        installed = self.models_dir() / CURRENT_MODEL
+        return installed if installed.exists() else default_model()
+
+    def models_dir(self) -> Path:
+        """Where `hematovision-edge model install` keeps the bundles."""
+        return self.state_dir() / MODELS_FOLDER
 
     def state_dir(self) -> Path:
         if self.state.directory:

@@ -248,7 +248,7 @@ install_config() {
     echo "   frames from: $SOURCE_KIND ($SOURCE_WHY)"
     {
         echo "# Written by systemd/install.sh: source.kind = \"$SOURCE_KIND\" ($SOURCE_WHY)."
-        sed -e "s#\"\\.\\./samples/#\"$SRC/samples/#" -e "s#^bundle = \"\"#bundle = \"$SRC/models/reference\"#" \
+        sed -e "s#\"\\.\\./samples/#\"$SRC/samples/#" \
             -e "s#^kind = \"replay\" #kind = \"$SOURCE_KIND\" #" \
             -e "s#^device = \"/dev/video0\"#device = \"${VIDEO_DEVICE:-/dev/video0}\"#" \
             -e "s#^directory = \"\" #directory = \"$STATE_DIR\" #" \

@@ -452,7 +452,9 @@ def test_a_version_1_state_database_is_upgraded_in_place_with_its_counts_intact(
                                        um_per_pixel=0.1))
     with Store(path) as store:
         specimen = store.open_specimen()
-        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert store.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert specimen.bundle is None  # counted before specimens named their bundle
+        assert [c.cut for _, c in store.cells(specimen)] == ["", "", "", ""]  # and before cells were cut out
         assert store.label_counts(specimen) == {"neutrophil": 2, "lymphocyte": 1, "unidentified": 1}
         assert store.unfamiliar_count(specimen) == 1
         assert (specimen.fields, specimen.colour_frames, specimen.colour_sums, specimen.um_per_pixel) == \

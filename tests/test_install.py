@@ -47,3 +47,8 @@ def test_count_after_a_plain_pip_install_uses_the_installed_reference_bundle_fro
                                 "print(default_model())"], capture_output=True, text=True, cwd=elsewhere)
     bundle = Path(installed.stdout.strip())
     assert bundle.is_relative_to(env) and (bundle / "model.tflite").is_file(), installed.stdout + installed.stderr
+    # model install tries a bundle on the sample cells installed with the package, then keeps it in the state folder
+    done = subprocess.run([env / "bin" / "hematovision-edge", "model", "install", str(bundle), "--state", "state"],
+                          capture_output=True, text=True, cwd=elsewhere, timeout=300)
+    assert done.returncode == 0 and "16 sample cells classified" in done.stdout, done.stdout + done.stderr[-3000:]
+    assert (elsewhere / "state" / "models" / "current" / "model.tflite").is_file()

@@ -28,6 +28,14 @@ def cell_record(index: int, cell, slide_xy_um) -> CellRecord:
                       (round(slide_xy_um[0], 1), round(slide_xy_um[1], 1)), cell.field or None)
 
 
+def model_info(bundle: Bundle) -> ModelInfo:
+    """The report's name for a bundle: name, version, model hash, and the bundle's stamp and export time."""
+    meta = bundle.meta
+    created = meta.get("created_at")
+    return ModelInfo(meta.get("name", "model"), meta.get("project_version", "?"), meta["model_sha256"],
+                     meta.get("meta_sha256"), created if isinstance(created, str) and created else None)
+
+
 def report_from_run(run, bundle: Bundle, profile, specimen_id: str) -> Report:
     """The specimen report of a `count` run (preliminary until a person verifies it): the
     differential, with nucleated red cells and rejected detections beside it where the model
@@ -39,8 +47,7 @@ def report_from_run(run, bundle: Bundle, profile, specimen_id: str) -> Report:
     return Report(
         specimen_id=specimen_id, device_id=socket.gethostname(), started_at=run.started_at,
         finished_at=datetime.now().astimezone().isoformat(timespec="seconds"),
-        model=ModelInfo(bundle.meta.get("name", "model"), bundle.meta.get("project_version", "?"),
-                        bundle.meta["model_sha256"]),
+        model=model_info(bundle),
         calibration_profile_id=profile_id(profile),
         classes=build_classes({c.name: c.count for c in tally.classes}),
         nrbc=None if tally.nrbc is None else build_nrbc(tally.nrbc.count, tally.identified),

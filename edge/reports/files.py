@@ -39,9 +39,11 @@ _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXE
 # absolute_10e9_per_l: a differential class's absolute count, when the white count was entered.
 # change: on the rows of role "change" (a verified report's audit trail, one row per cell changed before
 # signing; class is the new label), "cell N: FROM -> TO by NAME at TIME".
+# model_name, model_meta_sha256, model_created_at: the bundle that counted the specimen, on every row (the stamp and
+# export time are empty for a report made before reports named them).
 CSV_HEADER = ["specimen_id", "class", "count", "percent_of_identified",
               "ci95_low_percent", "ci95_high_percent", "verification", "role", "per_100_wbc",
-              "absolute_10e9_per_l", "change"]
+              "absolute_10e9_per_l", "change", "model_name", "model_meta_sha256", "model_created_at"]
 # A verified report's files: <stem>.verified.json, ... beside the preliminary <stem>.json, which stays.
 VERIFIED_SUFFIX = ".verified"
 
@@ -126,10 +128,11 @@ def report_csv(report: Report) -> bytes:
 
 def _csv_rows(report: Report) -> list[list]:
     specimen, verification = _csv_text(report.specimen_id), _csv_text(report.verification_text)
+    model = [_csv_text(report.model.name), report.model.meta_sha256 or "", _csv_text(report.model.created_at or "")]
 
     def row(name, count, role, percent=("", "", ""), per="", absolute=None, change=""):
         return [specimen, name, count, *percent, verification, role, per,
-                "" if absolute is None else f"{absolute:.3f}", change]
+                "" if absolute is None else f"{absolute:.3f}", change, *model]
 
     rows = [row(c.name, c.count, DIFFERENTIAL, (f"{c.percent:.2f}", f"{c.ci95[0]:.2f}", f"{c.ci95[1]:.2f}"),
                 absolute=report.absolute(c)) for c in report.classes]

@@ -121,6 +121,8 @@ def _run_table(report: Report) -> str:
         ("Started", local_time(report.started_at)),
         ("Finished", local_time(report.finished_at) if report.finished_at else "not finished"),
         ("Model", f"{report.model.name} {report.model.version}"),
+        *((("Model bundle", report.model.meta_sha256),) if report.model.meta_sha256 else ()),
+        *((("Model exported", report.model.created_at),) if report.model.created_at else ()),
         ("Model SHA-256", report.model.sha256),
         ("Calibration profile", report.calibration_profile_id or "none"),
         ("Target", f"{report.target} cells "

@@ -25,11 +25,25 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """The classifier that made the count."""
+    """The bundle that made the count: its name, the project version that exported it, its model's sha256 and,
+    in reports made since bundles are installed on the device, its stamp and export time (None in older ones)."""
 
     name: str
     version: str
     sha256: str
+    meta_sha256: str | None = None  # bundle.json's stamp: the whole bundle, not only its model
+    created_at: str | None = None
+
+    @property
+    def text(self) -> str:
+        """One line naming the bundle, e.g. "hematovision-efficientnet_lite0 0.1.0 (bundle ace36410560d, exported
+        2026-11-29T04:20:44+00:00)"."""
+        details = [f"bundle {self.meta_sha256[:12]}"] if self.meta_sha256 else []
+        details += [f"exported {self.created_at}"] if self.created_at else []
+        return f"{self.name} {self.version}" + (f" ({', '.join(details)})" if details else "")
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in vars(self).items() if v is not None}
 
 
 @dataclass(frozen=True)
@@ -180,7 +194,7 @@ class Report:
         return {
             "schema": SCHEMA_ID, "specimen_id": self.specimen_id, "device_id": self.device_id,
             "started_at": self.started_at, "finished_at": self.finished_at,
-            "model": vars(self.model).copy(),
+            "model": self.model.to_dict(),
             "calibration_profile_id": self.calibration_profile_id,
             **({} if self.wbc_10e9_per_l is None else {"wbc_10e9_per_l": self.wbc_10e9_per_l}),
             **{k: v for k, v in (("accession", self.accession), ("operator", self.operator)) if v is not None},

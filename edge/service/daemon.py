@@ -14,7 +14,8 @@ from datetime import datetime
 from pathlib import Path
 
 from hematovision.classes import REJECT, ROLES, UNIDENTIFIED, differential_classes
-from hematovision.errors import CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable
+from hematovision.errors import (CameraUnavailable, ConfigError, DataError, HematovisionError, ImageUnreadable,
+                                 ModelInvalid)
 
 from ..capture.sources import Frame, FrameSource, open_source, source_key
 from ..config import DEFAULT_CONFIG, Config, ReportConfig, check_timings, load_config
@@ -25,10 +26,11 @@ from ..counting.track import DEFAULT_TRACK
 from ..vision.pipeline import CellResult, CellSelector, FieldPipeline, FieldResult
 from ..vision.segment import Detection
 from ..web.live import LiveBox, LiveFrame, LiveSlot
+from .cell_images import CellImages, WrittenCut
 from .notify import Notifier, watchdog_interval_s
 from .outbox import DeliverySettings, Outbox
 from .preflight import check_devices
-from .state import FrameRecord, NewCell, PruneSettings, Specimen, StateError, Store, StorageFull
+from .state import BundleRef, FrameRecord, NewCell, PruneSettings, Specimen, StateError, Store, StorageFull
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +69,18 @@ class Daemon:
         self.config, self.pipeline, self.store, self.notifier, self.stop = config, pipeline, store, notifier, stop
         self.link, self.live = link, live
         self.key, self.replay = source_key(config), config.source.kind == "replay"
-        self.classes = pipeline.bundle.classes
-        self.wbc_classes = differential_classes(self.classes)  # what the target counts
-        self.reject_classes = tuple(c for c in self.classes if ROLES.get(c) == REJECT)
+        self.bundle_listeners: list = []  # called with the class list when another bundle is taken
+        self.use_pipeline(pipeline)
         self.backoff = Backoff(config.source.retry_initial_s, config.source.retry_max_s)
         self.specimen: Specimen | None = None
         self.selector: CellSelector | None = None
         self.counts: dict[str, int] = {}
-        self.training = TrainingRange.of(pipeline.bundle)
         self.last_finished: str | None = None  # the status line of the specimen finished last
         self.flag_status: tuple[float, str] | None = None  # (when, text) of the open specimen's worst flag
         self.announced = self.refused_id = False
         self.fresh_pipeline = pipeline_state(pipeline)
         self.outbox: Outbox | None = None
+        self.cell_images = CellImages.of(config)
 
     def run(self) -> int:
         """Count until stopped (0) or, for a replay without loop, until the recording ends (0);
@@ -112,8 +113,11 @@ class Daemon:
         return ended
 
     def load(self) -> None:
-        """Specimen, counts, tracker and pipeline state as last committed."""
+        """Specimen, counts, tracker and pipeline state as last committed; an open specimen goes on with the bundle
+        it started with. Raises ModelInvalid when that bundle cannot be loaded any more."""
         self.specimen = self.store.open_specimen()
+        if self.specimen is not None:
+            self.use_specimen_bundle(self.specimen)
         state = self.specimen.tracker_state if self.specimen else None
         keyframes = self.store.keyframes(self.specimen, DEFAULT_TRACK.max_keyframes) if state else None
         self.selector = make_selector(self.config.counting.mode, state, keyframes) if self.specimen else None
@@ -127,7 +131,7 @@ class Daemon:
         if not self.announced:
             self.announced = True
             self.notifier.ready(self.status_text())
-            logger.info("ready: model %s, source %s", self.pipeline.bundle.path.name, self.key)
+            logger.info("ready: model %s, source %s", Path(self.pipeline.bundle.path).resolve().name, self.key)
 
     def pause(self, status: str, seconds: float) -> None:
         logger.warning("%s (next try in %.3g s)", status, seconds)
@@ -173,11 +177,26 @@ class Daemon:
         except DataError as err:
             logger.warning("frame %d unusable: %s", frame.index, err)
             return self.unusable(specimen, frame.index), None
-        cells = tuple(new_cell(r, xy) for r, xy in zip(result.cells, result.slide_xy_um))
+        cuts = self.write_cuts(specimen, frame.index, result)
+        cells = tuple(new_cell(r, xy, result.um_per_pixel, cut) for r, xy, cut in zip(result.cells, result.slide_xy_um,
+                                                                                     cuts))
         um = result.um_per_pixel if result.kind == "used" and result.um_per_pixel > 0 else None
         return FrameRecord(specimen, self.key, frame.index, result.kind, cells, result.edge_cells,
                            self.selector.to_dict(), pipeline_state(self.pipeline), self.selector.new_keyframes(),
                            result.colour, um), result
+
+    def write_cuts(self, specimen: Specimen, index: int, result: FieldResult) -> list:
+        """Each new cell's cut (state.cell_images), written before its frame commits; None for each where none is
+        kept. Raises StorageFull below the free-space limit (nothing written)."""
+        if self.cell_images is None or not result.cells:
+            return [None] * len(result.cells)
+        self.store.check_space()
+        try:
+            cuts = self.pipeline.field_cuts(result)
+        except DataError as err:
+            logger.warning("frame %d: cells not cut out of the field: %s", index, err)
+            return [None] * len(result.cells)
+        return self.cell_images.write(specimen, index, cuts)
 
     def show(self, frame: Frame, result: FieldResult | None, kind: str) -> None:
         """Hand the frame to the live view: one reference replaced, nothing drawn or copied here."""
@@ -250,11 +269,68 @@ class Daemon:
 
     def start(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None,
               accession: str | None = None, operator: str | None = None) -> Specimen:
-        """Raises StateError when a specimen is open or the id was used."""
-        self.specimen = self.store.start_specimen(specimen_id, target, wbc_10e9_per_l, accession, operator)
+        """A new specimen, counted with the installed bundle (taken now when it changed since the last specimen).
+        Raises StateError when a specimen is open or the id was used."""
+        self.use_installed_bundle()
+        self.specimen = self.store.start_specimen(specimen_id, target, wbc_10e9_per_l, accession, operator,
+                                                  BundleRef.of(self.pipeline.bundle))
         self.selector = make_selector(self.config.counting.mode, None)
         self.counts, self.flag_status = {}, None
         return self.specimen
+
+    # --- the bundle: switched between specimens only ----------------------------------------
+
+    def use_pipeline(self, pipeline: FieldPipeline) -> None:
+        """Count with `pipeline` (its bundle's classes, training range) from now on."""
+        self.pipeline = pipeline
+        self.classes = pipeline.bundle.classes
+        self.wbc_classes = differential_classes(self.classes)  # what the target counts
+        self.reject_classes = tuple(c for c in self.classes if ROLES.get(c) == REJECT)
+        self.training = TrainingRange.of(pipeline.bundle)
+        for listener in self.bundle_listeners:
+            listener(self.classes)
+
+    def use_bundle(self, bundle) -> None:
+        """The same pipeline (profile, running pixel-size estimate) with another bundle. Raises CalibrationError or
+        ConfigError when the profile does not suit the bundle."""
+        pipeline = FieldPipeline(bundle, self.pipeline.profile, self.pipeline.params)
+        pipeline.restore(self.pipeline.state())
+        self.use_pipeline(pipeline)
+        logger.info("counting with bundle %s (%s, %s)", bundle.meta.get("name"),
+                    str(bundle.meta.get("meta_sha256"))[:12], Path(bundle.path).resolve())
+
+    def use_installed_bundle(self) -> None:
+        """Between specimens: the configured bundle (an install or rollback switches it) loaded when it is another
+        folder than the one counting; one that fails to load is logged, and counting goes on with the one it has."""
+        wanted = self.config.bundle_path().resolve()
+        if wanted == Path(self.pipeline.bundle.path).resolve():
+            return
+        from ..vision.model_bundle import load_bundle  # noqa: PLC0415
+
+        try:
+            self.use_bundle(load_bundle(wanted, self.config.model.threads or None))
+        except HematovisionError as err:
+            logger.error("the installed bundle %s is not taken, counting goes on with %s: %s", wanted,
+                         Path(self.pipeline.bundle.path).resolve(), err)
+
+    def use_specimen_bundle(self, specimen: Specimen) -> None:
+        """The bundle an open specimen started with (after a restart, an install may have switched the installed one).
+        Raises ModelInvalid when it cannot be loaded or is not the one recorded."""
+        ref = specimen.bundle
+        if ref is None or ref.meta_sha256 == self.pipeline.bundle.meta.get("meta_sha256"):
+            return
+        from ..vision.model_bundle import load_bundle  # noqa: PLC0415
+
+        try:
+            bundle = load_bundle(ref.path, self.config.model.threads or None)
+            if bundle.meta.get("meta_sha256") != ref.meta_sha256:
+                raise ModelInvalid(f"{ref.path} holds bundle {str(bundle.meta.get('meta_sha256'))[:12]} now")
+            self.use_bundle(bundle)
+        except HematovisionError as err:
+            raise ModelInvalid(f"specimen {specimen.specimen_id} is being counted with bundle {ref.name} "
+                               f"({ref.meta_sha256[:12]}) from {ref.path}, which cannot be loaded ({err}); install "
+                               "that bundle again (hematovision-edge model install BUNDLE) and restart, so that the "
+                               "specimen finishes on it") from err
 
     def finish_if_due(self) -> None:
         if self.specimen is not None and self.identified >= self.specimen.target:
@@ -308,10 +384,14 @@ def live_frame(frame: Frame, result: FieldResult | None, kind: str, um_per_pixel
     return LiveFrame(frame.index, frame.name, frame.image, kind, boxes, result.um_per_pixel, time.time())
 
 
-def new_cell(result: CellResult, slide_xy_um: tuple[float, float]) -> NewCell:
+def new_cell(result: CellResult, slide_xy_um: tuple[float, float], um_per_pixel: float | None = None,
+             cut: WrittenCut | None = None) -> NewCell:
+    """A counted cell as stored: where it lies on the slide and in its field, its class, thumbnail and cut."""
+    x, y = result.detection.center
     return NewCell(float(slide_xy_um[0]), float(slide_xy_um[1]), result.prediction.label,
                    float(result.prediction.confidence), tuple(int(v) for v in result.detection.bbox),
-                   result.thumbnail_jpeg, result.field, bool(result.prediction.unfamiliar))
+                   result.thumbnail_jpeg, result.field, bool(result.prediction.unfamiliar), float(x), float(y),
+                   um_per_pixel, cut.file if cut else "", cut.origin if cut else None)
 
 
 def specimen_evidence(store: Store, specimen: Specimen, classes) -> Evidence:
@@ -370,7 +450,7 @@ def build_report(store: Store, specimen: Specimen, pipeline: FieldPipeline, conf
 
 def delivery_settings(config: Config) -> DeliverySettings:
     return DeliverySettings(config.report_dir(), config.report.retry_s,
-                            PruneSettings(config.state.keep_days, config.state.max_mb))
+                            PruneSettings(config.state.keep_days, config.state.max_mb), CellImages.of(config))
 
 
 def make_link(report: ReportConfig, cancel: threading.Event | None = None):
@@ -397,7 +477,7 @@ def open_pipeline(config: Config) -> FieldPipeline:
     """The bundle and calibration profile of a configuration. Raises ModelInvalid, ConfigError."""
     from ..vision.model_bundle import load_bundle  # noqa: PLC0415
 
-    bundle = load_bundle(config.bundle_path(), config.model.threads or None)
+    bundle = load_bundle(config.bundle_path().resolve(), config.model.threads or None)  # an installed one's own folder
     profile = None
     if config.calibration.profile:
         from hematovision.calibration.profile import load_profile  # noqa: PLC0415
@@ -436,6 +516,7 @@ def web_page(config: Config, daemon: Daemon):
     specimens = StateSpecimens(daemon.store.path, daemon.classes,
                                lambda store, specimen: build_report(store, specimen, daemon.pipeline, config),
                                lambda: daemon.outbox and daemon.outbox.wake())
+    daemon.bundle_listeners.append(specimens.use_classes)
     try:
         app = create_app(specimens, config.web, LiveView(daemon.live, config.web.live_width))
         with WebServer(app, config.web) as server:

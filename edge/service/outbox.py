@@ -10,6 +10,7 @@ from pathlib import Path
 
 from hematovision.errors import DataError, HematovisionError, LinkFailed, SendCancelled
 
+from .cell_images import CellImages
 from .state import OutboxEntry, PruneSettings, Store
 
 logger = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ class DeliverySettings:
     report_dir: Path | None = None
     retry_s: float = 60.0
     prune: PruneSettings = PruneSettings()
+    cell_images: CellImages | None = None  # verified cells kept, cell images pruned, at each pass
 
 
 class Outbox:
@@ -104,14 +106,25 @@ class Outbox:
         with self._cond:
             self._started += 1
         try:
+            self._cell_images(store, "collect")  # a signed report's cells are kept, whatever its delivery
             if self._deliver_all(store):
                 store.prune(self.settings.prune, self.settings.report_dir is not None, self.link is not None)
+            self._cell_images(store, "prune")
         except HematovisionError as err:  # the state database: logged, tried again at the next pass
             logger.error("report outbox: %s", err)
             self._retry_at = time.monotonic() + self.settings.retry_s
         with self._cond:
             self._done += 1
             self._cond.notify_all()
+
+    def _cell_images(self, store: Store, step: str) -> None:
+        """Keep signed cells ("collect") or bound the images ("prune"); a failure is logged, tried at the next pass."""
+        if self.settings.cell_images is None:
+            return
+        try:
+            getattr(self.settings.cell_images, step)(store)
+        except OSError as err:
+            logger.error("cell images (%s): %s; tried again at the next pass", step, err)
 
     def _deliver_all(self, store: Store) -> bool:
         """One attempt at each undelivered report in order; False at the first that fails."""

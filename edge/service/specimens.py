@@ -44,6 +44,11 @@ class StateSpecimens:
     def close(self) -> None:
         self.store.close()
 
+    def use_classes(self, classes: tuple[str, ...]) -> None:
+        """The class list of the bundle the daemon counts with now (another was installed between specimens)."""
+        with self._lock:
+            self.classes, self.wbc_classes = classes, differential_classes(classes)
+
     # --- status and list ---------------------------------------------------------------
 
     def status(self) -> dict:

@@ -16,8 +16,9 @@ from hematovision.errors import HematovisionError
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # 2: specimens.wbc, commands.wbc, cells.field; 3: the evidence of the specimen checks;
-# 4: outbox.kind (a specimen's preliminary and verified reports), review_changes, the accession and operator
+SCHEMA_VERSION = 5  # 2: specimens.wbc, commands.wbc, cells.field; 3: the evidence of the specimen checks;
+# 4: outbox.kind (a specimen's preliminary and verified reports), review_changes, the accession and operator;
+# 5: specimens.bundle (the bundle that counts it), each cell's place in its field and its cut (verified cells)
 OPEN, FINISHED = "open", "finished"
 FRAME_KINDS = ("used", "blur", "motion", "unusable")
 
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS specimens (
     colour_sums TEXT,
     um_per_pixel REAL,
     accession TEXT,
-    operator TEXT
+    operator TEXT,
+    bundle TEXT
 );
 CREATE UNIQUE INDEX IF NOT EXISTS one_open_specimen ON specimens (status) WHERE status = 'open';
 CREATE TABLE IF NOT EXISTS cells (
@@ -57,6 +59,10 @@ CREATE TABLE IF NOT EXISTS cells (
     thumbnail BLOB NOT NULL,
     field TEXT,
     unfamiliar INTEGER NOT NULL DEFAULT 0,
+    x_px REAL,
+    y_px REAL,
+    um_per_pixel REAL,
+    cut TEXT,
     UNIQUE (specimen, frame, seq)
 );
 CREATE TABLE IF NOT EXISTS settings (
@@ -109,17 +115,20 @@ CREATE TABLE IF NOT EXISTS commands (
 """
 # Columns added since version 1, in the order of _SCHEMA, with their declarations: a database of an earlier
 # version gains them in place at its first opening (version 3's evidence: cells counted before are familiar,
-# with no colour or pixel size; version 4: no accession number or operator).
+# with no colour or pixel size; version 4: no accession number or operator; version 5: no bundle recorded, no cell's
+# place in its field nor cut).
 _ADDED_COLUMNS = (("specimens", "wbc", "REAL"), ("cells", "field", "TEXT"), ("commands", "wbc", "REAL"),
                   ("specimens", "colour_frames", "INTEGER NOT NULL DEFAULT 0"), ("specimens", "colour_sums", "TEXT"),
                   ("specimens", "um_per_pixel", "REAL"), ("cells", "unfamiliar", "INTEGER NOT NULL DEFAULT 0"),
                   ("specimens", "accession", "TEXT"), ("specimens", "operator", "TEXT"),
-                  ("commands", "accession", "TEXT"), ("commands", "operator", "TEXT"))
+                  ("commands", "accession", "TEXT"), ("commands", "operator", "TEXT"),
+                  ("specimens", "bundle", "TEXT"), ("cells", "x_px", "REAL"), ("cells", "y_px", "REAL"),
+                  ("cells", "um_per_pixel", "REAL"), ("cells", "cut", "TEXT"))
 PRELIMINARY_REPORT, VERIFIED_REPORT = "preliminary", "verified"  # outbox.kind
 _OUTBOX_COLUMNS = "id, specimen, report, created_at, files_written, link_sent, attempts, last_error"
 _SPECIMEN_COLUMNS = ("id, specimen_id, target, status, started_at, finished_at, finish_reason, fields, skipped_blur, "
                      "skipped_motion, unusable, edge_cells, tracker_state, wbc, colour_frames, colour_sums, "
-                     "um_per_pixel, accession, operator")
+                     "um_per_pixel, accession, operator, bundle")
 
 
 class StateError(HematovisionError):
@@ -132,6 +141,31 @@ class StorageFull(StateError):
 
 def now_iso() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+@dataclass(frozen=True)
+class BundleRef:
+    """The bundle a specimen is counted with, as stored with it: what its report names, and the folder it was
+    loaded from (a versioned folder of the installed models, so that a restart finds it again)."""
+
+    name: str
+    meta_sha256: str
+    created_at: str | None
+    path: str
+
+    @classmethod
+    def of(cls, bundle) -> BundleRef:
+        """The reference of a loaded Bundle (edge/vision/model_bundle.py), by its real folder."""
+        created = bundle.meta.get("created_at")
+        return cls(str(bundle.meta.get("name", "model")), str(bundle.meta.get("meta_sha256", "")),
+                   created if isinstance(created, str) else None, str(Path(bundle.path).resolve()))
+
+    def to_json(self) -> str:
+        return json.dumps(vars(self), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | None) -> BundleRef | None:
+        return cls(**json.loads(text)) if text else None
 
 
 @dataclass(frozen=True)
@@ -157,12 +191,14 @@ class Specimen:
     um_per_pixel: float | None = None  # of the latest used frame
     accession: str | None = None  # the laboratory's accession number, entered at its start
     operator: str | None = None  # who started it at the microscope
+    bundle: BundleRef | None = None  # the bundle it is counted with; None: counted before specimens recorded it
 
 
 @dataclass(frozen=True)
 class NewCell:
     """A counted cell as stored: slide position in micrometres, class, thumbnail, the field it was found in,
-    and whether it is unlike the training cells."""
+    whether it is unlike the training cells, its centre in the field (pixels) at the field's pixel size, and its
+    cut's file (edge/reports/verified_cells.py; empty: none kept) with the cut's top-left corner in the field."""
 
     x_um: float
     y_um: float
@@ -172,6 +208,11 @@ class NewCell:
     thumbnail: bytes
     field: str = ""
     unfamiliar: bool = False
+    x_px: float | None = None
+    y_px: float | None = None
+    um_per_pixel: float | None = None
+    cut: str = ""
+    cut_origin: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -354,18 +395,20 @@ class Store:
         return [r[0] for r in self.db.execute("SELECT specimen_id FROM specimens ORDER BY id")]
 
     def start_specimen(self, specimen_id: str, target: int, wbc_10e9_per_l: float | None = None,
-                       accession: str | None = None, operator: str | None = None) -> Specimen:
-        """A new open specimen (with the white count in 10^9/L, accession number and operator when entered).
-        Raises StateError when one is open or the id was used."""
+                       accession: str | None = None, operator: str | None = None,
+                       bundle: BundleRef | None = None) -> Specimen:
+        """A new open specimen (with the white count in 10^9/L, accession number and operator when entered, and
+        the bundle that counts it). Raises StateError when one is open or the id was used."""
         self.check_space()
         with self.transaction() as db:
             if db.execute("SELECT 1 FROM specimens WHERE status = 'open'").fetchone():
                 raise StateError(f"cannot start {specimen_id!r}: a specimen is still open; finish it first")
             if db.execute("SELECT 1 FROM specimens WHERE specimen_id = ?", (specimen_id,)).fetchone():
                 raise StateError(f"specimen id {specimen_id!r} was counted before; give a new id")
-            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at, wbc, accession, operator) "
-                       "VALUES (?, ?, 'open', ?, ?, ?, ?)", (specimen_id, target, now_iso(), wbc_10e9_per_l, accession,
-                                                             operator))
+            db.execute("INSERT INTO specimens (specimen_id, target, status, started_at, wbc, accession, operator, "
+                       "bundle) VALUES (?, ?, 'open', ?, ?, ?, ?, ?)",
+                       (specimen_id, target, now_iso(), wbc_10e9_per_l, accession, operator,
+                        bundle.to_json() if bundle else None))
         logger.info("started specimen %s (target %d cells)", specimen_id, target)
         return self.specimen(specimen_id)
 
@@ -385,9 +428,10 @@ class Store:
         with self.transaction() as db:
             db.executemany(
                 "INSERT INTO cells (specimen, frame, seq, x_um, y_um, label, confidence, bbox, thumbnail, field, "
-                "unfamiliar) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "unfamiliar, x_px, y_px, um_per_pixel, cut) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [(frame.specimen.row, frame.index, i, c.x_um, c.y_um, c.label, c.confidence,
-                  json.dumps(list(c.bbox)), c.thumbnail, c.field, int(c.unfamiliar))
+                  json.dumps(list(c.bbox)), c.thumbnail, c.field, int(c.unfamiliar), c.x_px, c.y_px,
+                  c.um_per_pixel, json.dumps({"file": c.cut, "origin": list(c.cut_origin)}) if c.cut else None)
                  for i, c in enumerate(frame.cells)])
             db.execute(f"UPDATE specimens SET {column} = {column} + 1, edge_cells = edge_cells + ?, "
                        "tracker_state = ? WHERE id = ? AND status = 'open'",
@@ -445,12 +489,23 @@ class Store:
         return row.fetchone()[0]
 
     def cells(self, specimen: Specimen) -> list[tuple[int, NewCell]]:
-        """(frame, cell) in counting order."""
-        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail, field, unfamiliar "
-                               "FROM cells WHERE specimen = ? ORDER BY frame, seq", (specimen.row,))
+        """(frame, cell) in counting order (the order of the report's cell numbers)."""
+        rows = self.db.execute("SELECT frame, x_um, y_um, label, confidence, bbox, thumbnail, field, unfamiliar, "
+                               "x_px, y_px, um_per_pixel, cut FROM cells WHERE specimen = ? ORDER BY frame, seq",
+                               (specimen.row,))
         return [(r[0], NewCell(r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), bytes(r[6]), r[7] or "",
-                               bool(r[8])))
-                for r in rows]
+                               bool(r[8]), r[9], r[10], r[11], *_cut(r[12]))) for r in rows]
+
+    def verified_specimens(self) -> list[Specimen]:
+        """The specimens whose report a person signed, in the order they were counted."""
+        rows = self.db.execute(f"SELECT {', '.join('s.' + c.strip() for c in _SPECIMEN_COLUMNS.split(','))} "
+                               "FROM specimens s WHERE EXISTS (SELECT 1 FROM outbox o WHERE o.specimen = s.id AND "
+                               "o.kind = 'verified') ORDER BY s.id").fetchall()
+        return [_specimen(r) for r in rows]
+
+    def rows_with_cells(self) -> set[int]:
+        """The specimen rows that have counted cells kept (not pruned)."""
+        return {r[0] for r in self.db.execute("SELECT DISTINCT specimen FROM cells")}
 
     # --- finishing and the outbox -------------------------------------------------
 
@@ -587,9 +642,18 @@ class Store:
 
 def _specimen(row) -> Specimen:
     """A Specimen from a row of _SPECIMEN_COLUMNS."""
-    *values, tracker, wbc, colour_frames, colour_sums, um, accession, operator = row
+    *values, tracker, wbc, colour_frames, colour_sums, um, accession, operator, bundle = row
     return Specimen(*values, json.loads(tracker) if tracker else None, wbc, colour_frames,
-                    tuple(json.loads(colour_sums)) if colour_sums else None, um, accession, operator)
+                    tuple(json.loads(colour_sums)) if colour_sums else None, um, accession, operator,
+                    BundleRef.from_json(bundle))
+
+
+def _cut(text: str | None) -> tuple[str, tuple[int, int] | None]:
+    """A cell's stored cut: its file and its top-left corner in the field ("", None: none kept)."""
+    if not text:
+        return "", None
+    cut = json.loads(text)
+    return cut["file"], tuple(cut["origin"])
 
 
 def _timestamp(iso: str | None) -> float:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from typing import Protocol
 
 import cv2
@@ -17,6 +18,7 @@ from hematovision.errors import CalibrationError
 from hematovision.calibration.profile import CalibrationProfile, check_against_bundle, check_image_size
 
 from .classify import Prediction, classify_crops, cut_cells
+from .field_cut import FieldCut, cut_field
 from .model_bundle import Bundle
 from .segment import (DEFAULT_PARAMS, Detection, SegmentParams, Segmentation, check_field,
                       estimate_um_per_pixel, segment)
@@ -64,6 +66,7 @@ class FieldResult:
     slide_xy_um: tuple[tuple[float, float], ...] = ()  # of `cells`
     colour: tuple[float, ...] | None = None  # a used frame's colour summary (calibration.colour.SUMMARY_KEYS)
     found: tuple[Detection, ...] = ()  # every white cell segmented, whole or cut by the edge, new or not
+    prepared: np.ndarray | None = dataclass_field(default=None, repr=False, compare=False)  # the corrected frame
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,17 @@ class FieldPipeline:
             return crops
         return correct_colour(crops.reshape(-1, crops.shape[2], 3), self.profile).reshape(crops.shape)
 
+    def field_cuts(self, result: FieldResult) -> tuple[FieldCut, ...]:
+        """Each new cell of a processed frame in its field (field_cut.cut_field), as the classifier sees it: the
+        corrected frame, colours mapped by the profile."""
+        if result.prepared is None or not result.cells:
+            return ()
+        cuts = [cut_field(result.prepared, c.detection.center, result.um_per_pixel, self.bundle.geometry)
+                for c in result.cells]
+        if self.profile is None:
+            return tuple(cuts)
+        return tuple(replace(c, image=correct_colour(c.image, self.profile)) for c in cuts)
+
     def colour(self, image: np.ndarray) -> tuple[float, ...]:
         """The colour summary of a prepared frame as the classifier sees it (the profile's colour mapping
         applied), from a few thousand of its pixels: compared with the bundle's training labs."""
@@ -240,4 +254,4 @@ class FieldPipeline:
         colour = self.colour(image) if selection.kind == "used" else None
         return FieldResult(image.shape[1], image.shape[0], cells, len(seg.edge_cells), seg.um_per_pixel,
                            seg.pixel_size_source, selection.kind, selection.slide_xy_um, colour,
-                           seg.cells + seg.edge_cells)
+                           seg.cells + seg.edge_cells, image)

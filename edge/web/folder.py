@@ -9,11 +9,14 @@ import threading
 from datetime import datetime
 from pathlib import Path
 
+from hematovision.errors import HematovisionError
+
 from ..reports import review
 from ..reports.files import VERIFIED_SUFFIX, open_folder_nofollow, safe_file_stem, write_atomic, write_report_files
 from ..reports.report import PRELIMINARY as PRELIMINARY_TEXT
 from ..reports.report import CellChange, Report
 from ..reports.schema import SCHEMA_ID
+from ..reports.verified_cells import PENDING, keep_folder_cells
 from .backend import PRELIMINARY, VERIFIED, CommandResult, Conflict, NotFound, SpecimenEntry, StartRequest
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,23 @@ class FolderSpecimens:
             verified = review.sign(self._preliminary(specimen_id, files), self.changes(specimen_id), operator,
                                    datetime.now())
             write_report_files(verified, self.folder)
+            self._keep_cells(verified)
             return verified
+
+    def keep_waiting_cells(self) -> None:
+        """Keep the cells of every signed report whose cuts still wait (its sign-off was cut short before)."""
+        for specimen_id, files in self._reports().items():
+            if VERIFIED in files and (self.folder / PENDING / safe_file_stem(specimen_id)).is_dir():
+                self._keep_cells(Report.from_dict(files[VERIFIED]))
+
+    def _keep_cells(self, verified: Report) -> None:
+        """The signed cells kept for adapting the model, where the count left their images; the sign-off stands
+        whatever becomes of them (a failure is logged)."""
+        try:
+            keep_folder_cells(self.folder, verified)
+        except (HematovisionError, OSError) as err:
+            logger.error("specimen %s is signed, but its cells were not kept for adapting the model: %s",
+                         verified.specimen_id, err)
 
     def command(self, action: str, start: StartRequest | None = None) -> CommandResult:
         raise Conflict("this page shows a folder of reports: specimens are started and finished on the device")

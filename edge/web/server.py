@@ -100,7 +100,9 @@ def serve_folder(folder: Path, host: str, port: int, token: str = "") -> int:
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        with WebServer(create_app(FolderSpecimens(Path(folder)), web), web) as server:
+        specimens = FolderSpecimens(Path(folder))
+        specimens.keep_waiting_cells()  # a sign-off cut short before its cells were kept
+        with WebServer(create_app(specimens, web), web) as server:
             print(f"reports of {folder} at {server.url} (Ctrl-C ends)", flush=True)
             stop.wait()
     finally:
