@@ -187,3 +187,14 @@ def test_an_export_cells_folder_is_read_with_its_centres_and_pixel_sizes(repo_ro
     bundle = load_bundle(repo_root / "models" / "reference", 1)
     features = site_features(bundle, cells, views=2)
     assert features.features.shape == (2, 2, bundle.model.n_features) and not features.skipped
+
+
+def test_an_adapted_bundle_installs_on_the_device_and_names_its_base(adapted_run, repo_root, tmp_path, capsys):
+    state = tmp_path / "state"
+    assert edge_main(["model", "install", str(adapted_run / "bundle"), "--state", str(state)]) == 0
+    assert edge_main(["model", "status", "--state", str(state), "--json"]) == 0
+    status = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    base_sha = load_bundle(repo_root / "models" / "reference", 1).meta["meta_sha256"]
+    assert base_sha[:12] in json.dumps(status)
+    installed = load_bundle(state / "models" / "current", 1)
+    assert installed.head is not None and installed.meta["adaptation"]["site"] == "test-site"
