@@ -122,7 +122,7 @@ def _curve_line(row: dict) -> str:
 
 def time_command(bundle_dir: Path, data: Path, classes, k: int = 50) -> dict:
     """`hematovision-train adapt` on k single-cell images per class, one LiteRT thread, timed whole."""
-    from hematovision.train.adapt_run import run_adapt
+    from hematovision.train.adapt_run import AdaptRefused, run_adapt
 
     pbc = data / "pbc"
     with tempfile.TemporaryDirectory() as tmp:
@@ -135,7 +135,7 @@ def time_command(bundle_dir: Path, data: Path, classes, k: int = 50) -> dict:
         try:
             run_adapt(bundle_dir, [site], Path(tmp) / "run", "timed", threads=1)
             verdict = "passed"
-        except Exception as err:  # a refused gate still timed the whole command
+        except AdaptRefused as err:  # a refused gate still timed the whole command
             verdict = f"refused: {err}"[:200]
         seconds = time.perf_counter() - start
     return {"cells": k * len(classes), "threads": 1, "seconds": round(seconds, 1), "target_s": 300,

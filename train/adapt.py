@@ -116,7 +116,7 @@ def adapt(base_meta: dict, novelty: NoveltyModel, reference: ReferenceCells, sit
                                 np.concatenate([val.labs, np.full(len(site), site_name)]))
     figures = _figures(base_meta, head, reference, classes, oof, y_site, confidence, site)
     reasons = _judge(figures, gate)
-    return Adapted(head, confidence, _with_site_centres(novelty, site, site_name),
+    return Adapted(head, confidence, _with_site_centres(novelty, site),
                    _with_site_cells(reference, site, site_name), figures, not reasons, tuple(reasons))
 
 
@@ -184,7 +184,7 @@ def _judge(figures: dict, gate: AdaptGate) -> list[str]:
     return reasons
 
 
-def _with_site_centres(novelty: NoveltyModel, site: SiteFeatures, site_name: str) -> NoveltyModel:
+def _with_site_centres(novelty: NoveltyModel, site: SiteFeatures) -> NoveltyModel:
     """The base's centres and one per class of the site's cells (all views): a site's cells are familiar."""
     z = novelty.whiten(site.features.reshape(-1, site.features.shape[-1]))
     labels = np.repeat(site.labels, site.features.shape[1])

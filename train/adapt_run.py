@@ -39,7 +39,11 @@ def reference_of(bundle: Bundle) -> ReferenceCells:
     if not isinstance(entry, dict) or entry.get("file") != CELLS_FILE:
         raise ModelInvalid(f"{bundle.path}: has no {CELLS_FILE} (exported before site adaptation existed); "
                            "export it again with this version (make reference)")
-    data = (bundle.path / CELLS_FILE).read_bytes()
+    try:
+        data = (bundle.path / CELLS_FILE).read_bytes()
+    except OSError as err:
+        raise ModelInvalid(f"{bundle.path / CELLS_FILE}: cannot be read ({err.strerror}); copy the whole bundle "
+                           "folder") from err
     if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
         raise ModelInvalid(f"{bundle.path / CELLS_FILE}: sha256 does not match bundle.json; copy the bundle again")
     return ReferenceCells.from_bytes(data, bundle.model.n_features, str(bundle.path / CELLS_FILE))
