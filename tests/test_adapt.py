@@ -12,6 +12,7 @@ import pytest
 from hematovision.edge.cli import main as edge_main
 from hematovision.edge.vision.classify import classify_cell_image
 from hematovision.edge.vision.model_bundle import load_bundle
+from hematovision.classes import KNOWN_CLASSES
 from hematovision.errors import DataError, ModelInvalid
 from hematovision.head import Head, fit_head
 from hematovision.pixels import read_rgb
@@ -198,3 +199,16 @@ def test_an_adapted_bundle_installs_on_the_device_and_names_its_base(adapted_run
     assert base_sha[:12] in json.dumps(status)
     installed = load_bundle(state / "models" / "current", 1)
     assert installed.head is not None and installed.meta["adaptation"]["site"] == "test-site"
+
+
+def test_a_site_may_bring_a_class_the_base_lacks(tiny_bundle, samples_pbc, tmp_path):
+    site = tmp_path / "site"
+    for label in ("neutrophil", "basophil"):
+        shutil.copytree(samples_pbc / label, site / label)
+    assert train_main(["adapt", "--base", str(tiny_bundle), "--verified", str(site), "--out", str(tmp_path / "run"),
+                       "--threads", "1", "--min-cells", "2", "--max-original-drop", "100", "--min-macro-f1", "0"]) == 0
+    base, adapted = load_bundle(tiny_bundle, 1), load_bundle(tmp_path / "run" / "bundle", 1)
+    assert "basophil" not in base.classes
+    assert adapted.classes == tuple(c for c in KNOWN_CLASSES if c in set(base.classes) | {"basophil"})
+    assert adapted.head.weights.shape == (base.model.n_features, len(adapted.classes))
+    assert set(adapted.meta["metrics"]["by_lab"]) == {"bccd"}

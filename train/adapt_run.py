@@ -117,6 +117,10 @@ def adapted_meta(base: dict, adapted: Adapted, record: dict) -> dict:
         "novelty": {**base["novelty"], "sha256": hashlib.sha256(adapted.novelty.arrays_bytes()).hexdigest(),
                     "centres": int(len(adapted.novelty.centres))},
         "head": {**adapted.head.to_dict(), "sha256": hashlib.sha256(head).hexdigest()},
+        "metrics": {"split": "the original labs' held-out reference cells (validation and test)",
+                    "by_lab": {lab: {"int8": row["after"]}
+                               for lab, row in adapted.figures["original_held_out_by_lab"].items()},
+                    "site_cross_validated": adapted.figures["site_cv"], "base": base.get("metrics")},
         "reference_cells": {**base["reference_cells"], "sha256": hashlib.sha256(cells).hexdigest(),
                             "cells": adapted.reference.counts()},
         "adaptation": {"base_name": base.get("name"), "base_meta_sha256": base.get("meta_sha256"),
