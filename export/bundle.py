@@ -137,18 +137,14 @@ def reference_cells(train_s, train_outputs, val, test, config) -> ReferenceCells
     """The training labs' cells as int8 features and logits (at most REFERENCE_PER_GROUP training cells per
     lab and class; every validation and test cell), with the float model's features of the held-out ones."""
     labs = np.array([lab_of(s) for s in train_s])
-    keep = subsample(np.char.add(np.char.add(labs, ":"), np.array([s.label for s in train_s])), REFERENCE_PER_GROUP,
-                     config.seed)
+    labels = np.array([s.label for s in train_s])
+    keep = subsample(np.char.add(np.char.add(labs, ":"), labels), REFERENCE_PER_GROUP, config.seed)
+    logits, features = train_outputs
+    train = ReferenceCells(features[keep], labels[keep], labs[keep], np.full(len(keep), "train"), None, logits[keep])
     names = np.array(config.classes)
-    train_y = np.array([config.classes.index(train_s[i].label) for i in keep], int)
-    parts = [(train_outputs[1][keep], names[train_y], labs[keep], "train", None, train_outputs[0][keep])] + \
-        [(ev.int8_features, names[ev.y], ev.labs, split, ev.float_features, ev.int8_logits)
-         for split, ev in (("val", val), ("test", test))]
-    join = (lambda i: np.concatenate([p[i] for p in parts]))
-    floats = [p[4] if p[4] is not None else np.full_like(p[0], np.nan) for p in parts]
-    return ReferenceCells(join(0).astype(np.float32), join(1), join(2),
-                          np.concatenate([np.full(len(p[1]), p[3]) for p in parts]),
-                          np.concatenate(floats).astype(np.float32), join(5).astype(np.float32))
+    held = [ReferenceCells(ev.int8_features, names[ev.y], ev.labs, np.full(len(ev.y), split), ev.float_features,
+                           ev.int8_logits) for split, ev in (("val", val), ("test", test))]
+    return ReferenceCells.concat([train, *held])
 
 
 def _cells_entry(cells: ReferenceCells) -> dict:

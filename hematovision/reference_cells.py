@@ -42,6 +42,19 @@ class ReferenceCells:
     def split(self, name: str) -> "ReferenceCells":
         return self.where(self.splits == name)
 
+    @classmethod
+    def concat(cls, parts: list["ReferenceCells"]) -> "ReferenceCells":
+        """The parts' cells one after another; float features and logits missing in a part are NaN there."""
+        def joined(name: str, width: int) -> np.ndarray | None:
+            if all(getattr(p, name) is None for p in parts):
+                return None
+            return np.concatenate([getattr(p, name) if getattr(p, name) is not None
+                                   else np.full((len(p), width), np.nan, np.float32) for p in parts]).astype(np.float32)
+        k = max((p.logits.shape[1] for p in parts if p.logits is not None), default=0)
+        return cls(np.concatenate([p.features for p in parts]).astype(np.float32),
+                   *(np.concatenate([getattr(p, a) for p in parts]) for a in ("labels", "labs", "splits")),
+                   joined("float_features", parts[0].features.shape[1]), joined("logits", k))
+
     def counts(self) -> dict:
         """{split: {lab: cells}}, for bundle.json."""
         return {s: {lab: int(np.sum((self.splits == s) & (self.labs == lab))) for lab in sorted(set(self.labs))}

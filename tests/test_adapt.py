@@ -212,3 +212,18 @@ def test_a_site_may_bring_a_class_the_base_lacks(tiny_bundle, samples_pbc, tmp_p
     assert adapted.classes == tuple(c for c in KNOWN_CLASSES if c in set(base.classes) | {"basophil"})
     assert adapted.head.weights.shape == (base.model.n_features, len(adapted.classes))
     assert set(adapted.meta["metrics"]["by_lab"]) == {"bccd"}
+
+
+def test_an_adapted_bundle_can_be_adapted_again_and_is_judged_against_itself(adapted_run, samples_pbc, tmp_path):
+    first = load_bundle(adapted_run / "bundle", 1)
+    kept = reference_of(first)
+    assert np.array_equal(kept.logits.argmax(1), first.head.logits(kept.features).argmax(1))
+    assert int(np.sum(kept.labs == "test-site")) == 16
+    assert train_main(["adapt", "--base", str(adapted_run / "bundle"), "--verified", str(samples_pbc), "--out",
+                       str(tmp_path / "again"), "--site", "again", "--threads", "1", "--min-cells", "2",
+                       "--max-original-drop", "100", "--min-macro-f1", "0"]) == 0
+    record = json.loads((tmp_path / "again" / "adapt.json").read_text())
+    held = record["figures"]["original_held_out_by_lab"]
+    assert set(held) == {"bccd", "pbc"}  # a site's cells are learned from, never held out
+    assert load_bundle(tmp_path / "again" / "bundle", 1).meta["adaptation"]["base_meta_sha256"] == \
+        first.meta["meta_sha256"]

@@ -9,7 +9,7 @@ head on int8 against float features of those held-out cells. No TensorFlow here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -116,8 +116,9 @@ def adapt(base_meta: dict, novelty: NoveltyModel, reference: ReferenceCells, sit
                                 np.concatenate([val.labs, np.full(len(site), site_name)]))
     figures = _figures(base_meta, head, reference, classes, oof, y_site, confidence, site)
     reasons = _judge(figures, gate)
-    return Adapted(head, confidence, _with_site_centres(novelty, site),
-                   _with_site_cells(reference, site, site_name), figures, not reasons, tuple(reasons))
+    kept = _with_site_cells(reference, site, site_name)
+    kept = replace(kept, logits=head.logits(kept.features).astype(np.float32))  # this bundle's own, for the next
+    return Adapted(head, confidence, _with_site_centres(novelty, site), kept, figures, not reasons, tuple(reasons))
 
 
 def _indices(labels: np.ndarray, classes) -> np.ndarray:
@@ -194,10 +195,6 @@ def _with_site_centres(novelty: NoveltyModel, site: SiteFeatures) -> NoveltyMode
 
 def _with_site_cells(reference: ReferenceCells, site: SiteFeatures, site_name: str) -> ReferenceCells:
     """The base's reference cells and the site's (as cut), kept for the next adaptation."""
-    n, f = len(site), site.features.shape[-1]
-    floats = reference.float_features if reference.float_features is not None else np.full_like(reference.features, np.nan)
-    return ReferenceCells(np.concatenate([reference.features, site.features[:, 0]]),
-                          np.concatenate([reference.labels, site.labels]),
-                          np.concatenate([reference.labs, np.full(n, site_name)]),
-                          np.concatenate([reference.splits, np.full(n, "train")]),
-                          np.concatenate([floats, np.full((n, f), np.nan, np.float32)]))
+    n = len(site)
+    own = ReferenceCells(site.features[:, 0], site.labels, np.full(n, site_name), np.full(n, "train"))
+    return ReferenceCells.concat([reference, own])
