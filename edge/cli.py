@@ -268,8 +268,9 @@ def _classify(args) -> int:
                 print(json.dumps({"path": str(path), "error": str(err)}), flush=True)
             continue
         if args.json:
+            novelty = {} if p.novelty is None else {"novelty": round(p.novelty, 3), "unfamiliar": p.unfamiliar}
             print(json.dumps({"path": str(path), "label": p.label, "confidence": round(p.confidence, 4),
-                              "probabilities": {k: round(v, 4) for k, v in p.probabilities.items()},
+                              "probabilities": {k: round(v, 4) for k, v in p.probabilities.items()}, **novelty,
                               "cell": cell.to_json()}), flush=True)
         else:
             print(f"{path}\t{p.label}\t{p.confidence:.3f}\t({cell.scale_source} scale)")

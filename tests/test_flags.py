@@ -471,3 +471,18 @@ def test_a_state_database_of_a_newer_version_is_refused_untouched(tmp_path):
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA user_version").fetchone()[0] == 99
     db.close()
+
+
+def test_each_cell_in_json_says_how_unfamiliar_it_is(repo_root, samples_bccd, samples_pbc, capsys):
+    model = str(repo_root / "models" / "reference")
+    fields = sorted((samples_bccd / "BCCD" / "JPEGImages").glob("*.jpg"))
+    assert edge_main(["count", "--model", model, "--json", "--all", *map(str, fields)]) == 0
+    lines = _json_lines(capsys)
+    cells = [c for line in lines if "cells" in line for c in line["cells"]]
+    assert cells and all(isinstance(c["novelty"], float) and isinstance(c["unfamiliar"], bool) for c in cells)
+    assert sum(c["unfamiliar"] for c in cells) == lines[-1]["summary"]["unfamiliar"]
+    assert all(c["label"] == "unidentified" for c in cells if c["unfamiliar"])
+    image = sorted((samples_pbc / "neutrophil").iterdir())[0]
+    assert edge_main(["classify", "--model", model, "--json", str(image)]) == 0
+    one = _json_lines(capsys)[0]
+    assert one["unfamiliar"] is False and one["novelty"] < load_bundle(model, 1).novelty.threshold

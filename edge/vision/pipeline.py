@@ -49,8 +49,13 @@ class CellResult:
     field: str = ""
 
     def to_json(self) -> dict:
-        return {"bbox": list(self.detection.bbox), "label": self.prediction.label,
-                "confidence": round(self.prediction.confidence, 4)}
+        """The cell in count --json: its box, label and confidence, and with a novelty model its novelty
+        score and whether that made it unfamiliar (why an "unidentified" was left without a class)."""
+        out = {"bbox": list(self.detection.bbox), "label": self.prediction.label,
+               "confidence": round(self.prediction.confidence, 4)}
+        if self.prediction.novelty is not None:
+            out.update(novelty=round(self.prediction.novelty, 3), unfamiliar=self.prediction.unfamiliar)
+        return out
 
 
 @dataclass(frozen=True)
