@@ -40,7 +40,7 @@ def test_classify_json_gives_one_object_per_crop(tiny_bundle, crops, capsys):
     rows = _lines(capsys)
     assert [r["path"] for r in rows] == [str(p) for p in crops]
     for r in rows:
-        assert set(r) == {"path", "label", "confidence", "probabilities", "cell"}
+        assert set(r) == {"path", "label", "confidence", "probabilities", "novelty", "unfamiliar", "cell"}
         assert r["label"] in set(r["probabilities"]) | {UNIDENTIFIED} and r["label"] == r["label"].lower()
         assert abs(sum(r["probabilities"].values()) - 1) < 1e-3 and 0 <= r["confidence"] <= 1
         assert r["cell"]["scale_source"] in ("red cells", "assumed") and r["cell"]["um_per_pixel"] > 0
@@ -84,7 +84,8 @@ def test_count_json_lists_cells_per_field_then_a_summary(tiny_bundle, samples_bc
         assert (r["width"], r["height"]) == (640, 480)
         for cell in r["cells"]:
             x0, y0, x1, y1 = cell["bbox"]
-            assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480 and set(cell) == {"bbox", "label", "confidence"}
+            assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+            assert set(cell) == {"bbox", "label", "confidence", "novelty", "unfamiliar"}
     summary = rows[-1]["summary"]
     counted = sum(len(r["cells"]) for r in rows[:-1])
     assert summary["total"] == counted >= 2 and summary["fields"] == 6
