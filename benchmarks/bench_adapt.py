@@ -27,7 +27,7 @@ from provenance import repo_path, write_result  # noqa: E402
 from hematovision.edge.vision.model_bundle import load_bundle  # noqa: E402
 from hematovision.train.adapt import AdaptSettings, adapt, name_scores  # noqa: E402
 from hematovision.train.adapt_run import reference_of  # noqa: E402
-from hematovision.train.site_cells import SiteFeatures, view_features  # noqa: E402
+from hematovision.train.site_cells import SiteFeatures, dihedral_views  # noqa: E402
 
 TARGETS = {10: 0.90, 20: 0.94}  # macro-F1 on the new lab, int8 (the issue)
 MIN_TEST_PER_CLASS = 5  # K is capped so that every class keeps this many test cells
@@ -59,9 +59,10 @@ def new_lab_cells(bundle, trained: set[str], data: Path, cache: Path) -> dict[st
     samples = new_lab_samples(trained, tuple(bundle.classes), data)
     features, predictions = [], []
     for s in samples:
-        crop = cut_crops(read_rgb(s.path), [s.center], s.um_per_pixel, bundle.geometry)
-        features.append(view_features(bundle, crop[0], VIEWS))
-        predictions.append(bundle.classes[int(bundle.model.run(standardise_crops(crop, bundle.colour))[0].argmax())])
+        crop = cut_crops(read_rgb(s.path), [s.center], s.um_per_pixel, bundle.geometry)[0]
+        logits, f = bundle.model.run(standardise_crops(dihedral_views(crop, VIEWS), bundle.colour))
+        features.append(f)
+        predictions.append(bundle.classes[int(logits[0].argmax())])  # view 0: the cell as cut
     out = {"features": np.stack(features), "labels": np.array([s.label for s in samples]),
            "groups": np.array([s.group for s in samples]), "base_predictions": np.array(predictions)}
     np.savez(cache, **out)

@@ -148,6 +148,30 @@ def unfamiliar_bundle(foreign_stain_bundle, tmp_path_factory):
 DAEMON_COMMAND = ["-c", "import sys; from hematovision.edge.service.daemon import run_main; sys.exit(run_main(sys.argv[1]))"]
 
 
+def stop_sessions_after(monkeypatch, frames: int) -> None:
+    """Make every daemon session of this test end after `frames` frames of its source, as a SIGTERM would."""
+    import contextlib
+
+    import hematovision.edge.service.daemon as daemon_module
+
+    real_open = daemon_module.open_source
+
+    @contextlib.contextmanager
+    def stopping(config, position, profile=None):
+        with real_open(config, position, profile) as source:
+            inner, started = source.next_frame, source.position
+
+            def next_frame(stop):
+                if source.position - started == frames:
+                    stop.set()
+                return inner(stop)
+
+            source.next_frame = next_frame
+            yield source
+
+    monkeypatch.setattr(daemon_module, "open_source", stopping)
+
+
 def toml_text(sections: dict) -> str:
     """A TOML file of nested tables of strings, numbers and booleans."""
     def value(v):

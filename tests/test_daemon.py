@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import hematovision.edge.service.daemon as daemon_module
-from conftest import DAEMON_COMMAND, NotifyListener, toml_text
+from conftest import DAEMON_COMMAND, NotifyListener, stop_sessions_after, toml_text
 from hematovision.edge.config import load_config
 from hematovision.edge.service.daemon import STATE_FILE, Daemon, open_pipeline, run_main, serve
 from hematovision.edge.reports.report import Report
@@ -554,22 +554,7 @@ def test_scan_positions_survive_restarts_exactly(tmp_path, tiny_bundle, samples_
     expected = snapshot(tmp_path / "whole" / "state")
 
     resumed = write_config(tmp_path / "resumed", tiny_bundle, frames, counting={"mode": "scan"})
-    real_open = open_source
-
-    @contextlib.contextmanager
-    def stopping_every(config, position, profile=None):
-        with real_open(config, position, profile) as source:
-            inner, started = source.next_frame, source.position
-
-            def next_frame(stop):
-                if source.position - started == every:
-                    stop.set()
-                return inner(stop)
-
-            source.next_frame = next_frame
-            yield source
-
-    monkeypatch.setattr(daemon_module, "open_source", stopping_every)
+    stop_sessions_after(monkeypatch, every)
     for restarts in range(1, 100):
         run_daemon(resumed)
         if snapshot(tmp_path / "resumed" / "state")["specimens"][0][1] == "finished":

@@ -14,10 +14,8 @@ import threading
 import numpy as np
 import pytest
 
-import hematovision.edge.service.daemon as daemon_module
-from conftest import toml_text
+from conftest import stop_sessions_after, toml_text
 from hematovision.calibration.colour import colour_summary, lab_to_rgb, rgb_to_lab, stain_stats
-from hematovision.edge.capture.sources import open_source
 from hematovision.edge.cli import main as edge_main
 from hematovision.edge.config import ChecksConfig, load_config
 from hematovision.edge.counting.checks import (DIFFERENTIAL_REVIEW, FULL_REVIEW, FULL_REVIEW_BANNER, LOW_FOCUS,
@@ -362,22 +360,7 @@ def evidence_rows(state_dir):
 def run_in_process(config, stop_after: int | None = None, monkeypatch=None) -> RecordingNotifier:
     """Run the daemon in this process; with stop_after, each session ends after that many frames (as SIGTERM)."""
     if stop_after is not None:
-        real_open = open_source
-
-        @contextlib.contextmanager
-        def stopping(config, position, profile=None):
-            with real_open(config, position, profile) as source:
-                inner, started = source.next_frame, source.position
-
-                def next_frame(stop):
-                    if source.position - started == stop_after:
-                        stop.set()
-                    return inner(stop)
-
-                source.next_frame = next_frame
-                yield source
-
-        monkeypatch.setattr(daemon_module, "open_source", stopping)
+        stop_sessions_after(monkeypatch, stop_after)
     cfg = load_config(config)
     stop = threading.Event()
     notifier = RecordingNotifier(stop)

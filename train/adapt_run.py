@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hematovision.edge.vision.model_bundle import MODEL_FILE, Bundle, load_bundle
+from hematovision.edge.vision.model_bundle import MODEL_FILE, Bundle, load_bundle, read_hashed
 from hematovision.errors import DataError, HematovisionError, ModelInvalid
 from hematovision.head import HEAD_FILE
 from hematovision.novelty import ARRAYS_FILE
@@ -39,13 +39,7 @@ def reference_of(bundle: Bundle) -> ReferenceCells:
     if not isinstance(entry, dict) or entry.get("file") != CELLS_FILE:
         raise ModelInvalid(f"{bundle.path}: has no {CELLS_FILE} (exported before site adaptation existed); "
                            "export it again with this version (make reference)")
-    try:
-        data = (bundle.path / CELLS_FILE).read_bytes()
-    except OSError as err:
-        raise ModelInvalid(f"{bundle.path / CELLS_FILE}: cannot be read ({err.strerror}); copy the whole bundle "
-                           "folder") from err
-    if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
-        raise ModelInvalid(f"{bundle.path / CELLS_FILE}: sha256 does not match bundle.json; copy the bundle again")
+    data = read_hashed(bundle.path / CELLS_FILE, str(entry.get("sha256")))
     return ReferenceCells.from_bytes(data, bundle.model.n_features, str(bundle.path / CELLS_FILE))
 
 

@@ -173,7 +173,7 @@ def load_bundle(path: str | Path, threads: int | None = None, stamp: bool = True
     if stamp:
         verify_stamp(meta, str(path / META_FILE))
     checked = check_meta(meta, str(path / META_FILE))
-    content = _read_hashed(path / MODEL_FILE, checked.model_sha256)
+    content = read_hashed(path / MODEL_FILE, checked.model_sha256)
     model = Int8Model(content, threads, str(path / MODEL_FILE))
     _check_shapes(path, checked, model)
     return Bundle(path, meta, checked.classes, checked.geometry, checked.temperature, checked.threshold, model,
@@ -187,7 +187,7 @@ def _head(path: Path, meta: BundleMeta, model: Int8Model) -> Head | None:
     if meta.head.features != model.n_features:
         raise ModelInvalid(f"{path / META_FILE}: head.features {meta.head.features} disagrees with the "
                            f"{model.n_features} features {MODEL_FILE} gives; adapt the bundle again")
-    data = _read_hashed(path / meta.head.file, meta.head.sha256)
+    data = read_hashed(path / meta.head.file, meta.head.sha256)
     return Head.from_bytes(data, model.n_features, meta.classes, str(path / meta.head.file))
 
 
@@ -195,7 +195,7 @@ def _novelty(path: Path, meta: BundleMeta, model: Int8Model) -> NoveltyModel | N
     entry = meta.novelty
     if entry is None:
         return None
-    data = _read_hashed(path / entry.file, entry.sha256)
+    data = read_hashed(path / entry.file, entry.sha256)
     novelty = NoveltyModel.from_arrays(data, entry.threshold, model.n_features, str(path / entry.file))
     if novelty.dims != entry.dims:
         raise ModelInvalid(f"{path / META_FILE}: novelty.dims {entry.dims} disagrees with {entry.file}'s "
@@ -221,7 +221,9 @@ def read_meta(path: Path) -> dict:
     return meta
 
 
-def _read_hashed(path: Path, expected_sha256: str) -> bytes:
+def read_hashed(path: Path, expected_sha256: str) -> bytes:
+    """A bundle file's bytes; raises ModelInvalid naming the file and the fix when it is missing,
+    unreadable or not the file bundle.json hashed."""
     try:
         content = path.read_bytes()
     except FileNotFoundError as err:
